@@ -1,0 +1,31 @@
+# The two commands of the README. Both create ./.venv on first use and install
+# what they need from the package registries (torch and torchvision come from
+# this machine's disk: a plain `pip install torchvision` would pull a mismatched build).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEMO_SIZE ?= small
+DEMO_DIR ?= demo
+
+.PHONY: demo test install clean-demo
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e '.[test,demo]'
+	# geoclip ships the MP-16 photo-location sample the demo draws from; its own
+	# dependencies (transformers ...) are not needed, hence --no-deps.
+	$(PIP) install -q --no-deps geoclip==1.3.0
+	touch $@
+
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+demo: $(VENV)/.installed
+	DEMO_SIZE=$(DEMO_SIZE) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh $(DEMO_DIR)
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

@@ -1,0 +1,1 @@
+"""The HDF5 feature cache (schema ``geo-feature-cache/1``)."""

@@ -1,0 +1,1 @@
+"""Stage one: images -> features (manifests, country labels, images, backbone, fine-tuning, extraction)."""

@@ -1,0 +1,1 @@
+"""Reports: read run directories, write tables, plots and maps."""

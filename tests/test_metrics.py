@@ -1,0 +1,72 @@
+"""geo.metrics against hand-computed values."""
+
+import math
+
+import numpy as np
+import pytest
+
+from geo import metrics as m
+
+
+def test_accuracy_is_less_or_equal():
+    d = np.array([0.0, 1.0, 1.0000001, 25.0, 199.0, 750.0, 2500.0, 2500.5, 20000.0])
+    assert m.accuracy_at_km(d, 1) == pytest.approx(2 / 9)
+    assert m.accuracy_at_km(d, 25) == pytest.approx(4 / 9)
+    assert m.accuracy_at_km(d, 200) == pytest.approx(5 / 9)
+    assert m.accuracy_at_km(d, 750) == pytest.approx(6 / 9)
+    assert m.accuracy_at_km(d, 2500) == pytest.approx(7 / 9)
+
+
+def test_geoscore_hand_values():
+    assert m.geoscore(np.array([0.0])) == 5000.0
+    assert m.geoscore(np.array([1492.7])) == pytest.approx(5000 / math.e)
+    assert m.geoscore(np.array([0.0, 1492.7 * 2])) == pytest.approx((5000 + 5000 * math.exp(-2)) / 2)
+
+
+def test_country_accuracy_and_nll():
+    assert m.country_accuracy(["FR", "DE", "XX", "US"], ["FR", "FR", "XX", "MX"]) == 0.5
+    with pytest.raises(ValueError):
+        m.country_accuracy(["FR"], ["FR", "DE"])
+    assert m.mean_nll(np.array([-1.0, -3.0, 2.0])) == pytest.approx(2 / 3)
+
+
+def test_summarize_keys_values_and_intervals():
+    rng = np.random.default_rng(0)
+    d = rng.exponential(800.0, 500)
+    logp = rng.normal(-5, 2, 500)
+    pred = rng.choice(["FR", "DE"], 500)
+    true = rng.choice(["FR", "DE"], 500)
+    s = m.summarize(d, pred_country=pred, true_country=true, log_density=logp, n_bootstrap=300)
+    assert s["n"] == 500
+    assert s["acc@750km"] == pytest.approx(np.mean(d <= 750))
+    assert s["median_km"] == pytest.approx(np.median(d))
+    assert s["mean_km"] == pytest.approx(d.mean())
+    assert s["country_acc"] == pytest.approx(np.mean(pred == true))
+    assert s["nll_nats"] == pytest.approx(-logp.mean())
+    for key in ["acc@1km", "acc@25km", "acc@200km", "acc@750km", "acc@2500km", "median_km", "mean_km", "geoscore", "country_acc", "nll_nats"]:
+        lo, hi = s["ci"][key]
+        assert lo <= s[key] <= hi, key
+    # the interval of a fraction has the binomial width: ~ 2 * 1.96 * sqrt(p (1-p) / n)
+    p = s["acc@750km"]
+    width = s["ci"]["acc@750km"][1] - s["ci"]["acc@750km"][0]
+    assert width == pytest.approx(2 * 1.96 * math.sqrt(p * (1 - p) / 500), rel=0.25)
+
+
+def test_summarize_without_bootstrap_and_bad_input():
+    s = m.summarize(np.array([10.0, 30.0]), n_bootstrap=0)
+    assert "ci" not in s and "country_acc" not in s and "nll_nats" not in s
+    assert s["acc@25km"] == 0.5
+    with pytest.raises(ValueError):
+        m.summarize(np.array([]))
+    with pytest.raises(ValueError):
+        m.summarize(np.array([1.0]), pred_country=["FR"])
+
+
+def test_bootstrap_ci_of_mean_matches_normal_theory():
+    rng = np.random.default_rng(1)
+    x = rng.normal(10.0, 2.0, 2000)
+    lo, hi = m.bootstrap_ci(np.mean, x, n_resamples=1000)
+    half = 1.96 * x.std() / math.sqrt(len(x))
+    assert lo == pytest.approx(x.mean() - half, abs=0.3 * half)
+    assert hi == pytest.approx(x.mean() + half, abs=0.3 * half)
+    assert lo <= x.mean() <= hi
