@@ -1,0 +1,218 @@
+"""Evaluating a head on one split of a feature cache, and re-evaluating a saved run.
+
+``evaluate_split`` is the one evaluation loop: ``fit_head`` calls it on the
+val split during training and on the test split at the end, and
+``evaluate_run`` calls it on a saved run, so the three never drift apart.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from geo.errors import ConfigError
+from geo.geometry import great_circle_km, latlon_to_xyz
+from geo.metrics import summarize
+from geo.heads import runs
+
+CountryFn = Callable[[np.ndarray, np.ndarray], Sequence[str]]
+"""``(lat_deg [n], lon_deg [n]) -> ISO alpha-2 codes [n]`` (e.g. ``geo.pipeline.countries.country_codes``).
+Passed in by the caller because ``geo.heads`` never imports ``geo.pipeline``."""
+
+TOPK = 5
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module):
+    """``module.eval()`` inside the block, its previous mode restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def features_to_tensor(features: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Cached float16 features ``[b, d]`` as a ``dtype`` tensor on ``device``."""
+    t = torch.from_numpy(np.ascontiguousarray(features))
+    if device.type == "cpu":
+        return t.to(dtype)  # half arithmetic on CPU is slow: convert once here
+    return t.to(device, non_blocking=True).to(dtype)
+
+
+@torch.no_grad()
+def evaluate_split(
+    head,
+    cache,
+    split: str,
+    *,
+    predict: str,
+    device: torch.device,
+    feature_dtype: torch.dtype,
+    batch_size: int,
+    n_bootstrap: int = 0,
+    topk: int = 0,
+    country_fn: CountryFn | None = None,
+    progress: bool = False,
+) -> tuple[dict, dict | None]:
+    """Metrics of ``head`` on ``split`` of ``cache`` and, if ``topk``, per-row predictions.
+
+    Args:
+        head: a ``geo.heads.Head`` on ``device``.
+        cache: an open ``geo.cache.store.FeatureCache``.
+        split: "train", "val" or "test".
+        predict: the prediction mode passed to ``head.predict`` (k = 1).
+        batch_size: rows per forward pass (bounds the ``[b, c]`` memory).
+        n_bootstrap: bootstrap replicates for the intervals (0 = none, for speed).
+        topk: k of the top-k columns of the returned predictions; 0 = return no predictions.
+        country_fn: maps predicted lat/lon to country codes; None = no country accuracy.
+    Returns:
+        ``(metrics, predictions)``: ``metrics`` from ``geo.metrics.summarize``
+        (+ ``"split"``, ``"predict"``); ``predictions`` a dict of numpy arrays with
+        the columns of ``predictions.parquet`` (None when ``topk == 0``).
+    """
+    rows_all = cache.split_rows(split)
+    n = len(rows_all)
+    k = min(topk, head.n_cells) if topk else 0
+    pred_lat = np.empty(n)
+    pred_lon = np.empty(n)
+    log_density = np.empty(n)
+    has_log_density = True
+    topk_lat = np.empty((n, k))
+    topk_lon = np.empty((n, k))
+    topk_prob = np.empty((n, k))
+    row_order = np.empty(n, np.int64)
+    # Topk locations come from the components / cells themselves; "mode" is a
+    # single point per row, so its top-k falls back to the arg-max ranking.
+    topk_mode = "argmax" if predict == "mode" else predict
+    done = 0
+    with eval_mode(head):
+        batches = cache.iter_batches(split, batch_size, shuffle=False)
+        for rows, features in tqdm(batches, total=-(-n // batch_size), desc=f"eval {split}", disable=not progress,
+                                   leave=False, unit="batch"):
+            b = len(rows)
+            sl = slice(done, done + b)
+            row_order[sl] = rows
+            x = features_to_tensor(features, device, feature_dtype)
+            logits = head(x)
+            lat, lon = head.predict(logits, k=1, mode=predict)
+            pred_lat[sl] = lat[:, 0].double().cpu().numpy()
+            pred_lon[sl] = lon[:, 0].double().cpu().numpy()
+            if has_log_density:
+                y = torch.from_numpy(latlon_to_xyz(cache.lat_deg[rows], cache.lon_deg[rows]).astype(np.float32))
+                try:
+                    log_density[sl] = head.log_density_at(logits, y.to(device)).double().cpu().numpy()
+                except NotImplementedError:
+                    has_log_density = False
+            if k:
+                probs, _ = head.topk(logits, k)
+                tlat, tlon = head.predict(logits, k=k, mode=topk_mode)
+                topk_prob[sl] = probs.double().cpu().numpy()
+                topk_lat[sl] = tlat.double().cpu().numpy()
+                topk_lon[sl] = tlon.double().cpu().numpy()
+            done += b
+    if done != n or not np.array_equal(np.sort(row_order), rows_all):
+        raise RuntimeError(f"evaluation of split {split!r} covered {done} of {n} rows")  # a cache bug, not user input
+    lat_true, lon_true = cache.lat_deg[row_order], cache.lon_deg[row_order]
+    dist_km = great_circle_km(lat_true, lon_true, pred_lat, pred_lon)
+    country = {}
+    if country_fn is not None:
+        true_codes = np.asarray(cache.countries, dtype=object)[cache.country[row_order]]
+        country = dict(pred_country=np.asarray(country_fn(pred_lat, pred_lon), dtype=object), true_country=true_codes)
+    metrics = summarize(
+        dist_km, log_density=log_density if has_log_density else None, n_bootstrap=n_bootstrap, **country
+    )
+    metrics = {"split": split, "predict": predict, **metrics}
+    if not k:
+        return metrics, None
+    predictions = dict(
+        ids=cache.ids[row_order], lat_deg=lat_true, lon_deg=lon_true, pred_lat_deg=pred_lat, pred_lon_deg=pred_lon,
+        dist_km=dist_km, topk_lat_deg=topk_lat, topk_lon_deg=topk_lon, topk_prob=topk_prob,
+        log_density=log_density if has_log_density else None,
+    )
+    return metrics, predictions
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    cache_path: str | Path | None = None,
+    split: str = "test",
+    predict: str | None = None,
+    allow_other_provenance: bool = False,
+    country_fn: CountryFn | None = None,
+    device: str | None = None,
+    n_bootstrap: int = 1000,
+    progress: bool = False,
+) -> dict:
+    """Evaluate a saved run's selected model; write ``metrics.json`` and ``predictions.parquet``.
+
+    Args:
+        run_dir: a run directory written by ``fit_head``.
+        cache_path: the cache to evaluate on; default the run's own cache.
+        split: the split of that cache to evaluate.
+        predict: prediction mode; default the run's.
+        allow_other_provenance: evaluate on a cache whose provenance (backbone,
+            weights, transform ...) differs from the training cache's. Refused by
+            default: such features are not what the head was trained on.
+        device: "auto", "cpu", "cuda" ...; default the run's (falls back to auto).
+    Returns:
+        The metrics dict written to ``metrics.json``.
+    """
+    from geo.cache.store import FeatureCache  # lazy: keeps `geo --help` fast
+    from geo.heads import train as _train
+
+    run_dir = Path(run_dir)
+    config = runs.read_config(run_dir)
+    checkpoint = runs.load_checkpoint(run_dir / runs.CHECKPOINT_FILE)
+    cache_path = Path(cache_path) if cache_path is not None else Path(config["cache_path"])
+    dev = _train.resolve_device(device or "auto")
+    with FeatureCache(cache_path) as cache:
+        if cache.feature_dim != config["cache_feature_dim"]:
+            raise ConfigError(
+                f"{cache_path}: feature_dim {cache.feature_dim}, but run {run_dir} was trained on "
+                f"feature_dim {config['cache_feature_dim']}"
+            )
+        diffs = runs.config_differences(config["cache_provenance"], _train.json_safe(cache.provenance))
+        if diffs and not allow_other_provenance:
+            raise ConfigError(
+                f"{cache_path}: provenance differs from the cache run {run_dir} was trained on "
+                f"({'; '.join(diffs)}); pass --allow-other-provenance to evaluate anyway"
+            )
+        config = dict(config, predict=_train.check_predict(config["head"], predict or config["predict"]))
+        head = _train.build_head(config, checkpoint["partition"], cache.feature_dim, dev, saved=checkpoint)
+        metrics, preds = evaluate_split(
+            head, cache, split, predict=config["predict"], device=dev,
+            feature_dtype=_train.feature_dtype(config["precision"]), batch_size=config["eval_batch_size"],
+            n_bootstrap=n_bootstrap, topk=TOPK, country_fn=country_fn, progress=progress,
+        )
+    metrics = dict(metrics, cache_path=str(cache_path), selected_step=checkpoint["best"]["step"])
+    runs.write_predictions(run_dir / runs.PREDICTIONS_FILE, **preds)
+    runs.write_json(run_dir / runs.METRICS_FILE, metrics)
+    return metrics
+
+
+def format_metrics(metrics: dict) -> str:
+    """A plain-text table of a metrics dict: accuracies in %, km, GeoScore, country acc, NLL (with 95 % CIs)."""
+    ci = metrics.get("ci", {})
+    rows = []
+    for key, label in [("acc@1km", "acc@1 km"), ("acc@25km", "acc@25 km"), ("acc@200km", "acc@200 km"),
+                       ("acc@750km", "acc@750 km"), ("acc@2500km", "acc@2500 km"), ("country_acc", "country acc")]:
+        if key in metrics:
+            lo, hi = ci.get(key, (None, None))
+            interval = f"  [{100 * lo:5.1f}, {100 * hi:5.1f}]" if lo is not None else ""
+            rows.append(f"{label:<14}{100 * metrics[key]:8.1f} %{interval}")
+    for key, label, unit in [("median_km", "median", " km"), ("mean_km", "mean", " km"), ("geoscore", "GeoScore", ""),
+                             ("nll_nats", "NLL", " nats/sr")]:
+        if key in metrics and metrics[key] is not None:
+            lo, hi = ci.get(key, (None, None))
+            interval = f"  [{lo:.1f}, {hi:.1f}]" if lo is not None else ""
+            rows.append(f"{label:<14}{metrics[key]:10.1f}{unit}{interval}")
+    head = f"{metrics.get('split', '?')} split, n = {metrics.get('n', '?')}, predict = {metrics.get('predict', '?')}"
+    return "\n".join([head, *rows])

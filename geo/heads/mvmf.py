@@ -1,0 +1,216 @@
+"""The Mixture of von Mises-Fisher head (Izbicki et al. 2019, eq. 1-7).
+
+    MvMF(y | x) = sum_i Gamma_i(x) vMF(y; mu_i, kappa_i),   Gamma = softmax(W x + b)
+
+over c components, one per partition cell. Parameters: W [c, d] (Glorot) and
+b [c] (zero) in ``linear``; ``mu_raw [c, 3]`` stored unconstrained and
+normalised wherever it is used (initialised at the cell centres, or the cells'
+training-point means with ``mu_init="mean"``); ``log_kappa [c]`` initialised
+at ``kappa0`` (default 16.0, i.e. kappa = e^16, ~2.5 km half-mass radius).
+
+Numerics (see shared/PAPER.md): every vMF term uses
+``geometry.vmf_log_density_pairwise`` (log-normaliser without sinh, the
+squared chord instead of 1 - mu.y) in float32 at least, and the mixture is
+combined with logsumexp, so a point 20,000 km from every component at
+kappa = e^16 still has a finite loss and gradient. The ``[B, c, 3]``
+intermediates are computed in row chunks of at most ``max_chunk_bytes``; with
+gradients on, each chunk is checkpointed (recomputed in backward) so training
+memory stays bounded for large c too.
+
+Shapes and units: features ``[B, d]``, logits ``[B, c]``, points are unit
+vectors ``[..., 3]``, densities are log probability per steradian (nats),
+predictions are degrees ``(lat_deg [B, k], lon_deg [B, k])`` as float64
+tensors on the logits' device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from geo.errors import ConfigError
+from geo.geometry import normalize, vmf_log_density_pairwise, vmf_log_normalizer, xyz_to_latlon
+from geo.heads import Head, register_head
+
+MU_INITS = ("centre", "mean")
+PREDICT_MODES = ("argmax", "mode")
+
+
+def _mixture_row_log_density(log_weights: torch.Tensor, y: torch.Tensor, mu: torch.Tensor,
+                             log_kappa: torch.Tensor) -> torch.Tensor:
+    """log sum_i w_i vMF(y_b; mu_i, kappa_i): ``log_weights [b, c], y [b, 3] -> [b]``."""
+    return torch.logsumexp(log_weights + vmf_log_density_pairwise(y, mu, log_kappa), dim=-1)
+
+
+@register_head("mvmf")
+class MvMFHead(Head):
+    """Mixture of von Mises-Fisher output layer over the cells of ``partition``.
+
+    Args:
+        feature_dim: d, the width of the features.
+        partition: object with ``centres_xyz [c, 3]``, ``means_xyz [c, 3]`` (float64 unit vectors).
+        kappa0: initial log kappa of every component (16.0 -> kappa = e^16).
+        train_mu, train_kappa: train the means / concentrations (False freezes them:
+            ``requires_grad=False``).
+        mu_init: "centre" (the paper's) or "mean" (the cells' training-point means).
+        matmul_dtype: None or bfloat16, for the W x product only.
+    """
+
+    has_density = True
+    # Bound on the [rows, c, 3]-sized temporaries of one chunk; an attribute, not an
+    # option, because it changes memory use, not results.
+    max_chunk_bytes: int = 256 * 2**20
+
+    def __init__(self, feature_dim: int, partition: Any, *, kappa0: float = 16.0, train_mu: bool = True,
+                 train_kappa: bool = True, mu_init: str = "centre", matmul_dtype: Any = None):
+        centres = torch.as_tensor(partition.centres_xyz, dtype=torch.float64)
+        super().__init__(feature_dim, centres.shape[0], matmul_dtype)
+        if mu_init not in MU_INITS:
+            raise ConfigError(f"mu_init must be one of {', '.join(MU_INITS)}, not {mu_init!r}")
+        if not math.isfinite(float(kappa0)):
+            raise ConfigError(f"kappa0 (log kappa) must be finite, not {kappa0!r}")
+        init = centres if mu_init == "centre" else torch.as_tensor(partition.means_xyz, dtype=torch.float64)
+        self.mu_raw = nn.Parameter(normalize(init).to(torch.float32), requires_grad=bool(train_mu))
+        self.log_kappa = nn.Parameter(torch.full((self.n_cells,), float(kappa0)), requires_grad=bool(train_kappa))
+        self.options = {"kappa0": float(kappa0), "train_mu": bool(train_mu), "train_kappa": bool(train_kappa),
+                        "mu_init": mu_init, "matmul_dtype": self.matmul_dtype_name}
+
+    # ---- parameters in the dtype the vMF terms use ---------------------------
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """float32 for a float32 head, float64 for a float64 head; never half precision."""
+        return torch.promote_types(self.mu_raw.dtype, torch.float32)
+
+    def mu(self) -> torch.Tensor:
+        """Unit means ``[c, 3]`` (differentiable in ``mu_raw``)."""
+        return normalize(self.mu_raw.to(self.compute_dtype))
+
+    def _prepare(self, logits: torch.Tensor, xyz: torch.Tensor):
+        dtype, device = self.compute_dtype, self.mu_raw.device
+        log_weights = torch.log_softmax(logits.to(device=device, dtype=dtype), dim=-1)
+        y = torch.as_tensor(xyz).to(device=device, dtype=dtype)
+        return log_weights, y, self.mu(), self.log_kappa.to(dtype)
+
+    def _chunk_rows(self, n_other: int) -> int:
+        # ~8 temporaries of n_other elements per row: the [., c, 3] difference, its square, the sums.
+        per_row = 8 * n_other * torch.finfo(self.compute_dtype).bits // 8
+        return max(1, self.max_chunk_bytes // max(per_row, 1))
+
+    # ---- the contract ---------------------------------------------------------
+
+    def log_density_at(self, logits: torch.Tensor, target_xyz: torch.Tensor) -> torch.Tensor:
+        """log MvMF(y_b | x_b) per steradian for each row's own point: ``[B, c], [B, 3] -> [B]``."""
+        log_weights, y, mu, log_kappa = self._prepare(logits, target_xyz)
+        rows = self._chunk_rows(self.n_cells)
+        if rows >= y.shape[0]:
+            return _mixture_row_log_density(log_weights, y, mu, log_kappa)
+        # Checkpointing frees each chunk's [rows, c, 3] temporaries after forward and
+        # recomputes them in backward: memory stays O(rows * c) instead of O(B * c * 3).
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (log_weights, y, mu, log_kappa))
+        parts = []
+        for start in range(0, y.shape[0], rows):
+            args = (log_weights[start:start + rows], y[start:start + rows], mu, log_kappa)
+            parts.append(checkpoint(_mixture_row_log_density, *args, use_reentrant=False) if grad
+                         else _mixture_row_log_density(*args))
+        return torch.cat(parts)
+
+    def loss(self, logits: torch.Tensor, target_xyz: torch.Tensor) -> torch.Tensor:
+        """Mean negative log-likelihood in nats per steradian (paper eq. 4-5): ``[B, c], [B, 3] -> []``."""
+        return -self.log_density_at(logits, target_xyz).mean()
+
+    def log_density(self, logits: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
+        """log MvMF(g | x_b) per steradian on a grid: ``logits [B, c], xyz [G, 3] -> [B, G]``."""
+        log_weights, grid, mu, log_kappa = self._prepare(logits, xyz)
+        n_rows, n_grid = log_weights.shape[0], grid.shape[0]
+        # The [B, G, c] logsumexp input is the big temporary: chunk G (and B if one row is too big).
+        grid_rows = self._chunk_rows(self.n_cells * max(n_rows, 1))
+        batch_rows = n_rows if grid_rows > 1 else self._chunk_rows(self.n_cells)
+        out = []
+        for g0 in range(0, n_grid, grid_rows):
+            log_vmf = vmf_log_density_pairwise(grid[g0:g0 + grid_rows], mu, log_kappa)  # [g, c]
+            cols = [torch.logsumexp(log_weights[b0:b0 + batch_rows, None, :] + log_vmf[None], dim=-1)
+                    for b0 in range(0, n_rows, batch_rows)]
+            out.append(torch.cat(cols, dim=0))
+        return torch.cat(out, dim=1) if out else log_weights.new_zeros((n_rows, 0))
+
+    def predict(self, logits: torch.Tensor, k: int = 1, mode: str = "argmax", *, n_starts: int = 8,
+                n_components: int = 256, max_iter: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted locations ``(lat_deg [B, k], lon_deg [B, k])``, float64 degrees.
+
+        mode="argmax" (eq. 7, the paper's): the means of the k components with the
+        largest mixing weights (k distinct components, best first).
+        mode="mode" (eq. 6): local maxima of the density, best first, found by the
+        fixed-point iteration y <- normalize(sum_i r_i(y) kappa_i mu_i) (r = posterior
+        responsibilities, computed in log space) from the ``max(n_starts, 2k)``
+        components with the highest peak Gamma_i C(kappa_i), which is an MM ascent, so
+        each start climbs monotonically to a local maximum. The search uses the
+        ``n_components`` components of highest peak: the neglected ones add at most
+        their summed peaks to the density. Distinct maxima (further apart than
+        ~1 m) come first; fewer than k distinct maxima are padded with repeats.
+        """
+        k = self._check_k(k)
+        if mode == "argmax":
+            index = torch.topk(logits, k, dim=-1).indices
+            lat, lon = xyz_to_latlon(self.mu().detach().to(torch.float64)[index.to(self.mu_raw.device)])
+            return lat.to(logits.device), lon.to(logits.device)
+        if mode != "mode":
+            raise ConfigError(f"predict mode for the mvmf head must be one of {', '.join(PREDICT_MODES)}, not {mode!r}")
+        n_starts = max(n_starts, 2 * k)
+        # The search's temporaries are [rows, starts, components, 3] float64: chunk the rows.
+        rows = max(1, self.max_chunk_bytes // (4 * 8 * 3 * n_starts * min(n_components, self.n_cells)))
+        with torch.no_grad():
+            points = torch.cat([_density_modes(self, logits[r:r + rows], k, n_starts, n_components, max_iter)
+                                for r in range(0, logits.shape[0], rows)]) if logits.shape[0] else \
+                logits.new_zeros((0, k, 3), dtype=torch.float64)
+        lat, lon = xyz_to_latlon(points)
+        return lat.to(logits.device), lon.to(logits.device)
+
+
+def _density_modes(head: MvMFHead, logits: torch.Tensor, k: int, n_starts: int, n_components: int,
+                   max_iter: int, tol_rad: float = 1e-13) -> torch.Tensor:
+    """k highest local maxima of each row's MvMF density, ``[B, k, 3]`` float64 unit vectors."""
+    f64 = torch.float64
+    device = head.mu_raw.device
+    log_weights = torch.log_softmax(logits.to(device=device, dtype=f64), dim=-1)
+    mu_all = head.mu().detach().to(f64)
+    log_kappa_all = head.log_kappa.detach().to(f64)
+    # Restrict every row to its components with the highest peak log Gamma_i + log C(kappa_i).
+    peak = log_weights + vmf_log_normalizer(log_kappa_all)[None, :]
+    n_comp = min(n_components, head.n_cells)
+    comp = torch.topk(peak, n_comp, dim=-1).indices                      # [B, L]
+    lw = torch.gather(log_weights, 1, comp)                              # [B, L]
+    mu = mu_all[comp]                                                    # [B, L, 3]
+    lk = log_kappa_all[comp]                                             # [B, L]
+    kappa_mu = torch.exp(lk)[..., None] * mu                             # [B, L, 3]
+    log_norm = vmf_log_normalizer(lk)                                    # [B, L]
+
+    def log_terms(y: torch.Tensor) -> torch.Tensor:                     # y [B, S, 3] -> [B, S, L]
+        sq_chord = (y[:, :, None, :] - mu[:, None, :, :]).pow(2).sum(-1)
+        return lw[:, None, :] + log_norm[:, None, :] - 0.5 * torch.exp(lk)[:, None, :] * sq_chord
+
+    n_start = min(n_starts, n_comp)
+    y = mu[:, :n_start, :].clone()                                       # topk is sorted: best peaks first
+    for _ in range(max_iter):
+        resp = torch.softmax(log_terms(y), dim=-1)                       # responsibilities, in log space
+        y_new = normalize(torch.einsum("bsl,bld->bsd", resp, kappa_mu))
+        step = (y_new - y).norm(dim=-1).max()
+        y = y_new
+        if step <= tol_rad:
+            break
+    log_dens = torch.logsumexp(log_terms(y), dim=-1)                     # [B, S]
+    # Rank by density, putting repeats of an earlier (higher) maximum last.
+    order = torch.argsort(log_dens, dim=-1, descending=True)
+    y = torch.gather(y, 1, order[..., None].expand(-1, -1, 3))
+    close = (y[:, :, None, :] - y[:, None, :, :]).norm(dim=-1) < 1.6e-7  # ~1 m on the earth
+    earlier = torch.tril(torch.ones(n_start, n_start, dtype=torch.bool, device=device), diagonal=-1)
+    repeat = (close & earlier).any(dim=-1)                               # [B, S]
+    rank = repeat.to(f64) * n_start + torch.arange(n_start, device=device, dtype=f64)
+    pick = torch.argsort(rank, dim=-1)[:, :k]
+    if pick.shape[1] < k:  # k > n_components: fewer starts than k
+        pick = torch.cat([pick, pick[:, :1].expand(-1, k - pick.shape[1])], dim=1)
+    return torch.gather(y, 1, pick[..., None].expand(-1, -1, 3))

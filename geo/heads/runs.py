@@ -1,0 +1,253 @@
+"""Run directories (format ``geo-run/1``): reading and writing their files.
+
+A run directory ``runs/NAME/`` holds
+
+- ``config.json``: every resolved option of the run, ``"format": "geo-run/1"``,
+  the cache path and the cache's provenance;
+- ``metrics.jsonl``: one JSON object per evaluation during training (step,
+  epoch, train_loss, lr, ``val_*`` metrics, elapsed_s);
+- ``checkpoint.pt``: loadable with ``torch.load(weights_only=True)``: config,
+  head state, partition state, optimizer state, step / epoch / position in the
+  epoch, RNG state, and the best (selected) head state;
+- ``metrics.json``: final metrics of the selected model on one split
+  (``geo.metrics.summarize`` + ``"split"``, ``"predict"``);
+- ``predictions.parquet``: one row per evaluated image: id, lat, lon,
+  pred_lat, pred_lon, dist_km, topk_lat, topk_lon, topk_prob (lists of k),
+  log_density (nats per steradian at the true point; null without a density).
+
+Every file is written under a temporary name and renamed, so a killed run never
+leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from geo.errors import ConfigError, GeoError
+
+RUN_FORMAT = "geo-run/1"
+CONFIG_FILE = "config.json"
+METRICS_LOG_FILE = "metrics.jsonl"
+METRICS_FILE = "metrics.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+PREDICTIONS_FILE = "predictions.parquet"
+
+# Keys of config.json that may differ between a run and its resumption: where the
+# cache is (its provenance is compared), what follows from other keys, the code version.
+_RESUME_IGNORED_KEYS = frozenset({"cache_path", "head_options", "geo_version"})
+
+
+class RunError(GeoError):
+    """A run directory that is missing files or holds unreadable ones."""
+
+
+def _json_default(value: Any):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def _clean_json(value: Any) -> Any:
+    """``value`` with non-finite floats replaced by None (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {k: _clean_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean_json(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(float(value)):
+        return None
+    return value
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and an atomic rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Pretty JSON, atomically."""
+    text = json.dumps(_clean_json(obj), indent=2, sort_keys=False, default=_json_default)
+    atomic_write_bytes(Path(path), (text + "\n").encode())
+
+
+def read_json(path: Path) -> dict:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunError(f"{path}: not found") from None
+    except json.JSONDecodeError as err:
+        raise RunError(f"{path}: not valid JSON ({err})") from None
+
+
+def append_jsonl(path: Path, obj: dict) -> None:
+    """Append one JSON line (flushed and synced, so a kill loses at most this line)."""
+    line = json.dumps(_clean_json(obj), default=_json_default)
+    with open(path, "a") as fh:
+        fh.write(line + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """All complete lines of a ``metrics.jsonl`` (a torn last line is ignored)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def truncate_jsonl(path: Path, *, max_step: int) -> None:
+    """Drop lines logged after ``max_step`` (evaluations a resumed run will redo)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= max_step]
+    text = "".join(json.dumps(r, default=_json_default) + "\n" for r in keep)
+    atomic_write_bytes(path, text.encode())
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """Keys whose values differ between two configs, as ``key: old -> new`` lines."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        if key in _RESUME_IGNORED_KEYS:
+            continue
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        # Compare through JSON so tuples/lists and ints/floats read back alike.
+        if json.dumps(_clean_json(a), sort_keys=True, default=_json_default) != json.dumps(
+            _clean_json(b), sort_keys=True, default=_json_default
+        ):
+            diffs.append(f"{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """``torch.save`` to a temporary file, then rename (never a torn checkpoint)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True`` (no code runs from the file)."""
+    path = Path(path)
+    if not path.exists():
+        raise RunError(f"{path}: no checkpoint")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # a torn or foreign file: the user's to fix
+        raise RunError(f"{path}: cannot load checkpoint ({type(err).__name__}: {err})") from None
+
+
+def read_config(run_dir: Path) -> dict:
+    """``config.json`` of a run, checked for the run format."""
+    config = read_json(Path(run_dir) / CONFIG_FILE)
+    if config.get("format") != RUN_FORMAT:
+        raise RunError(f"{Path(run_dir) / CONFIG_FILE}: format {config.get('format')!r}, expected {RUN_FORMAT!r}")
+    return config
+
+
+def check_run_dir(run_dir: Path, config: dict, *, overwrite: bool) -> bool:
+    """Prepare ``run_dir`` for ``config``; True when it holds a run to resume.
+
+    An empty or missing directory is created. A directory holding the same
+    configuration is resumed (True if it has a checkpoint). A different
+    configuration raises ``ConfigError`` listing the differing keys, unless
+    ``overwrite``, which deletes the run's files (and only those).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / CONFIG_FILE
+    if not config_path.exists():
+        if (run_dir / CHECKPOINT_FILE).exists() and not overwrite:
+            raise ConfigError(f"{run_dir}: holds {CHECKPOINT_FILE} but no {CONFIG_FILE}; use --overwrite to start anew")
+        clear_run_files(run_dir)
+        return False
+    if overwrite:
+        clear_run_files(run_dir)
+        return False
+    old = read_json(config_path)
+    diffs = config_differences(old, _clean_json(json.loads(json.dumps(config, default=_json_default))))
+    if diffs:
+        raise ConfigError(
+            f"{run_dir} holds a run with a different configuration ({len(diffs)} keys differ: "
+            + "; ".join(diffs)
+            + "). Use another --out, or --overwrite to replace it."
+        )
+    return (run_dir / CHECKPOINT_FILE).exists()
+
+
+def clear_run_files(run_dir: Path) -> None:
+    """Delete the files a run writes (nothing else in the directory)."""
+    for name in (CONFIG_FILE, METRICS_LOG_FILE, METRICS_FILE, CHECKPOINT_FILE, PREDICTIONS_FILE):
+        for p in (Path(run_dir) / name, Path(run_dir) / (name + ".tmp")):
+            p.unlink(missing_ok=True)
+
+
+def write_predictions(
+    path: Path,
+    *,
+    ids: np.ndarray,
+    lat_deg: np.ndarray,
+    lon_deg: np.ndarray,
+    pred_lat_deg: np.ndarray,
+    pred_lon_deg: np.ndarray,
+    dist_km: np.ndarray,
+    topk_lat_deg: np.ndarray,
+    topk_lon_deg: np.ndarray,
+    topk_prob: np.ndarray,
+    log_density: np.ndarray | None,
+) -> None:
+    """Write ``predictions.parquet`` (``topk_*`` are ``[n, k]``, stored as fixed-size lists)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n, k = np.asarray(topk_prob).shape
+
+    def fixed_list(a: np.ndarray) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(a, np.float64).reshape(-1)), k)
+
+    columns = {
+        "id": pa.array([str(i) for i in ids], pa.string()),
+        "lat": pa.array(np.asarray(lat_deg, np.float64)),
+        "lon": pa.array(np.asarray(lon_deg, np.float64)),
+        "pred_lat": pa.array(np.asarray(pred_lat_deg, np.float64)),
+        "pred_lon": pa.array(np.asarray(pred_lon_deg, np.float64)),
+        "dist_km": pa.array(np.asarray(dist_km, np.float64)),
+        "topk_lat": fixed_list(topk_lat_deg),
+        "topk_lon": fixed_list(topk_lon_deg),
+        "topk_prob": fixed_list(topk_prob),
+        "log_density": (
+            pa.array(np.asarray(log_density, np.float64)) if log_density is not None else pa.nulls(n, pa.float64())
+        ),
+    }
+    table = pa.table(columns)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,121 @@
+"""The PlaNet softmax head: cross-entropy over the cells of the partition.
+
+p(cell | x) = softmax(W x + b) with the same linear layer as the MvMF head
+(Glorot W, zero b). The density it implies is piecewise constant,
+p(cell) / area(cell) per steradian, so its NLL is comparable with MvMF's.
+
+Cell indices of points come from ``partition.assign(lat_deg, lon_deg)``
+(numpy, on the CPU). ``loss``, ``log_density_at`` and ``log_density`` compute
+them from the xyz points unless given: a trainer should compute
+``target_cell = partition.assign(lat_deg, lon_deg)`` once per dataset and
+pass it, which makes the loss exactly ``F.cross_entropy(logits, target_cell)``
+with no host round trip per batch.
+
+Predictions, float64 degrees ``(lat_deg [B, k], lon_deg [B, k])`` on the
+logits' device:
+
+- "argmax": the k most probable cells (PlaNet), placed at ``predict_at``;
+- "centre" / "mean": the same cells at their centres / training-point means;
+- "mode": the k cells of highest *density* p(cell) / area(cell), placed at
+  ``predict_at``. Every point of the top cell is a maximiser of the
+  piecewise-constant density, so this is its exact mode (eq. 6's analogue);
+  it differs from "argmax" only when cell areas differ.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from geo.errors import ConfigError
+from geo.geometry import normalize, wrap_lon_deg, xyz_to_latlon
+from geo.heads import Head, register_head
+
+PREDICT_AT = ("centre", "mean")
+PREDICT_MODES = ("argmax", "mode", "centre", "mean")
+
+
+@register_head("softmax")
+class SoftmaxHead(Head):
+    """Cross-entropy over the cells of ``partition`` (PlaNet).
+
+    Args:
+        feature_dim: d, the width of the features.
+        partition: object with ``centres_xyz [c, 3]``, ``means_xyz [c, 3]``, ``areas_sr [c]``
+            and ``assign(lat_deg, lon_deg) -> int64 [n]``; kept as ``self.partition``.
+        predict_at: where a predicted cell is placed: "centre" (PlaNet) or "mean".
+        matmul_dtype: None or bfloat16, for the W x product only.
+    """
+
+    has_density = True
+
+    def __init__(self, feature_dim: int, partition: Any, *, predict_at: str = "centre", matmul_dtype: Any = None):
+        centres = torch.as_tensor(np.asarray(partition.centres_xyz), dtype=torch.float64)
+        super().__init__(feature_dim, centres.shape[0], matmul_dtype)
+        if predict_at not in PREDICT_AT:
+            raise ConfigError(f"predict_at must be one of {', '.join(PREDICT_AT)}, not {predict_at!r}")
+        areas = torch.as_tensor(np.asarray(partition.areas_sr), dtype=torch.float64)
+        if areas.shape != (self.n_cells,) or not bool((areas > 0).all()):
+            raise ConfigError(f"partition areas_sr must be {self.n_cells} positive areas in steradians")
+        self.partition = partition
+        self.predict_at = predict_at
+        # Buffers so that they follow .to(device) and are saved with the head state.
+        self.register_buffer("centres_xyz", normalize(centres))
+        self.register_buffer("means_xyz", normalize(torch.as_tensor(np.asarray(partition.means_xyz),
+                                                                    dtype=torch.float64)))
+        self.register_buffer("log_areas_sr", torch.log(areas))
+        self.options = {"predict_at": predict_at, "matmul_dtype": self.matmul_dtype_name}
+
+    def cells_of(self, xyz: torch.Tensor) -> torch.Tensor:
+        """Cell index ``int64 [n]`` of points ``xyz [n, 3]`` via ``partition.assign`` (on the CPU)."""
+        xyz_np = torch.as_tensor(xyz).detach().to("cpu", torch.float64).numpy().reshape(-1, 3)
+        lat_deg, lon_deg = xyz_to_latlon(xyz_np)
+        cells = np.asarray(self.partition.assign(lat_deg, wrap_lon_deg(lon_deg)), dtype=np.int64)
+        return torch.from_numpy(cells).to(self.log_areas_sr.device)
+
+    def _cells(self, xyz: torch.Tensor, cells: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        cells = self.cells_of(xyz) if cells is None else torch.as_tensor(cells)
+        return cells.to(device=device, dtype=torch.int64)
+
+    def loss(self, logits: torch.Tensor, target_xyz: torch.Tensor | None = None, *,
+             target_cell: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean cross-entropy in nats: ``logits [B, c]``, ``target_xyz [B, 3]`` or ``target_cell [B]`` -> ``[]``.
+
+        This is the training loss (the log-area term of the density NLL is a
+        constant that does not depend on the parameters).
+        """
+        target = self._cells(target_xyz, target_cell, logits.device)
+        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target)
+
+    def log_density_at(self, logits: torch.Tensor, target_xyz: torch.Tensor | None = None, *,
+                       target_cell: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(cell_b | x_b) - log area(cell_b), per steradian: ``[B, c], [B, 3] -> [B]``."""
+        cells = self._cells(target_xyz, target_cell, logits.device)
+        log_p = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        log_area = self.log_areas_sr.to(logits.device)[cells].to(log_p.dtype)
+        return log_p.gather(1, cells[:, None])[:, 0] - log_area
+
+    def log_density(self, logits: torch.Tensor, xyz: torch.Tensor, *, cells: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        """Log density per steradian on a grid: ``logits [B, c], xyz [G, 3] -> [B, G]``."""
+        cells = self._cells(xyz, cells, logits.device)
+        log_p = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        return log_p[:, cells] - self.log_areas_sr.to(logits.device)[cells].to(log_p.dtype)[None, :]
+
+    def predict(self, logits: torch.Tensor, k: int = 1, mode: str = "argmax") -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k predicted locations ``(lat_deg [B, k], lon_deg [B, k])`` in degrees (see the module docstring)."""
+        k = self._check_k(k)
+        if mode not in PREDICT_MODES:
+            raise ConfigError(f"predict mode for the softmax head must be one of {', '.join(PREDICT_MODES)}, "
+                              f"not {mode!r}")
+        score = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if mode == "mode":
+            score = torch.log_softmax(score, dim=-1) - self.log_areas_sr.to(score.device, score.dtype)[None, :]
+        index = torch.topk(score, k, dim=-1).indices
+        at = mode if mode in PREDICT_AT else self.predict_at
+        points = (self.centres_xyz if at == "centre" else self.means_xyz).to(torch.float64)
+        lat, lon = xyz_to_latlon(points[index.to(points.device)])
+        return lat.to(logits.device), lon.to(logits.device)

@@ -1,0 +1,258 @@
+"""Stage one end to end: manifest -> country fine-tuning -> feature cache.
+
+``run_extract`` checks the whole manifest first, labels every row with its country,
+fine-tunes the backbone (resuming an interrupted fine-tune), saves the backbone
+checkpoint, and writes every row's pooled feature (evaluation transform, manifest
+order) into the HDF5 cache in row blocks, with full provenance. A killed run resumes
+where the cache stopped (``CacheWriter.rows_done``). Under ``torchrun --nproc_per_node N``
+every rank fine-tunes in DDP, extracts a contiguous shard into ``<out>.rank{r}`` and
+rank 0 joins the shards, in manifest order, into ``<out>``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from geo.cache.store import CacheWriter, FeatureCache
+from geo.errors import CacheError, ConfigError, GeoError
+from geo.pipeline import distributed
+from geo.pipeline.backbone import (Backbone, Placement, autocast, create_backbone, placement, save_backbone,
+                                   sha256_file)
+from geo.pipeline.countries import country_codes
+from geo.pipeline.distributed import Dist, shard_range
+from geo.pipeline.finetune import FinetuneConfig, finetune, image_loader
+from geo.pipeline.images import describe_transform, eval_transform
+from geo.pipeline.manifest import Manifest, read_manifest
+
+JOIN_BLOCK_ROWS = 4096
+
+
+@dataclass
+class ExtractConfig:
+    """Every option of ``geo extract`` (saved, resolved, as ``<out>.config.json``)."""
+
+    backbone: str = "wide_resnet50_2"
+    weights: str = "none"
+    image_size: int = 224
+    finetune_epochs: int = 1
+    lr: float | None = None
+    batch_size: int = 32
+    workers: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    checkpoint_dir: str | None = None
+    seed: int = 0
+    overwrite: bool = False
+    feature_dtype: str = "float16"
+    max_failed_fraction: float = 0.5
+
+
+@dataclass
+class ExtractResult:
+    cache_path: Path
+    checkpoint_path: Path
+    config_path: Path
+    n_rows: int
+    n_skipped: int
+    history: list
+    is_main: bool = True  # False on torchrun ranks other than 0 (they print nothing)
+
+
+def default_checkpoint_dir(out: Path) -> Path:
+    """``cache.h5`` -> ``cache.checkpoints/`` beside it."""
+    return out.with_name(out.stem + ".checkpoints")
+
+
+def shard_path(out: Path, rank: int) -> Path:
+    return out.with_name(f"{out.name}.rank{rank}")
+
+
+def _labels(manifest: Manifest) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
+    """Cache countries + int16 index per row; classifier classes (train countries) + int64 label
+    per row (-1 where a row's country never occurs in train)."""
+    codes = np.asarray(country_codes(manifest.lat_deg, manifest.lon_deg)).astype(str)
+    countries = sorted(set(codes.tolist()))
+    country_index = np.searchsorted(countries, codes).astype(np.int16)
+    classes = sorted(set(codes[manifest.split == 0].tolist()))
+    lookup = {c: i for i, c in enumerate(classes)}
+    labels = np.array([lookup.get(c, -1) for c in codes], dtype=np.int64)
+    return countries, country_index, classes, labels
+
+
+def _prepare_backbone(manifest: Manifest, classes: list[str], labels: np.ndarray, config: ExtractConfig,
+                      place: Placement, ckpt_dir: Path, dist: Dist, stop_after_epochs) -> tuple[Backbone, Path, list, dict]:
+    """Fine-tune (or reuse a finished fine-tune); return (model, checkpoint path, history,
+    {"init_weights", "init_weights_sha256"})."""
+    ft = FinetuneConfig(epochs=config.finetune_epochs, lr=config.lr, batch_size=config.batch_size,
+                        workers=config.workers, image_size=config.image_size, seed=config.seed,
+                        max_failed_fraction=config.max_failed_fraction)
+    ckpt_path = ckpt_dir / "backbone.pt"
+    state_path = ckpt_dir / "finetune_state.pt"
+    model = create_backbone(config.backbone, config.weights, num_classes=len(classes), seed=config.seed)
+    model.classes = list(classes)
+    init = {"init_weights": model.weights_source, "init_weights_sha256": model.weights_sha256}
+    identity = {"backbone": config.backbone, "init_weights_sha256": model.weights_sha256,
+                "manifest_sha256": manifest.sha256, "epochs": config.finetune_epochs,
+                "lr": ft.resolved_lr(model.weights_source), "batch_size": config.batch_size,
+                "image_size": config.image_size, "seed": config.seed, "precision": place.precision,
+                "classes": list(classes), "world_size": dist.world_size}
+    if dist.is_main and config.overwrite:
+        for stale in (ckpt_path, state_path, state_path.with_suffix(".jsonl")):
+            stale.unlink(missing_ok=True)
+    dist.barrier()
+    if ckpt_path.exists():
+        done = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if done.get("identity") != identity:
+            raise ConfigError(f"{ckpt_path} was fine-tuned with other options or data; pass "
+                              "--overwrite, or another --checkpoint-dir")
+        model = create_backbone(config.backbone, str(ckpt_path), num_classes=len(classes), seed=config.seed)
+        return place.to(model).eval(), ckpt_path, list(done.get("history", [])), init
+    model = place.to(model)
+    history = []
+    if config.finetune_epochs > 0:
+        history = finetune(model, manifest.paths, labels, manifest.split, ft, place, state_path,
+                           dist=dist, identity=identity, stop_after_epochs=stop_after_epochs).history
+    if dist.is_main:
+        save_backbone(model, ckpt_path, identity=identity, history=history)
+    dist.barrier()
+    return model.eval(), ckpt_path, history, init
+
+
+def extract_rows(model: Backbone, manifest: Manifest, rows: range, country_index: np.ndarray,
+                 writer: CacheWriter, place: Placement, *, image_size: int, batch_size: int,
+                 workers: int, max_failed_fraction: float = 1.0, show_progress: bool = True,
+                 fail_after_blocks: int | None = None) -> None:
+    """Append features of manifest ``rows`` (contiguous, in order) to ``writer``, one block per
+    batch, resuming at ``writer.rows_done``. Features: float32 forward_features -> cache dtype.
+    Stops with GeoError once more than ``max_failed_fraction`` of >= 64 rows failed to read."""
+    start = rows.start + writer.rows_done
+    todo = range(start, rows.stop)
+    loader = image_loader([manifest.paths[i] for i in todo], eval_transform(image_size),
+                          batch_size=batch_size, workers=workers, pin_memory=place.device.type == "cuda")
+    model.eval()
+    n_seen = n_failed = blocks = 0
+    bar = tqdm(total=len(rows), initial=start - rows.start, desc="extract", unit="img",
+               disable=not show_progress, leave=False)
+    for index, images, failures in loader:
+        if len(index):
+            with torch.inference_mode(), autocast(place.device, place.precision):
+                feats = model.forward_features(place.inputs(images))
+            feats = feats.float().cpu().numpy()
+        else:
+            feats = np.zeros((0, model.feature_dim), np.float32)
+        r = start + index.numpy()
+        writer.write_block(features=feats, ids=manifest.ids[r], lat_deg=manifest.lat_deg[r],
+                           lon_deg=manifest.lon_deg[r], split=manifest.split[r], country=country_index[r],
+                           skipped=[(str(manifest.ids[start + i]), reason) for i, reason in failures],
+                           rows_consumed=len(index) + len(failures))
+        n_seen += len(index) + len(failures)
+        n_failed += len(failures)
+        bar.update(len(index) + len(failures))
+        blocks += 1
+        if n_seen >= 64 and n_failed > max_failed_fraction * n_seen:
+            raise GeoError(f"extraction stopped: {n_failed} of the {n_seen} images read so far failed "
+                           f"(e.g. {failures[0][1] if failures else ''}); check the manifest's images")
+        if fail_after_blocks is not None and blocks >= fail_after_blocks:
+            raise RuntimeError(f"simulated kill after {blocks} blocks (test hook)")
+    bar.close()
+
+
+def join_shards(out: Path, shards: list[Path], *, feature_dim: int, countries: list[str],
+                provenance: dict, feature_dtype: str) -> Path:
+    """Copy shard caches, in order, into one cache at ``out`` (rebuilt from scratch: joining is a
+    plain sequential copy, cheap next to extraction). Shard files are removed afterwards."""
+    with CacheWriter(out, feature_dim=feature_dim, countries=countries, provenance=provenance,
+                     feature_dtype=feature_dtype, overwrite=True) as writer:
+        for shard in shards:
+            with FeatureCache(shard, validate=False) as src:
+                n = src.n_rows
+                if n == 0 and not src.skipped:
+                    continue
+                for lo in range(0, max(n, 1), JOIN_BLOCK_ROWS):
+                    rows = np.arange(lo, min(lo + JOIN_BLOCK_ROWS, n), dtype=np.int64)
+                    last = lo + JOIN_BLOCK_ROWS >= n
+                    skipped = list(src.skipped) if last else []
+                    writer.write_block(features=src.load_features(rows), ids=src.ids[rows],
+                                       lat_deg=src.lat_deg[rows], lon_deg=src.lon_deg[rows],
+                                       split=src.split[rows], country=src.country[rows],
+                                       skipped=skipped, rows_consumed=len(rows) + len(skipped))
+        path = writer.finalize()
+    for shard in shards:
+        shard.unlink(missing_ok=True)
+    return path
+
+
+def run_extract(manifest_path: str | os.PathLike, out: str | os.PathLike, config: ExtractConfig, *,
+                _fail_after_blocks: int | None = None, _stop_after_epochs: int | None = None) -> ExtractResult:
+    """Manifest -> fine-tuned backbone checkpoint -> feature cache at ``out``; see the module doc.
+
+    Writes ``<out>``, ``<out>.config.json`` and ``<checkpoint_dir>/backbone.pt`` (plus the
+    per-epoch ``finetune_state.pt``). The ``_`` hooks simulate a kill (tests only).
+    """
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not config.overwrite:
+        raise CacheError(f"{out} already exists; pass --overwrite to replace it")
+    if config.image_size < 16:
+        raise ConfigError(f"--image-size {config.image_size}: use at least 16 pixels")
+    if config.batch_size < 1 or config.finetune_epochs < 0 or config.workers < 0:
+        raise ConfigError("--batch-size must be >= 1, --finetune-epochs and --workers >= 0")
+    manifest = read_manifest(manifest_path)  # every problem row is reported before any training
+    place = placement(config.device, config.precision)
+    dist, device = distributed.init(place.device)
+    place = Placement(device, place.precision, place.channels_last)
+    try:
+        torch.manual_seed(config.seed)
+        ckpt_dir = Path(config.checkpoint_dir).expanduser().resolve() if config.checkpoint_dir \
+            else default_checkpoint_dir(out)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        countries, country_index, classes, labels = _labels(manifest)
+        model, ckpt_path, history, init = _prepare_backbone(manifest, classes, labels, config, place,
+                                                      ckpt_dir, dist, _stop_after_epochs)
+        provenance = {
+            "backbone": config.backbone, "weights": sha256_file(ckpt_path),
+            "checkpoint_path": str(ckpt_path), **init,
+            "finetune_epochs": int(config.finetune_epochs), "image_size": int(config.image_size),
+            "transform": describe_transform(eval_transform(config.image_size)),
+            "manifest_sha256": manifest.sha256, "precision": place.precision,
+        }
+        n = len(manifest.ids)
+        target = shard_path(out, dist.rank) if dist.enabled else out
+        lo, hi = shard_range(n, dist.rank, dist.world_size)
+        with CacheWriter(target, feature_dim=model.feature_dim, countries=countries, provenance=provenance,
+                         feature_dtype=config.feature_dtype, overwrite=config.overwrite) as writer:
+            extract_rows(model, manifest, range(lo, hi), country_index, writer, place,
+                         image_size=config.image_size, batch_size=config.batch_size, workers=config.workers,
+                         max_failed_fraction=config.max_failed_fraction if not dist.enabled else 1.0,
+                         show_progress=dist.is_main, fail_after_blocks=_fail_after_blocks)
+            writer.finalize()
+        dist.barrier()
+        if dist.enabled and dist.is_main:
+            join_shards(out, [shard_path(out, r) for r in range(dist.world_size)],
+                        feature_dim=model.feature_dim, countries=countries, provenance=provenance,
+                        feature_dtype=config.feature_dtype)
+        dist.barrier()
+        with FeatureCache(out, validate=False) as cache:
+            n_rows, n_skipped = cache.n_rows, len(cache.skipped)
+        if n_skipped > config.max_failed_fraction * max(n_rows + n_skipped, 1):
+            raise GeoError(f"{out}: {n_skipped} of {n_rows + n_skipped} images could not be read "
+                           "(listed in /skipped); the cache is not usable for training")
+        config_path = out.with_name(out.name + ".config.json")
+        if dist.is_main:
+            resolved = dict(asdict(config), manifest=str(Path(manifest_path).resolve()), out=str(out),
+                            checkpoint_dir=str(ckpt_dir), checkpoint=str(ckpt_path), device=str(place.device),
+                            precision=place.precision, world_size=dist.world_size, classes=classes,
+                            lr=FinetuneConfig(lr=config.lr).resolved_lr(model.weights_source),
+                            provenance=provenance, n_rows=n_rows, n_skipped=n_skipped, finetune_history=history)
+            tmp = config_path.with_name(config_path.name + ".tmp")
+            tmp.write_text(json.dumps(resolved, indent=2, default=str) + "\n")
+            os.replace(tmp, config_path)
+        return ExtractResult(out, ckpt_path, config_path, n_rows, n_skipped, history, dist.is_main)
+    finally:
+        distributed.shutdown()

@@ -1,0 +1,187 @@
+"""Image decoding, the backbone's transforms, and a Dataset that survives bad images.
+
+``load_rgb`` decodes one file fully (``Image.load()``, so a truncated JPEG is
+caught here, not half-way through a batch), applies the EXIF orientation and
+converts every mode to 8-bit RGB:
+
+- grey ("L", "1"), CMYK, YCbCr, LAB, HSV: Pillow's conversion (CMYK without ICC);
+- 16/32-bit grey ("I;16*", "I", "F"): scaled 65535 -> 255 (Pillow's own
+  conversion clips at 255, turning most 16-bit photos white);
+- alpha ("RGBA", "LA", "PA", "P" with transparency): composited on a white
+  background (``background=``), as a browser shows a transparent photo on a page.
+
+It never changes a Pillow global: ``LOAD_TRUNCATED_IMAGES`` stays False, and the
+decompression-bomb limit is a check of its own (``max_pixels``, default
+Pillow's 89,478,485) that raises ``ImageError``. Pillow's own hard stop at
+2 x ``PIL.Image.MAX_IMAGE_PIXELS`` still applies, so a ``max_pixels`` above
+that also needs ``PIL.Image.MAX_IMAGE_PIXELS`` raised.
+
+Transforms (torchvision, ImageNet mean/std):
+- train: RandomResizedCrop(size, scale=(0.25, 1)), horizontal flip, ColorJitter(0.2, 0.2, 0.2).
+  The crop scale is milder than ImageNet's 0.08 and hue is left alone: the
+  place is in the context and the colours (sky, soil, vegetation).
+- eval: Resize(round(size * 256 / 224)) of the short side, CenterCrop(size).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+
+from geo.errors import GeoError
+
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default MAX_IMAGE_PIXELS (about 9459 x 9459)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageError(GeoError):
+    """An image that cannot be used; ``str(err)`` is the reason (recorded in /skipped)."""
+
+
+def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """8-bit RGB from any Pillow mode (rules: module docstring)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        scale = 255.0 / 65535.0 if mode != "F" or values.max(initial=0.0) > 1.0 else 255.0
+        grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if mode == "P":
+        mode = "RGBA" if "transparency" in image.info else "RGB"
+        image = image.convert(mode)
+    if mode in ("LA", "La", "PA", "RGBa"):
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode == "RGBA":
+        canvas = Image.new("RGB", image.size, background)
+        canvas.paste(image, mask=image.getchannel("A"))
+        return canvas
+    return image.convert("RGB")
+
+
+def load_rgb(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+             background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Decode an image file to an upright 8-bit RGB ``PIL.Image``.
+
+    Args:
+        path: the image file.
+        max_pixels: refuse images with more pixels than this (decompression bombs);
+            None = no limit of ours.
+        background: RGB colour that transparent pixels are composited on.
+    Raises:
+        ImageError: missing, empty, not an image, truncated/corrupt, or too large;
+            the message is the reason.
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            raise ImageError("empty file (0 bytes)")
+    except OSError as err:
+        raise ImageError(f"cannot open: {err.strerror or err}") from None
+    try:
+        with warnings.catch_warnings():
+            # Our own limit decides; Pillow's warning between 1x and 2x its limit is noise here.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if max_pixels is not None and width * height > max_pixels:
+                    raise ImageError(f"too large: {width}x{height} = {width * height} pixels "
+                                     f"> limit {max_pixels} (possible decompression bomb)")
+                image.load()  # decode now: a truncated file raises here
+                try:
+                    upright = ImageOps.exif_transpose(image)
+                except Exception:  # a broken EXIF block must not cost the photo
+                    upright = image.copy()
+                rgb = _to_rgb(upright if upright is not None else image, background)
+                return rgb.copy() if rgb is image else rgb
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not an image (format not recognised)") from None
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"too large: {err}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError, MemoryError) as err:
+        # Pillow reports truncation and corrupt data as OSError / SyntaxError / ValueError.
+        raise ImageError(f"corrupt or truncated image: {err}") from None
+
+
+def _normalize() -> list:
+    return [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
+def train_transform(image_size: int) -> T.Compose:
+    """Training augmentation: PIL RGB -> float32 [3, image_size, image_size], normalised."""
+    return T.Compose([
+        T.RandomResizedCrop(image_size, scale=(0.25, 1.0), antialias=True),
+        T.RandomHorizontalFlip(),
+        T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
+        *_normalize(),
+    ])
+
+
+def eval_transform(image_size: int) -> T.Compose:
+    """Deterministic evaluation transform: PIL RGB -> float32 [3, image_size, image_size]."""
+    return T.Compose([
+        T.Resize(round(image_size * 256 / 224), antialias=True),
+        T.CenterCrop(image_size),
+        *_normalize(),
+    ])
+
+
+def describe_transform(transform: Callable) -> str:
+    """A one-line, deterministic description of a transform (for cache provenance)."""
+    steps = getattr(transform, "transforms", [transform])
+    return " -> ".join(" ".join(repr(step).split()) for step in steps)
+
+
+class ImageRows(Dataset):
+    """Rows of image files; item i -> (i, tensor [3,H,W], "") or (i, None, reason).
+
+    Unreadable images do not raise: the reason travels with the row so the
+    caller records it and the run goes on. Paths are held in one numpy array,
+    not a Python list, so DataLoader workers do not copy them page by page
+    (reference counts touch every list element).
+    """
+
+    def __init__(self, paths: Sequence[str], transform: Callable, *,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        self.paths = np.asarray([str(p) for p in paths], dtype=str)
+        self.transform = transform
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            image = load_rgb(str(self.paths[i]), max_pixels=self.max_pixels)
+        except ImageError as err:
+            return i, None, str(err)
+        try:
+            return i, self.transform(image), ""
+        except Exception as err:  # a transform failing on one odd image must not stop the run
+            return i, None, f"transform failed: {type(err).__name__}: {err}"
+
+
+def collate_rows(items):
+    """Collate ``ImageRows`` items, dropping the failed ones.
+
+    Returns:
+        (indices int64 [b], images float [b, 3, H, W], failures list[(index, reason)]);
+        with no good row, indices is empty and images has shape [0, 3, 0, 0].
+    """
+    good = [(i, x) for i, x, reason in items if x is not None and not reason]
+    failures = [(int(i), str(reason)) for i, x, reason in items if x is None or reason]
+    if not good:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, 3, 0, 0), failures
+    indices = torch.tensor([int(i) for i, _ in good], dtype=torch.int64)
+    return indices, torch.stack([x for _, x in good]), failures

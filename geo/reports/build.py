@@ -1,0 +1,173 @@
+"""``build_report``: run directories in, ``index.html`` + ``report.md`` + tables out.
+
+The report reads only run directories (and, for the density maps, the feature
+cache). Sections: the runs read and skipped, the table in the paper's table-2
+layout, the claims with computed verdicts, accuracy against c (fig. 7) and κ0
+(fig. 6), training curves (fig. 3), maps (figs. 1, 2, 5). Runs made on different
+caches are refused unless ``allow_mixed_caches``; then the table labels them and
+claims and figures are made per cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from geo.reports import claims as claims_mod
+from geo.reports import plots, tables
+from geo.reports.document import Image, Section, Table, Text, render_html, render_markdown, write_figures
+from geo.reports.runs import ReportError, Run, SkippedRun, check_caches, find_runs
+
+FORMATS = ("html", "md", "both")
+TITLE = "geo: output-head comparison"
+
+
+@dataclass
+class ReportResult:
+    """What ``build_report`` wrote and read."""
+
+    out_dir: Path
+    files: list[Path]
+    runs: list[Run]
+    skipped: list[SkippedRun]
+    notes: list[str] = field(default_factory=list)
+
+
+def _groups(runs: list[Run], labels: dict[str, str]) -> list[tuple[str, list[Run]]]:
+    """("", all runs) for one cache; ("cache A", runs on A) ... for mixed caches."""
+    if not labels:
+        return [("", runs)]
+    return [(f"cache {label}", [r for r in runs if r.cache_label == label]) for label in labels]
+
+
+def _figure(block_name: str, made, caption: str, group: str) -> list:
+    suffix = f" ({group})" if group else ""
+    if isinstance(made, str):
+        return [Text(f"Not drawn{suffix}: {made}.")]
+    name = block_name if not group else block_name.replace(".png", f"_{group.split()[-1]}.png")
+    return [Image(name, plots.figure_png(made), caption + suffix)]
+
+
+def runs_section(runs: list[Run], skipped: list[SkippedRun], labels: dict[str, str]) -> Section:
+    lines = [f"{len(runs)} run(s) reported, {len(skipped)} director(y/ies) skipped."]
+    caches = sorted({r.cache_path or "(not recorded)" for r in runs})
+    if labels:
+        lines.append("Runs were made on **different feature caches** (allowed by --allow-mixed-caches); they are "
+                     "labelled, and claims and figures are made per cache:")
+        lines.append("\n".join(f"- cache {label}: {text}" for label, text in labels.items()))
+    else:
+        lines.append(f"Feature cache: `{', '.join(caches)}`.")
+    if skipped:
+        lines.append("Skipped:")
+        lines.append("\n".join(f"- `{s.path}`: {s.reason}" for s in skipped))
+    warned = [r for r in runs if r.warnings]
+    if warned:
+        lines.append("Used with warnings:")
+        lines.append("\n".join(f"- `{r.path}`: {'; '.join(r.warnings)}" for r in warned))
+    return Section("Runs", [Text("\n\n".join(lines))])
+
+
+def table_section(runs: list[Run], labels: dict[str, str]) -> Section:
+    blocks = [Table(tables.to_markdown(runs), tables.to_html(runs)), Text(tables.CONVENTIONS)]
+    splits = sorted({r.split or "?" for r in runs})
+    if splits != ["test"]:
+        blocks.append(Text(f"Note: metrics.json of some runs is not on the test split (splits: {', '.join(splits)})."))
+    if labels:
+        blocks.append(Text("\n".join(f"- cache {label}: {text}" for label, text in labels.items())))
+    blocks.append(Text("The same table, with every interval as numbers and accuracies as fractions, is in "
+                       "`table.csv` and `table.parquet` beside this report."))
+    return Section("Results (paper table 2 layout)", blocks)
+
+
+def claims_section(runs: list[Run], labels: dict[str, str]) -> Section:
+    blocks = [Text(claims_mod.METHOD)]
+    for group, members in _groups(runs, labels):
+        if group:
+            blocks.append(Text(f"**On {group}:**"))
+        for claim in claims_mod.evaluate_claims(members):
+            text = f"**Claim {claim.number}.** {claim.statement} Verdict: **{claim.verdict}**."
+            if claim.details:
+                text += "\n\n" + "\n".join(f"- {line}" for line in claim.details)
+            blocks.append(Text(text))
+    return Section("Claims of the paper, checked on these runs", blocks)
+
+
+def figures_sections(runs: list[Run], labels: dict[str, str]) -> list[Section]:
+    by_c, by_kappa, curves = (Section("Accuracy against c (paper fig. 7)"),
+                              Section("Accuracy against κ0 (paper fig. 6)"),
+                              Section("Training curves (paper fig. 3)"))
+    for group, members in _groups(runs, labels):
+        by_c.blocks += _figure("accuracy_vs_c.png", plots.accuracy_vs_cells(members),
+                               "Test accuracy (%, ≤ X km) against the number of cells c (log2 axis); bands are "
+                               "bootstrap 95 % intervals; one line per head, κ0 and prediction mode.", group)
+        by_kappa.blocks += _figure("accuracy_vs_kappa0.png", plots.accuracy_vs_kappa0(members),
+                                   "MvMF test accuracy (%) against κ0 (initial log κ); one line per c.", group)
+        curves.blocks += _figure("training_curves.png", plots.training_curves(members),
+                                 "Training loss and validation accuracy @ 750 km against step for each run, and "
+                                 "the last validation NLL against accuracy (does a lower loss mean better "
+                                 "geolocation?).", group)
+    return [by_c, by_kappa, curves]
+
+
+def maps_section(runs: list[Run], labels: dict[str, str], cache_path, n_maps: int) -> tuple[Section, list[str]]:
+    section = Section("Maps (paper figs. 1, 2 and 5)")
+    if n_maps <= 0:
+        return section, []
+    try:
+        from geo.reports import maps
+    except ImportError as err:
+        section.blocks.append(Text(f"Maps skipped: {err}."))
+        return section, [str(err)]
+    notes: list[str] = []
+    for group, members in _groups(runs, labels):
+        figures, group_notes = maps.make_maps(members, cache_path=cache_path, n_images=n_maps)
+        notes += group_notes
+        for name, figure, caption in figures:
+            section.blocks += _figure(name, figure, caption, group)
+    if not section.blocks:
+        section.blocks.append(Text("No maps could be drawn."))
+    if notes:
+        section.blocks.append(Text("Maps skipped for:\n\n" + "\n".join(f"- {n}" for n in notes)))
+    return section, notes
+
+
+def build_report(paths: Iterable[str | Path], out_dir: str | Path, *, fmt: str = "both",
+                 allow_mixed_caches: bool = False, cache_path: str | Path | None = None,
+                 n_maps: int = 4) -> ReportResult:
+    """Read the runs under ``paths`` and write the report into ``out_dir``.
+
+    Args:
+        paths: run directories or sweep directories holding them (searched two levels down).
+        out_dir: created if needed; receives index.html and/or report.md, figures/, table.csv,
+            table.parquet.
+        fmt: "html", "md" or "both".
+        allow_mixed_caches: report runs made on different caches (labelled) instead of refusing.
+        cache_path: feature cache for the density maps (default: each run's own cache).
+        n_maps: test images on the density maps (0: no maps).
+    Raises:
+        ReportError: no usable run, or mixed caches without ``allow_mixed_caches``.
+    """
+    if fmt not in FORMATS:
+        raise ReportError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    paths = list(paths)
+    runs, skipped = find_runs(paths)
+    if not runs:
+        reasons = "; ".join(f"{s.path}: {s.reason}" for s in skipped) or "nothing given"
+        raise ReportError(f"no usable run directory in {', '.join(map(str, paths))} ({reasons})")
+    labels = check_caches(runs, allow_mixed=allow_mixed_caches)
+    maps, notes = maps_section(runs, labels, cache_path, n_maps)
+    sections = [runs_section(runs, skipped, labels), table_section(runs, labels), claims_section(runs, labels),
+                *figures_sections(runs, labels), maps]
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = list(tables.write_exports(runs, out_dir))
+    if fmt in ("md", "both"):
+        files += write_figures(sections, out_dir)
+        (out_dir / "report.md").write_text(render_markdown(TITLE, sections), encoding="utf-8")
+        files.append(out_dir / "report.md")
+    if fmt in ("html", "both"):
+        (out_dir / "index.html").write_text(render_html(TITLE, sections), encoding="utf-8")
+        files.append(out_dir / "index.html")
+    return ReportResult(out_dir, files, runs, skipped, notes)

@@ -1,0 +1,150 @@
+"""Computed verdicts on the paper's claims, from the runs at hand (rules in ``METHOD``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from geo.reports.runs import ACC_KEYS, SCALES_KM, Run, group_series, pick_one, series_label
+from geo.reports.tables import format_cells
+
+HOLDS, FAILS, INCONCLUSIVE = "holds", "fails", "inconclusive"
+FINE_SCALES_KM, COARSE_SCALES_KM = (1, 25), (2500,)
+MVMF, SOFTMAX = "mvmf", "softmax"
+METHOD = (
+    "How verdicts are computed: two accuracies are called different only when their bootstrap 95 % "
+    "intervals do not overlap (a conservative test); overlapping intervals make a comparison inconclusive. "
+    "Each claim is checked on sub-cases (a series of runs and a distance scale). Sub-verdicts combine as: "
+    "fails if any sub-case fails, holds if all hold, otherwise inconclusive; claim 2, which says a drop "
+    "exists, holds if any sub-case shows one. Among several runs of one setting (seeds, learning rates), "
+    "the one with the best validation GeoScore is used. A claim the runs cannot test is "
+    "\"not tested: needs ...\"."
+)
+
+
+@dataclass
+class Claim:
+    """A claim of the paper, its verdict on these runs, and the numbers behind it."""
+
+    number: int
+    statement: str
+    verdict: str
+    details: list[str] = field(default_factory=list)
+
+
+def compare(a: Run, b: Run, key: str) -> str:
+    """"higher" / "lower" if a's interval lies wholly above / below b's, else "overlap"."""
+    ci_a, ci_b = a.ci(key), b.ci(key)
+    if ci_a is None or ci_b is None:
+        return "overlap"  # without intervals nothing can be told apart
+    if ci_a[0] > ci_b[1]:
+        return "higher"
+    if ci_a[1] < ci_b[0]:
+        return "lower"
+    return "overlap"
+
+
+def _acc(run: Run, key: str) -> str:
+    ci = run.ci(key)
+    text = f"{100 * run.metric(key):.1f}%"
+    return text + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else " [no interval]")
+
+
+def _combine_all(verdicts: list[str]) -> str:
+    if FAILS in verdicts:
+        return FAILS
+    return HOLDS if verdicts and all(v == HOLDS for v in verdicts) else INCONCLUSIVE
+
+
+def _trend(series: list[tuple[float, Run]], key: str) -> tuple[list[str], str]:
+    """Significance of each step along a series, and the run-of-numbers text."""
+    steps = [compare(b, a, key) for (_, a), (_, b) in zip(series, series[1:])]
+    text = " → ".join(f"c={format_cells(int(x))}: {_acc(run, key)}" for x, run in series)
+    return steps, text
+
+
+def _rise_with_c(runs: list[Run], head: str, rising_claim: bool) -> tuple[str, list[str]]:
+    """Sub-verdicts of "accuracy rises monotonically with c" (or, if not rising_claim, of its negation)."""
+    series = {k: s for k, s in group_series([r for r in runs if r.head == head], "n_cells").items() if len(s) >= 2}
+    if not series:
+        return f"not tested: needs {head} runs at ≥ 2 values of c (same κ0 and prediction mode)", []
+    verdicts, details = [], []
+    for key, points in series.items():
+        for acc_key, scale in zip(ACC_KEYS, SCALES_KM):
+            steps, text = _trend(points, acc_key)
+            if all(s == "higher" for s in steps):
+                finding = "rises at every step (intervals apart)"
+                verdict = HOLDS if rising_claim else FAILS
+            elif "lower" in steps:
+                at = [format_cells(int(points[i + 1][0])) for i, s in enumerate(steps) if s == "lower"]
+                finding = f"falls significantly at c={', '.join(at)}"
+                verdict = FAILS if rising_claim else HOLDS
+            else:
+                values = [run.metric(acc_key) for _, run in points]
+                monotone = all(b >= a for a, b in zip(values, values[1:]))
+                finding = ("point estimates rise" if monotone else "point estimates do not rise monotonically") \
+                    + " but some intervals overlap"
+                verdict = INCONCLUSIVE
+            verdicts.append(verdict)
+            details.append(f"{series_label(key, 'n_cells')} @{scale} km: {text} — {finding}: {verdict}")
+    if rising_claim:
+        return _combine_all(verdicts), details
+    overall = HOLDS if HOLDS in verdicts else (FAILS if all(v == FAILS for v in verdicts) else INCONCLUSIVE)
+    return overall, details
+
+
+def claim_mvmf_rises(runs: list[Run]) -> Claim:
+    verdict, details = _rise_with_c(runs, MVMF, rising_claim=True)
+    return Claim(1, "MvMF accuracy rises monotonically with c, at every distance scale.", verdict, details)
+
+
+def claim_softmax_not_monotone(runs: list[Run]) -> Claim:
+    verdict, details = _rise_with_c(runs, SOFTMAX, rising_claim=False)
+    return Claim(2, "Softmax (PlaNet) accuracy does not rise monotonically with c "
+                    "(a significant drop at some scale).", verdict, details)
+
+
+def claim_mvmf_beats_softmax(runs: list[Run]) -> Claim:
+    statement = "MvMF beats softmax at every distance scale at equal c."
+    by_c: dict[int, dict[str, list[Run]]] = {}
+    for run in runs:
+        if run.head in (MVMF, SOFTMAX) and run.n_cells is not None:
+            by_c.setdefault(run.n_cells, {}).setdefault(run.head, []).append(run)
+    common = sorted(c for c, heads in by_c.items() if len(heads) == 2)
+    if not common:
+        return Claim(3, statement, "not tested: needs mvmf and softmax runs with a common c")
+    verdicts, details = [], []
+    for c in common:
+        # Among several runs per head (κ0, prediction modes, seeds), the best on validation.
+        mvmf, softmax = pick_one(by_c[c][MVMF]), pick_one(by_c[c][SOFTMAX])
+        for acc_key, scale in zip(ACC_KEYS, SCALES_KM):
+            outcome = compare(mvmf, softmax, acc_key)
+            verdict = {"higher": HOLDS, "lower": FAILS, "overlap": INCONCLUSIVE}[outcome]
+            verdicts.append(verdict)
+            details.append(f"c={format_cells(c)} @{scale} km: mvmf ({mvmf.name}) {_acc(mvmf, acc_key)} vs "
+                           f"softmax ({softmax.name}) {_acc(softmax, acc_key)}: {verdict}")
+    return Claim(3, statement, _combine_all(verdicts), details)
+
+
+def claim_kappa0_scales(runs: list[Run]) -> Claim:
+    statement = ("Large κ0 favours fine scales (@1, @25 km), small κ0 coarse ones (@2500 km): comparing the "
+                 "largest and smallest κ0 at equal c.")
+    series = {k: s for k, s in group_series([r for r in runs if r.head == MVMF], "kappa0").items() if len(s) >= 2}
+    if not series:
+        return Claim(4, statement, "not tested: needs mvmf runs at ≥ 2 values of κ0 (same c and prediction mode)")
+    verdicts, details = [], []
+    for key, points in series.items():
+        (k_small, small), (k_large, large) = points[0], points[-1]
+        for scale in FINE_SCALES_KM + COARSE_SCALES_KM:
+            acc_key = ACC_KEYS[SCALES_KM.index(scale)]
+            favoured, other = (large, small) if scale in FINE_SCALES_KM else (small, large)
+            verdict = {"higher": HOLDS, "lower": FAILS, "overlap": INCONCLUSIVE}[compare(favoured, other, acc_key)]
+            verdicts.append(verdict)
+            details.append(f"{series_label(key, 'kappa0')} @{scale} km: κ0={k_large:g}: {_acc(large, acc_key)} vs "
+                           f"κ0={k_small:g}: {_acc(small, acc_key)}: {verdict}")
+    return Claim(4, statement, _combine_all(verdicts), details)
+
+
+def evaluate_claims(runs: list[Run]) -> list[Claim]:
+    """All four claims on ``runs`` (which should share one feature cache)."""
+    return [claim_mvmf_rises(runs), claim_softmax_not_monotone(runs),
+            claim_mvmf_beats_softmax(runs), claim_kappa0_scales(runs)]

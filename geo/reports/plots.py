@@ -1,0 +1,99 @@
+"""Figures of a report (matplotlib, Agg): accuracy vs c, accuracy vs κ0, training curves.
+
+Each function returns a ``matplotlib.figure.Figure``, or a string saying why the
+runs cannot make that figure. Accuracies are drawn in percent with their bootstrap
+95 % intervals as shaded bands.
+"""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+from matplotlib.figure import Figure  # noqa: E402  (after choosing the backend)
+
+from geo.reports.runs import ACC_KEYS, SCALES_KM, Run, group_series, series_label  # noqa: E402
+
+MAX_LEGEND_ENTRIES = 12
+
+
+def figure_png(fig: Figure, dpi: int = 90) -> bytes:
+    """The figure as PNG bytes (Figure objects need no pyplot state, so nothing leaks)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _accuracy_panels(runs: list[Run], vary: str, xlabel: str, log2_x: bool) -> Figure | str:
+    series = {k: s for k, s in group_series(runs, vary).items() if len(s) >= 2}
+    if not series:
+        return f"needs runs at ≥ 2 values of {xlabel} with the other settings equal"
+    fig = Figure(figsize=(3.2 * len(SCALES_KM), 3.2))
+    axes = fig.subplots(1, len(SCALES_KM), sharex=True)
+    for ax, acc_key, scale in zip(axes, ACC_KEYS, SCALES_KM):
+        for key, points in series.items():
+            xs = [x for x, _ in points]
+            ys = [100 * run.metric(acc_key) for _, run in points]
+            line, = ax.plot(xs, ys, marker="o", label=series_label(key, vary))
+            cis = [run.ci(acc_key) for _, run in points]
+            if all(ci is not None for ci in cis):
+                ax.fill_between(xs, [100 * lo for lo, _ in cis], [100 * hi for _, hi in cis],
+                                color=line.get_color(), alpha=0.15, linewidth=0)
+        if log2_x:
+            ax.set_xscale("log", base=2)
+        ax.set_title(f"accuracy @ {scale} km")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    if len(series) <= MAX_LEGEND_ENTRIES:
+        axes[-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_vs_cells(runs: list[Run]) -> Figure | str:
+    """Test accuracy against the number of cells c (log2 axis), one panel per scale (paper fig. 7)."""
+    return _accuracy_panels(runs, "n_cells", "c (cells / components)", log2_x=True)
+
+
+def accuracy_vs_kappa0(runs: list[Run]) -> Figure | str:
+    """Test accuracy against κ0 (initial log κ), one panel per scale, MvMF runs only (paper fig. 6)."""
+    return _accuracy_panels([r for r in runs if r.kappa0 is not None], "kappa0", "κ0 (log κ at init)", log2_x=False)
+
+
+def training_curves(runs: list[Run]) -> Figure | str:
+    """Train loss and val acc@750 km against step for each run, and final val NLL vs accuracy (fig. 3).
+
+    The third panel asks the paper's question "does a lower loss mean better geolocation?"
+    with the validation NLL per steradian, which (unlike the training losses) is comparable
+    between heads.
+    """
+    with_history = [r for r in runs if r.history]
+    if not with_history:
+        return "needs metrics.jsonl with at least one evaluation"
+    fig = Figure(figsize=(15, 3.6))
+    ax_loss, ax_acc, ax_nll = fig.subplots(1, 3)
+    for run in with_history:
+        label = f"{run.head} c={run.n_cells}" + (f" κ0={run.kappa0:g}" if run.kappa0 is not None else "")
+        steps = [h["step"] for h in run.history if h["step"] is not None and h["train_loss"] is not None]
+        losses = [h["train_loss"] for h in run.history if h["step"] is not None and h["train_loss"] is not None]
+        line, = ax_loss.plot(steps, losses, label=label)
+        acc = [(h["step"], 100 * h["val"]["acc@750km"]) for h in run.history
+               if h["step"] is not None and "acc@750km" in h["val"]]
+        if acc:
+            ax_acc.plot(*zip(*acc), color=line.get_color(), label=label)
+        final = [h["val"] for h in run.history if "nll_nats" in h["val"] and "acc@750km" in h["val"]]
+        if final:
+            ax_nll.scatter(final[-1]["nll_nats"], 100 * final[-1]["acc@750km"], color=line.get_color(), label=label)
+    ax_loss.set(xlabel="step", ylabel="train loss (nats)", title="training loss")
+    ax_acc.set(xlabel="step", ylabel="val accuracy @ 750 km (%)", title="validation accuracy @ 750 km")
+    ax_nll.set(xlabel="val NLL (nats/sr, last evaluation)", ylabel="val accuracy @ 750 km (%)",
+               title="lower loss, better geolocation?")
+    for ax in (ax_loss, ax_acc, ax_nll):
+        ax.grid(alpha=0.3)
+    if len(with_history) <= MAX_LEGEND_ENTRIES:
+        ax_loss.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

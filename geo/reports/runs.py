@@ -1,0 +1,353 @@
+"""Read run directories (format ``geo-run/1``) for reports.
+
+This module is the one place that knows the key names of a run directory's
+``config.json``, ``metrics.jsonl`` and ``metrics.json``; everything else in
+``geo.reports`` works on :class:`Run`. Reading is tolerant: an optional key
+that is missing becomes ``None``; a directory that cannot be used (missing or
+corrupt required file, unknown format) becomes a :class:`SkippedRun` with the
+reason, so one bad directory never stops a report.
+
+A run directory holds (see ``geo.heads.train``)::
+
+    config.json          every resolved option, "format": "geo-run/1", cache path + provenance
+    metrics.jsonl        one JSON line per evaluation: step, epoch, train_loss, lr, val metrics
+    metrics.json         final test metrics (geo.metrics.summarize) + "split", "predict"
+    checkpoint.pt        head state, partition state, config (for maps)
+    predictions.parquet  per test image: id, lat, lon, pred_lat, pred_lon, dist_km, top-k, log_density
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from geo.errors import GeoError
+from geo.heads.runs import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, METRICS_LOG_FILE,
+                            PREDICTIONS_FILE, RUN_FORMAT, read_jsonl)
+from geo.metrics import DISTANCE_SCALES_KM, accuracy_key
+
+SCALES_KM = DISTANCE_SCALES_KM
+ACC_KEYS = tuple(accuracy_key(s) for s in SCALES_KM)
+# Metric keys the reports show, in table order, and whether larger is better.
+METRIC_KEYS = ACC_KEYS + ("median_km", "mean_km", "geoscore", "country_acc", "nll_nats")
+HIGHER_IS_BETTER = {**{k: True for k in ACC_KEYS}, "median_km": False, "mean_km": False,
+                    "geoscore": True, "country_acc": True, "nll_nats": False}
+# Validation metric that picks one run among duplicates (never the test split); fit-head's default rule.
+SELECT_KEY = "geoscore"
+KAPPA_HEADS = ("mvmf",)  # heads whose config "kappa0" means something
+
+RUN_FILES = (CONFIG_FILE, METRICS_LOG_FILE, METRICS_FILE, CHECKPOINT_FILE, PREDICTIONS_FILE)
+
+# Where each field may live in config.json: the first key path found wins. Aliases absorb
+# renames in geo.heads.train without touching the rest of the reports.
+_CONFIG_FIELDS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "head": (("head",), ("head_name",)),
+    "n_cells": (("n_cells",), ("classes",), ("c",), ("partition", "n_cells")),
+    "kappa0": (("kappa0",), ("head_options", "kappa0"), ("options", "kappa0")),
+    "predict": (("predict",), ("predict_mode",), ("mode",)),
+    "seed": (("seed",),),
+    "lr": (("lr",),),
+    "cache_path": (("cache_path",), ("cache",)),
+    "cache_provenance": (("cache_provenance",), ("provenance",), ("cache", "provenance")),
+    "cache_sha256": (("cache_sha256",), ("cache_provenance", "sha256"), ("cache_id",)),
+}
+_STEP_FIELDS = {"step": ("step",), "epoch": ("epoch",), "train_loss": ("train_loss", "loss"),
+                "lr": ("lr",), "elapsed_s": ("elapsed_s",)}
+
+
+class ReportError(GeoError):
+    """Runs that cannot be put side by side (different caches), or nothing to report."""
+
+
+@dataclass
+class SkippedRun:
+    """A directory the report could not use, and why."""
+
+    path: Path
+    reason: str
+
+
+@dataclass
+class Run:
+    """One finished run, with the fields reports need; optional ones may be ``None``.
+
+    Metric values are as in ``geo.metrics.summarize``: accuracies are fractions 0..1,
+    distances km, NLL nats per steradian. ``test_ci`` maps a metric key to (lo, hi).
+    ``history`` holds one dict per evaluation: step, epoch, train_loss, lr, elapsed_s, val (dict).
+    """
+
+    path: Path
+    name: str
+    config: dict
+    head: str
+    n_cells: int | None
+    kappa0: float | None
+    predict: str | None
+    seed: int | None
+    lr: float | None
+    cache_path: str | None
+    cache_id: str | None
+    test: dict
+    test_ci: dict
+    history: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    split: str | None = None  # the split metrics.json was computed on ("test" normally)
+    cache_label: str | None = None  # set by check_caches when mixed caches are allowed
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / CHECKPOINT_FILE
+
+    @property
+    def predictions_path(self) -> Path:
+        return self.path / PREDICTIONS_FILE
+
+    @property
+    def has_density(self) -> bool:
+        return self.test.get("nll_nats") is not None
+
+    def metric(self, key: str) -> float | None:
+        """Final test value of ``key`` or None."""
+        return self.test.get(key)
+
+    def ci(self, key: str) -> tuple[float, float] | None:
+        """Bootstrap 95 % interval of the final test ``key`` or None."""
+        return self.test_ci.get(key)
+
+    def best_val(self, key: str = SELECT_KEY) -> float | None:
+        """Best validation value of ``key`` over the history (None without history)."""
+        values = [h["val"].get(key) for h in self.history if h.get("val")]
+        values = [v for v in values if _finite(v)]
+        if not values:
+            return None
+        return max(values) if HIGHER_IS_BETTER.get(key, True) else min(values)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _lookup(mapping: dict, paths: Iterable[tuple[str, ...]]) -> Any:
+    """First value found along any of the key paths, else None."""
+    for path in paths:
+        node: Any = mapping
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is not None:
+            return node
+    return None
+
+
+def _read_json(path: Path) -> Any:
+    """Parsed JSON or a reason string raised as ValueError."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"corrupt: {path.name} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"corrupt: {path.name} is not UTF-8 text") from None
+
+
+def _read_history(path: Path, warnings: list[str]) -> list[dict]:
+    """metrics.jsonl as dicts {step, epoch, train_loss, lr, elapsed_s, val: {metric: value}}.
+
+    Validation metrics may be nested under "val" or flattened as "val_<metric>" keys.
+    A torn last line (a killed run) is dropped by ``read_jsonl``.
+    """
+    if not path.exists():
+        warnings.append(f"no {METRICS_LOG_FILE}: no training curves")
+        return []
+    history = []
+    for record in read_jsonl(path):
+        if not isinstance(record, dict):
+            continue
+        entry = {name: _lookup(record, [(k,) for k in keys]) for name, keys in _STEP_FIELDS.items()}
+        val = record.get("val") if isinstance(record.get("val"), dict) else {}
+        val = {**{k[4:]: v for k, v in record.items() if k.startswith("val_")}, **val}
+        entry["val"] = {k: v for k, v in val.items() if _finite(v)}
+        history.append(entry)
+    return history
+
+
+def _cache_identity(config: dict) -> tuple[str | None, str | None]:
+    """(cache_path, cache_id): the id is the recorded sha256, else a hash of the provenance."""
+    cache_path = _lookup(config, _CONFIG_FIELDS["cache_path"])
+    if isinstance(cache_path, dict):  # {"path": ..., "provenance": ...}
+        cache_path = cache_path.get("path")
+    sha = _lookup(config, _CONFIG_FIELDS["cache_sha256"])
+    if sha:
+        return cache_path, str(sha)
+    provenance = _lookup(config, _CONFIG_FIELDS["cache_provenance"])
+    if isinstance(provenance, dict) and provenance:
+        # "created" differs between otherwise identical re-extractions; it does not change features.
+        stable = {k: v for k, v in provenance.items() if k not in ("created",)}
+        blob = json.dumps(stable, sort_keys=True, default=str).encode()
+        return cache_path, "prov-" + hashlib.sha256(blob).hexdigest()[:16]
+    return cache_path, None
+
+
+def read_run(path: str | Path) -> Run:
+    """Read one run directory; ValueError(reason) when it cannot be used."""
+    path = Path(path)
+    config_path, final_path = path / CONFIG_FILE, path / METRICS_FILE
+    for required in (config_path, final_path):
+        if not required.exists():
+            raise ValueError(f"incomplete: missing {required.name}")
+    config = _read_json(config_path)
+    if not isinstance(config, dict):
+        raise ValueError("corrupt: config.json is not a JSON object")
+    fmt = config.get("format")
+    if fmt != RUN_FORMAT:
+        raise ValueError(f"unknown format {fmt!r} in config.json (this report reads {RUN_FORMAT!r})")
+    final = _read_json(final_path)
+    if not isinstance(final, dict):
+        raise ValueError("corrupt: metrics.json is not a JSON object")
+    metrics = final.get("metrics", final) if isinstance(final.get("metrics"), dict) else final
+    missing = [k for k in ACC_KEYS if not _finite(metrics.get(k))]
+    if missing:
+        raise ValueError(f"corrupt: metrics.json lacks {', '.join(missing)}")
+    head = _lookup(config, _CONFIG_FIELDS["head"])
+    if not head:
+        raise ValueError("corrupt: config.json names no head")
+
+    warnings: list[str] = []
+    test = {k: float(metrics[k]) if _finite(metrics.get(k)) else None for k in METRIC_KEYS}
+    raw_ci = metrics.get("ci") or {}
+    test_ci = {k: (float(v[0]), float(v[1])) for k, v in raw_ci.items()
+               if isinstance(v, (list, tuple)) and len(v) == 2 and all(_finite(x) for x in v)}
+    if not test_ci:
+        warnings.append("metrics.json has no bootstrap intervals: claims about this run are inconclusive")
+    cache_path, cache_id = _cache_identity(config)
+    n_cells = _lookup(config, _CONFIG_FIELDS["n_cells"])
+    kappa0 = _lookup(config, _CONFIG_FIELDS["kappa0"])
+    seed, lr = _lookup(config, _CONFIG_FIELDS["seed"]), _lookup(config, _CONFIG_FIELDS["lr"])
+    predict = _lookup(config, _CONFIG_FIELDS["predict"]) or final.get("predict")
+    return Run(
+        path=path, name=config.get("name") or path.name, config=config, head=str(head),
+        n_cells=int(n_cells) if _finite(n_cells) else None,
+        kappa0=float(kappa0) if _finite(kappa0) and str(head) in KAPPA_HEADS else None,
+        predict=str(predict) if predict else None,
+        seed=int(seed) if _finite(seed) else None, lr=float(lr) if _finite(lr) else None,
+        cache_path=str(cache_path) if cache_path else None, cache_id=cache_id,
+        test=test, test_ci=test_ci, history=_read_history(path / METRICS_LOG_FILE, warnings),
+        warnings=warnings, split=final.get("split"),
+    )
+
+
+def _candidate_dirs(root: Path, depth: int) -> list[Path]:
+    """Directories under ``root`` (itself included, ``depth`` levels down) holding any run file."""
+    if any((root / name).exists() for name in RUN_FILES):
+        return [root]
+    if depth == 0:
+        return []
+    found: list[Path] = []
+    for child in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found.extend(_candidate_dirs(child, depth - 1))
+    return found
+
+
+def find_runs(paths: Iterable[str | Path], *, max_depth: int = 2) -> tuple[list[Run], list[SkippedRun]]:
+    """Read every run directory given, or found up to ``max_depth`` levels below a sweep directory.
+
+    Returns (runs in a stable order: head, c, kappa0, predict, name; skipped with reasons).
+    A directory listed twice is read once.
+    """
+    runs: list[Run] = []
+    skipped: list[SkippedRun] = []
+    seen: set[Path] = set()
+    for given in paths:
+        given = Path(given)
+        if not given.is_dir():
+            skipped.append(SkippedRun(given, "not a directory" if given.exists() else "does not exist"))
+            continue
+        candidates = _candidate_dirs(given, max_depth)
+        if not candidates:
+            skipped.append(SkippedRun(given, f"no run directory (none of {', '.join(RUN_FILES)}) found"))
+        for directory in candidates:
+            if directory.resolve() in seen:
+                continue
+            seen.add(directory.resolve())
+            try:
+                runs.append(read_run(directory))
+            except ValueError as err:
+                skipped.append(SkippedRun(directory, str(err)))
+            except OSError as err:
+                skipped.append(SkippedRun(directory, f"unreadable: {err}"))
+    runs.sort(key=run_sort_key)
+    return runs, skipped
+
+
+def run_sort_key(run: Run) -> tuple:
+    """Table order: head, c, kappa0, prediction mode, name (None sorts first)."""
+    return (run.head, run.n_cells or 0, run.kappa0 if run.kappa0 is not None else -math.inf,
+            run.predict or "", run.name)
+
+
+def check_caches(runs: list[Run], *, allow_mixed: bool) -> dict[str, str]:
+    """Refuse runs made on different caches unless ``allow_mixed``; then label them.
+
+    Returns {label: description} ("A": "cache.h5 (prov-1234...)") and sets ``run.cache_label``
+    when more than one cache is present; {} when all runs share one cache (or record none).
+    Raises ReportError naming the caches and runs otherwise.
+    """
+    groups: dict[str | None, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.cache_id, []).append(run)
+    if len(groups) <= 1:
+        return {}
+    descriptions = {}
+    for index, (cache_id, members) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
+        label = chr(ord("A") + index) if index < 26 else f"C{index}"
+        paths = sorted({Path(r.cache_path).name for r in members if r.cache_path}) or ["(no cache recorded)"]
+        descriptions[label] = f"{', '.join(paths)} [{cache_id or 'no provenance recorded'}], {len(members)} run(s)"
+        for run in members:
+            run.cache_label = label
+    if not allow_mixed:
+        listing = "; ".join(f"{label}: {text} e.g. {next(r.path for r in runs if r.cache_label == label)}"
+                            for label, text in descriptions.items())
+        for run in runs:
+            run.cache_label = None
+        raise ReportError(f"runs were made on different feature caches ({listing}); "
+                          "side-by-side tables would compare different features. "
+                          "Pass --allow-mixed-caches to report them anyway, labelled by cache.")
+    return descriptions
+
+
+def pick_one(runs: list[Run]) -> Run:
+    """Among runs of one configuration, the one with the best validation SELECT_KEY (then by name)."""
+    by_name = sorted(runs, key=lambda r: r.name)  # max() keeps the first of equals: ties go by name
+    return max(by_name, key=lambda r: r.best_val() if r.best_val() is not None else -math.inf)
+
+
+def group_series(runs: list[Run], vary: str) -> dict[tuple, list[tuple[float, Run]]]:
+    """Runs grouped into series along one field, the others fixed.
+
+    ``vary`` is "n_cells" (series key: head, kappa0, predict) or "kappa0" (key: head, n_cells,
+    predict). Each series is [(x, run)] sorted by x; duplicates at one x (other seeds, learning
+    rates) are resolved by ``pick_one``. Runs without a value for ``vary`` are left out.
+    """
+    fixed = {"n_cells": ("head", "kappa0", "predict"), "kappa0": ("head", "n_cells", "predict")}[vary]
+    cells: dict[tuple, dict[float, list[Run]]] = {}
+    for run in runs:
+        x = getattr(run, vary)
+        if x is None:
+            continue
+        key = tuple(getattr(run, name) for name in fixed)
+        cells.setdefault(key, {}).setdefault(float(x), []).append(run)
+    return {key: [(x, pick_one(by_x[x])) for x in sorted(by_x)]
+            for key, by_x in sorted(cells.items(), key=lambda kv: str(kv[0]))}
+
+
+def series_label(key: tuple, vary: str) -> str:
+    """Legend text of a series key from ``group_series``."""
+    if vary == "n_cells":
+        head, kappa0, predict = key
+        parts = [head] + ([f"κ0={kappa0:g}"] if kappa0 is not None else [])
+    else:
+        head, n_cells, predict = key
+        parts = [head, f"c={n_cells}"]
+    return " ".join(parts + ([predict] if predict else []))

@@ -1,0 +1,162 @@
+"""The results table in the paper's table-2 layout, as Markdown, HTML, CSV and Parquet.
+
+One row per run: head, c, κ0, prediction mode, accuracy at 1/25/200/750/2500 km
+(percent, with the bootstrap 95 % interval), median km, GeoScore, country accuracy,
+NLL (nats per steradian, heads with a density only). The best value of each column
+is marked (bold); ties are all marked.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from geo.reports.runs import ACC_KEYS, HIGHER_IS_BETTER, METRIC_KEYS, SCALES_KM, SELECT_KEY, Run
+
+CONVENTIONS = (
+    "Metric conventions: accuracy@X km is the percentage of test images whose great-circle error "
+    "(sphere of radius 6371.0088 km) is **≤ X km** — an accuracy, not an error rate; brackets give "
+    "the bootstrap 95 % interval (1000 resamples of the test set). Median km is the median error "
+    "(not the mean; the mean is in table.csv). GeoScore is the mean of 5000·exp(−d/1492.7 km). "
+    "Country accuracy is the percentage of predictions in the true country. NLL is the mean negative "
+    "log-density at the true location in nats per steradian (lower is better; only heads with a "
+    "density). Bold marks the best value of each column. c is the number of cells/components, "
+    "κ0 the initial log κ of the MvMF components."
+)
+
+
+@dataclass(frozen=True)
+class Column:
+    """A metric column: key in Run.test, title, value -> text, shown with interval?"""
+
+    key: str
+    title: str
+    fmt: Callable[[float], str]
+    with_ci: bool = True
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+COLUMNS = (
+    *(Column(key, f"@{s} km (%)", _pct) for key, s in zip(ACC_KEYS, SCALES_KM)),
+    Column("median_km", "median km", lambda x: f"{x:,.0f}" if x >= 10 else f"{x:.2f}"),
+    Column("geoscore", "GeoScore", lambda x: f"{x:,.0f}"),
+    Column("country_acc", "country (%)", _pct),
+    Column("nll_nats", "NLL (nats)", lambda x: f"{x:.2f}"),
+)
+
+
+def format_cells(n_cells: int | None) -> str:
+    """c as the paper writes it: 2^k for powers of two."""
+    if n_cells is None:
+        return "?"
+    if n_cells > 0 and n_cells & (n_cells - 1) == 0:
+        return f"2^{n_cells.bit_length() - 1}"
+    return str(n_cells)
+
+
+def best_values(runs: list[Run]) -> dict[str, float]:
+    """Best point estimate per metric column over runs (max, or min for km and NLL)."""
+    best = {}
+    for column in COLUMNS:
+        values = [r.metric(column.key) for r in runs if r.metric(column.key) is not None]
+        if values:
+            best[column.key] = max(values) if HIGHER_IS_BETTER[column.key] else min(values)
+    return best
+
+
+def _cell_text(run: Run, column: Column) -> str:
+    value = run.metric(column.key)
+    if value is None:
+        return "–"
+    text = column.fmt(value)
+    ci = run.ci(column.key)
+    if column.with_ci and ci is not None:
+        text += f" [{column.fmt(ci[0])}, {column.fmt(ci[1])}]"
+    return text
+
+
+def _rows(runs: list[Run]) -> tuple[list[str], list[list[tuple[str, bool]]]]:
+    """Header and rows of (text, is_best) cells, shared by the Markdown and HTML renderers."""
+    mixed = any(r.cache_label for r in runs)
+    header = ["head", "c", "κ0", "prediction"] + (["cache"] if mixed else []) + [c.title for c in COLUMNS]
+    best = best_values(runs)
+    rows = []
+    for run in runs:
+        cells = [(run.head, False), (format_cells(run.n_cells), False),
+                 ("–" if run.kappa0 is None else f"{run.kappa0:g}", False), (run.predict or "?", False)]
+        if mixed:
+            cells.append((run.cache_label or "?", False))
+        for column in COLUMNS:
+            value = run.metric(column.key)
+            is_best = value is not None and math.isclose(value, best[column.key], rel_tol=1e-12, abs_tol=1e-12)
+            cells.append((_cell_text(run, column), is_best))
+        rows.append(cells)
+    return header, rows
+
+
+def to_markdown(runs: list[Run]) -> str:
+    """A GitHub-flavoured Markdown table (best values in bold)."""
+    header, rows = _rows(runs)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for cells in rows:
+        lines.append("| " + " | ".join(f"**{t}**" if b else t for t, b in cells) + " |")
+    return "\n".join(lines)
+
+
+def to_html(runs: list[Run]) -> str:
+    """An HTML <table> (best values in <strong>), titled with the run name on hover."""
+    header, rows = _rows(runs)
+    out = ['<table class="results">', "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header)
+           + "</tr></thead>", "<tbody>"]
+    for run, cells in zip(runs, rows):
+        tds = "".join(f"<td><strong>{html.escape(t)}</strong></td>" if b else f"<td>{html.escape(t)}</td>"
+                      for t, b in cells)
+        out.append(f'<tr title="{html.escape(str(run.path))}">{tds}</tr>')
+    out += ["</tbody>", "</table>"]
+    return "\n".join(out)
+
+
+def records(runs: list[Run]) -> list[dict]:
+    """One flat dict per run for CSV/Parquet: metrics as stored (accuracies are fractions 0..1)."""
+    out = []
+    for run in runs:
+        record = {"run": run.name, "path": str(run.path), "head": run.head, "n_cells": run.n_cells,
+                  "kappa0": run.kappa0, "predict": run.predict, "seed": run.seed, "lr": run.lr,
+                  "cache": run.cache_path, "cache_id": run.cache_id, "cache_label": run.cache_label}
+        for key in METRIC_KEYS:
+            ci = run.ci(key)
+            record[key] = run.metric(key)
+            record[f"{key}_lo"], record[f"{key}_hi"] = ci if ci else (None, None)
+        record["split"] = run.split
+        record[f"best_val_{SELECT_KEY}"] = run.best_val()
+        out.append(record)
+    return out
+
+
+_STRING_COLUMNS = {"run", "path", "head", "predict", "cache", "cache_id", "cache_label", "split"}
+_INT_COLUMNS = {"n_cells", "seed"}
+
+
+def write_exports(runs: list[Run], out_dir: Path) -> tuple[Path, Path]:
+    """Write table.csv and table.parquet into ``out_dir``; returns their paths."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    rows = records(runs)
+    # An explicit schema keeps all-None columns typed (e.g. kappa0 when there are only softmax runs).
+    def column_type(name: str) -> pa.DataType:
+        return pa.int64() if name in _INT_COLUMNS else pa.string() if name in _STRING_COLUMNS else pa.float64()
+
+    schema = pa.schema([(name, column_type(name)) for name in (rows[0] if rows else ["run"])])
+    table = pa.Table.from_pylist(rows, schema=schema)
+    csv_path, parquet_path = Path(out_dir) / "table.csv", Path(out_dir) / "table.parquet"
+    pacsv.write_csv(table, csv_path)
+    pq.write_table(table, parquet_path)
+    return csv_path, parquet_path

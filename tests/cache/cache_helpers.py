@@ -1,0 +1,84 @@
+"""Tiny synthetic caches for the cache tests (n in the hundreds, d <= 64), and file comparison."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+
+from geo.cache.store import CacheWriter
+
+COUNTRIES = ["FR", "US", "JP", "XX"]
+PROVENANCE = {"backbone": "wide_resnet50_2", "weights": "ab12" * 16, "image_size": 224,
+              "transform": "resize 256, centre crop 224, imagenet normalise", "manifest_sha256": "cd34" * 16}
+
+
+@dataclass
+class Rows:
+    """The input of a cache: what the reader must give back."""
+
+    features: np.ndarray  # float32 [n, d]
+    ids: list
+    lat_deg: np.ndarray
+    lon_deg: np.ndarray
+    split: np.ndarray
+    country: np.ndarray
+    skipped: list  # per block: list of (id, reason)
+
+
+def make_rows(n=300, d=16, seed=0, n_blocks=5) -> Rows:
+    rng = np.random.default_rng(seed)
+    return Rows(
+        features=rng.normal(size=(n, d)).astype(np.float32),
+        ids=[f"img/{seed}/{i:05d}.jpg" for i in range(n)],
+        lat_deg=rng.uniform(-90, 90, n),
+        lon_deg=rng.uniform(-180, 180, n),
+        split=rng.choice(3, size=n, p=[0.7, 0.15, 0.15]).astype(np.uint8),
+        country=rng.integers(0, len(COUNTRIES), n).astype(np.int16),
+        skipped=[[(f"bad/{b}.jpg", "cannot identify image file")] if b % 2 else [] for b in range(n_blocks)],
+    )
+
+
+def block_bounds(n, n_blocks):
+    edges = np.linspace(0, n, n_blocks + 1).astype(int)
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def write_blocks(writer: CacheWriter, rows: Rows, blocks):
+    """Write the given block indices of rows (blocks as in block_bounds(n, len(rows.skipped)))."""
+    bounds = block_bounds(len(rows.ids), len(rows.skipped))
+    for b in blocks:
+        lo, hi = bounds[b]
+        writer.write_block(features=rows.features[lo:hi], ids=rows.ids[lo:hi], lat_deg=rows.lat_deg[lo:hi],
+                           lon_deg=rows.lon_deg[lo:hi], split=rows.split[lo:hi], country=rows.country[lo:hi],
+                           skipped=rows.skipped[b])
+
+
+def write_cache(path, rows: Rows, **kw):
+    """A complete cache of rows, written in len(rows.skipped) blocks; returns its path."""
+    d = rows.features.shape[1]
+    with CacheWriter(path, feature_dim=d, countries=COUNTRIES, provenance=PROVENANCE, **kw) as w:
+        write_blocks(w, rows, range(len(rows.skipped)))
+        return w.finalize()
+
+
+def file_content(path) -> dict:
+    """Every dataset and root attribute of an HDF5 file, read with h5py alone (``created`` left out)."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        for name, ds in f.items():
+            out[name] = ds[()]
+            out.update({f"{name}@{k}": np.asarray(v).tolist() for k, v in ds.attrs.items()})
+        out.update({f"@{k}": np.asarray(v).tolist() for k, v in f.attrs.items() if k != "created"})
+    return out
+
+
+def assert_same_content(a, b):
+    ca, cb = file_content(a), file_content(b)
+    assert sorted(ca) == sorted(cb)
+    for key in ca:
+        if isinstance(ca[key], np.ndarray) and ca[key].dtype.names:
+            assert ca[key].tolist() == cb[key].tolist(), key
+        else:
+            np.testing.assert_array_equal(ca[key], cb[key], err_msg=key)

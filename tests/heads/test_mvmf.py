@@ -1,0 +1,283 @@
+"""MvMF head: loss vs an independent float64 reference, gradients, extreme kappa, predictions."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import mpmath
+import numpy as np
+import pytest
+import torch
+from scipy.special import logsumexp
+from scipy.stats import vonmises_fisher
+
+from geo.errors import ConfigError
+from geo.heads import create_head
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def stand_in_partition(centres_xyz: np.ndarray) -> SimpleNamespace:
+    """The attributes a head reads from a Partition; means are perturbed centres."""
+    c = len(centres_xyz)
+    rng = np.random.default_rng(123)
+    return SimpleNamespace(centres_xyz=centres_xyz, means_xyz=unit(centres_xyz + 0.01 * rng.normal(size=(c, 3))),
+                           areas_sr=np.full(c, 4 * np.pi / c), n_cells=c)
+
+
+def fibonacci_sphere(n: int) -> np.ndarray:
+    i = np.arange(n) + 0.5
+    z = 1.0 - 2.0 * i / n
+    phi = i * math.pi * (3.0 - math.sqrt(5.0))
+    r = np.sqrt(1.0 - z * z)
+    return np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=-1)
+
+
+def reference_log_density(logits: np.ndarray, y: np.ndarray, mu: np.ndarray, log_kappa: np.ndarray) -> np.ndarray:
+    """log sum_i softmax(logits)_i vMF(y; mu_i, kappa_i) in float64 with scipy's vMF ([B])."""
+    log_w = logits - logsumexp(logits, axis=1, keepdims=True)
+    log_vmf = np.stack([vonmises_fisher(mu[i], math.exp(log_kappa[i])).logpdf(y) for i in range(len(mu))], axis=1)
+    return logsumexp(log_w + log_vmf, axis=1)
+
+
+def random_problem(seed: int, c: int = 7, d: int = 5, batch: int = 48):
+    """Random head with kappa spread over 1..e^16 and points near, far and antipodal to the means."""
+    rng = np.random.default_rng(seed)
+    head = create_head("mvmf", feature_dim=d, partition=stand_in_partition(unit(rng.normal(size=(c, 3)))))
+    with torch.no_grad():
+        head.log_kappa.copy_(torch.from_numpy(rng.uniform(0.0, 16.0, size=c)))
+        head.log_kappa[0] = 16.0
+        head.mu_raw.mul_(torch.from_numpy(rng.uniform(0.5, 2.0, size=(c, 1))))  # unconstrained: any length
+    mu = unit(head.mu_raw.detach().double().numpy())
+    kappa = np.exp(head.log_kappa.detach().double().numpy())
+    comp = rng.integers(0, c, size=batch)
+    # near: offsets of a few standard deviations (1 / sqrt(kappa)); then uniform; then antipodes
+    offsets = rng.normal(size=(batch, 3)) * (2.0 / np.sqrt(kappa[comp]))[:, None]
+    y = unit(mu[comp] + offsets)
+    y[batch // 2:] = unit(rng.normal(size=(batch - batch // 2, 3)))
+    y[-4:] = -mu[comp[-4:]]
+    return head, torch.from_numpy(rng.normal(size=(batch, d))), y
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_loss_matches_scipy_float64(seed):
+    head, x, y = random_problem(seed)
+    head = head.double()
+    logits = head(x)
+    got = head.log_density_at(logits, torch.from_numpy(y)).detach().numpy()
+    ref = reference_log_density(logits.detach().numpy(), y, unit(head.mu_raw.detach().numpy()),
+                                head.log_kappa.detach().numpy())
+    np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-8)
+    assert head.loss(logits, torch.from_numpy(y)).item() == pytest.approx(-ref.mean(), rel=1e-10)
+
+
+def test_loss_float32_matches_float64_reference():
+    head, x, y = random_problem(2)
+    y32 = torch.from_numpy(y).float()
+    logits = head(x.float())
+    got = head.log_density_at(logits, y32).detach().double().numpy()
+    # Reference on exactly the float32 inputs, re-normalised in float64.
+    ref = reference_log_density(logits.detach().double().numpy(), unit(y32.double().numpy()),
+                                unit(head.mu_raw.detach().double().numpy()), head.log_kappa.detach().double().numpy())
+    assert np.all(np.abs(ref) > 1e6) is np.False_  # the batch mixes near (~+14) and far (~-1e7) points
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=2e-3)
+
+
+@pytest.mark.parametrize("log_kappa", [math.log(1e-6), 0.0, math.log(16.0), 16.0, math.log(1e9)])
+def test_single_component_is_minus_log_vmf(log_kappa):
+    rng = np.random.default_rng(5)
+    mu = unit(rng.normal(size=(1, 3)))
+    head = create_head("mvmf", feature_dim=3, partition=stand_in_partition(mu), kappa0=log_kappa).double()
+    # the float32-rounded mean and log kappa the head holds
+    mu, kappa = unit(head.mu_raw.detach().numpy()), math.exp(head.log_kappa.item())
+    y = unit(mu + rng.normal(size=(6, 3)) * min(1.0, 1.0 / math.sqrt(kappa)))
+    y[-1] = -mu[0]
+    logits = head(torch.from_numpy(rng.normal(size=(6, 3))))
+    got = head.log_density_at(logits, torch.from_numpy(y)).detach().numpy()
+    ref = vonmises_fisher(mu[0], kappa).logpdf(y)  # kappa (mu.y) - kappa: ~1e-16 kappa absolute error
+    np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-9 + 1e-15 * kappa)
+    # textbook form kappa / (4 pi sinh kappa) exp(kappa mu.y), in 60-digit arithmetic
+    mpmath.mp.dps = 60
+    k = mpmath.mpf(kappa)
+    for row in range(len(y)):
+        m, v = [mpmath.mpf(a) for a in mu[0]], [mpmath.mpf(a) for a in y[row]]
+        # cosine of the exact directions: kappa (mu.y) is sensitive to float64 norm errors at large kappa
+        dot = mpmath.fdot(m, v) / mpmath.sqrt(mpmath.fdot(m, m) * mpmath.fdot(v, v))
+        textbook = mpmath.log(k / (4 * mpmath.pi * mpmath.sinh(k))) + k * dot
+        assert got[row] == pytest.approx(float(textbook), rel=1e-10, abs=1e-9)
+    assert head.loss(logits, torch.from_numpy(y)).item() == pytest.approx(-ref.mean(), rel=1e-10)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_gradcheck_float64(chunked):
+    rng = np.random.default_rng(7)
+    c, d, batch = 4, 3, 5
+    head = create_head("mvmf", feature_dim=d, partition=stand_in_partition(unit(rng.normal(size=(c, 3))))).double()
+    if chunked:
+        head.max_chunk_bytes = 1  # one row per checkpointed chunk
+    with torch.no_grad():
+        head.log_kappa.copy_(torch.from_numpy(rng.uniform(0.0, 3.0, size=c)))
+    x = torch.from_numpy(rng.normal(size=(batch, d)))
+    y = torch.from_numpy(unit(rng.normal(size=(batch, 3))))
+    names = ["linear.weight", "linear.bias", "mu_raw", "log_kappa"]
+    params = tuple(dict(head.named_parameters())[n].detach().clone().requires_grad_(True) for n in names)
+    model = LossOf(head)
+
+    def loss_of(*tensors):
+        return torch.func.functional_call(model, {"head." + n: t for n, t in zip(names, tensors)}, (x, y))
+
+    assert torch.autograd.gradcheck(loss_of, params, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+class LossOf(torch.nn.Module):
+    """features, targets -> head.loss(head(features), targets), for functional_call."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x, y):
+        return self.head.loss(self.head(x), y)
+
+
+def test_chunked_loss_and_gradients_equal_unchunked():
+    head, x, y = random_problem(3, c=9, batch=20)
+    y = torch.from_numpy(y).float()
+    results = []
+    for max_bytes in (256 * 2**20, 1000):
+        head.zero_grad()
+        head.max_chunk_bytes = max_bytes
+        loss = head.loss(head(x.float()), y)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in head.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_far_point_finite_loss_and_gradient_at_large_kappa():
+    # three components around (0, 0); the target at the antipode, ~20,000 km from each
+    lat, lon = np.array([0.0, 0.5, -0.5]), np.array([0.0, 0.5, 0.3])
+    mu = np.stack([np.cos(np.radians(lat)) * np.cos(np.radians(lon)),
+                   np.cos(np.radians(lat)) * np.sin(np.radians(lon)), np.sin(np.radians(lat))], axis=-1)
+    head = create_head("mvmf", feature_dim=4, partition=stand_in_partition(mu), kappa0=16.0)
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([[-1.0, 0.0, 0.0], [-1.0, 1e-3, 0.0]])
+    dist_km = 6371.0088 * np.arccos(np.clip(unit(y.double().numpy()) @ mu.T, -1, 1))
+    assert dist_km.min() > 19_900
+    logits = head(x)
+    loss = head.loss(logits, y)
+    loss.backward()
+    ref = -reference_log_density(logits.detach().double().numpy(), y.double().numpy() / np.linalg.norm(
+        y.double().numpy(), axis=1, keepdims=True), mu, np.full(3, 16.0)).mean()
+    assert math.isfinite(loss.item()) and loss.item() == pytest.approx(ref, rel=1e-6)
+    for name, p in head.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+    assert head.mu_raw.grad.abs().sum() > 0 and head.linear.weight.grad.abs().sum() > 0
+
+
+def test_density_integrates_to_one_with_varied_kappa():
+    rng = np.random.default_rng(11)
+    c = 5
+    head = create_head("mvmf", feature_dim=3, partition=stand_in_partition(unit(rng.normal(size=(c, 3))))).double()
+    with torch.no_grad():
+        head.log_kappa.copy_(torch.log(torch.tensor([10.0, 30.0, 60.0, 120.0, 200.0], dtype=torch.float64)))
+    grid = fibonacci_sphere(200_000)
+    logits = head(torch.from_numpy(rng.normal(size=(3, 3))))
+    integral = torch.exp(head.log_density(logits, torch.from_numpy(grid))).sum(1) * (4 * math.pi / len(grid))
+    np.testing.assert_allclose(integral.detach().numpy(), 1.0, atol=1e-4)
+
+
+def test_log_density_grid_matches_reference_and_rows():
+    head, x, y = random_problem(4, batch=12)
+    head = head.double()
+    logits = head(x)
+    grid = torch.from_numpy(y)
+    dens = head.log_density(logits, grid).detach().numpy()                       # [B, G]
+    mu, lk = unit(head.mu_raw.detach().numpy()), head.log_kappa.detach().numpy()
+    for b in range(len(y)):
+        ref = reference_log_density(np.repeat(logits[b:b + 1].detach().numpy(), len(y), 0), y, mu, lk)
+        np.testing.assert_allclose(dens[b], ref, rtol=1e-10, atol=1e-8)
+    head.max_chunk_bytes = 1000  # chunked over the grid and the batch
+    np.testing.assert_allclose(head.log_density(logits, grid).detach().numpy(), dens, rtol=1e-12)
+    np.testing.assert_allclose(np.diag(dens), head.log_density_at(logits, grid).detach().numpy(), rtol=1e-12)
+
+
+def latlon_xyz(lat_deg, lon_deg):
+    lat, lon = np.radians(lat_deg), np.radians(lon_deg)
+    return np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=-1)
+
+
+def test_argmax_prediction_is_top_component_mean_in_degrees():
+    lat = np.array([10.0, -45.0, 60.0, 0.0])
+    lon = np.array([20.0, 170.0, -120.0, -179.5])
+    head = create_head("mvmf", feature_dim=2, partition=stand_in_partition(latlon_xyz(lat, lon)))
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, 0.0, 0.5, 1.0]])
+    pred_lat, pred_lon = head.predict(logits, k=3)
+    order = np.argsort(-logits.numpy(), axis=1)[:, :3]
+    np.testing.assert_allclose(pred_lat.numpy(), lat[order], atol=1e-5)
+    np.testing.assert_allclose(pred_lon.numpy(), lon[order], atol=1e-5)
+    probs, index = head.topk(logits, 3)
+    np.testing.assert_array_equal(index.numpy(), order)
+    np.testing.assert_allclose(probs.numpy(), np.take_along_axis(
+        np.exp(logits.numpy()) / np.exp(logits.numpy()).sum(1, keepdims=True), order, 1), rtol=1e-6)
+
+
+def test_mode_prediction_finds_grid_maximum_of_two_component_mixture():
+    # row 0: two overlapping components (the third has negligible weight): the mode lies
+    # between their means; row 1: a broad heavy component and a sharp light one far away:
+    # the mode is the sharp one's mean although eq. 7 picks the heavy one
+    mu = latlon_xyz(np.array([20.0, 28.0, -30.0]), np.array([30.0, 36.0, -100.0]))
+    head = create_head("mvmf", feature_dim=2, partition=stand_in_partition(mu)).double()
+    with torch.no_grad():
+        head.log_kappa.copy_(torch.log(torch.tensor([40.0, 25.0, 400.0], dtype=torch.float64)))
+    logits = torch.tensor([[0.4, 0.0, -30.0], [2.0, 0.0, 0.3]], dtype=torch.float64)
+    lat_m, lon_m = head.predict(logits, k=1, mode="mode")
+    lat_a, lon_a = head.predict(logits, k=1, mode="argmax")
+    mu_n, lk = unit(head.mu_raw.detach().numpy()), head.log_kappa.detach().numpy()
+    grid = fibonacci_sphere(400_000)
+    for b, min_shift_deg in [(0, 0.2), (1, 30.0)]:
+        # coarse global grid (~0.3 deg), then a fine local grid (0.0025 deg) around its best point
+        coarse = reference_log_density(np.repeat(logits[b:b + 1].numpy(), len(grid), 0), grid, mu_n, lk)
+        best = grid[np.argmax(coarse)]
+        blat, blon = np.degrees(np.arcsin(best[2])), np.degrees(np.arctan2(best[1], best[0]))
+        glat, glon = np.meshgrid(blat + np.linspace(-0.5, 0.5, 401), blon + np.linspace(-0.5, 0.5, 401))
+        fine = latlon_xyz(glat.ravel(), glon.ravel())
+        fine_dens = reference_log_density(np.repeat(logits[b:b + 1].numpy(), len(fine), 0), fine, mu_n, lk)
+        grid_best = fine[np.argmax(fine_dens)]
+        found = latlon_xyz(lat_m[b, 0].item(), lon_m[b, 0].item())
+        found_dens = reference_log_density(logits[b:b + 1].numpy(), found[None], mu_n, lk)[0]
+        assert found_dens >= fine_dens.max() - 1e-12
+        assert np.degrees(np.arccos(np.clip(found @ grid_best, -1, 1))) < 0.01
+        argmax_xyz = latlon_xyz(lat_a[b, 0].item(), lon_a[b, 0].item())
+        assert np.degrees(np.arccos(np.clip(found @ argmax_xyz, -1, 1))) > min_shift_deg  # not eq. 7's answer
+
+
+def test_mode_prediction_at_large_kappa_returns_distinct_maxima():
+    lat, lon = np.array([0.0, 40.0, -30.0]), np.array([0.0, 100.0, -60.0])
+    head = create_head("mvmf", feature_dim=2, partition=stand_in_partition(latlon_xyz(lat, lon)), kappa0=16.0)
+    logits = torch.tensor([[0.0, 2.0, 1.0]])
+    pred_lat, pred_lon = head.predict(logits, k=3, mode="mode")
+    # separated components at kappa = e^16: the maxima are the means, ordered by weight
+    np.testing.assert_allclose(pred_lat.numpy()[0], lat[[1, 2, 0]], atol=1e-4)
+    np.testing.assert_allclose(pred_lon.numpy()[0], lon[[1, 2, 0]], atol=1e-4)
+
+
+def test_options_freeze_init_and_errors():
+    rng = np.random.default_rng(0)
+    part = stand_in_partition(unit(rng.normal(size=(6, 3))))
+    head = create_head("mvmf", feature_dim=4, partition=part, kappa0=3.5, train_mu=False, train_kappa=False,
+                       mu_init="mean")
+    assert not head.mu_raw.requires_grad and not head.log_kappa.requires_grad
+    np.testing.assert_allclose(head.mu().detach().numpy(), part.means_xyz, atol=1e-6)
+    assert torch.all(head.log_kappa == 3.5)
+    again = create_head("mvmf", feature_dim=4, partition=part, **head.options)
+    assert again.options == head.options
+    again.load_state_dict(head.state_dict())
+    with pytest.raises(ConfigError, match="mu_init"):
+        create_head("mvmf", feature_dim=4, partition=part, mu_init="median")
+    with pytest.raises(ConfigError, match="predict mode"):
+        head.predict(torch.zeros(1, 6), mode="centre")
