@@ -306,4 +306,43 @@ def evaluate_cmd(run, cache_path, split, predict, allow_other_provenance, device
 
 # ---- sweep, report (geo/reports) --------------------------------------------
 
+
+@cli.command("report")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for the report.")
+@click.option("--format", "fmt", type=click.Choice(["html", "md", "both"]), default="both", show_default=True,
+              help="index.html, report.md, or both.")
+@click.option("--allow-mixed-caches", is_flag=True,
+              help="Report runs made on different feature caches side by side, labelled by cache.")
+@click.option("--cache", "cache_path", type=click.Path(dir_okay=False), default=None,
+              help="Feature cache for the density maps (default: the cache each run recorded).")
+@click.option("--n-maps", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Test images on the density maps (half most, half least certain); 0 for no maps.")
+def report_cmd(run_dirs, out_dir, fmt, allow_mixed_caches, cache_path, n_maps):
+    """Compare runs: table, claims, plots and maps in OUT/index.html and OUT/report.md.
+
+    RUN_DIRS are run directories written by `geo fit-head` or `geo sweep`, or
+    directories holding them (searched two levels down). Directories that are
+    incomplete, corrupt or of an unknown format are listed as skipped. Runs on
+    different feature caches are refused unless --allow-mixed-caches. The table
+    is also written as OUT/table.csv and OUT/table.parquet.
+
+    \b
+    Example:
+        geo report runs/sweep1 runs/mvmf-big --out report/
+        geo report runs/ --out report/ --format md --n-maps 0
+    """
+    from geo.reports.build import build_report  # lazy: keeps `geo --help` fast
+
+    result = build_report(run_dirs, out_dir, fmt=fmt, allow_mixed_caches=allow_mixed_caches,
+                          cache_path=cache_path, n_maps=n_maps)
+    click.echo(f"{len(result.runs)} run(s) reported, {len(result.skipped)} skipped")
+    for skipped in result.skipped:
+        click.echo(f"  skipped {skipped.path}: {skipped.reason}")
+    for note in result.notes:
+        click.echo(f"  maps: {note}")
+    for path in result.files:
+        if path.suffix in (".html", ".md"):
+            click.echo(f"wrote {path}")
+
 # ---- predict ----------------------------------------------------------------

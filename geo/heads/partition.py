@@ -109,12 +109,8 @@ class Partition:
         order = np.argsort(leaf)
         sorted_leaf = leaf[order]
 
-        pieces = _split_densest(sorted_leaf, n_cells)
-        piece_ids = np.array([p[0] for p in pieces], dtype=np.uint64)
-        piece_lo = np.array([p[1] for p in pieces], dtype=np.int64)
-        piece_hi = np.array([p[2] for p in pieces], dtype=np.int64)
         # A piece is its own cell unless it is one of the remainder's children.
-        owner = np.array([p[3] for p in pieces], dtype=np.uint64)
+        piece_ids, piece_lo, piece_hi, owner = _split_densest(sorted_leaf, n_cells)
         cell_ids, piece_cells = np.unique(owner, return_inverse=True)
         c = cell_ids.size
 
@@ -177,51 +173,111 @@ class Partition:
         return cls(**values)
 
 
-def _split_densest(sorted_leaf: np.ndarray, n_cells: int) -> list[tuple[int, int, int, int]]:
-    """The splitting loop on sorted leaf ids.
+def _split_densest(sorted_leaf: np.ndarray, n_cells: int) -> tuple[np.ndarray, ...]:
+    """The densest-first splitting on sorted leaf ids uint64 [n].
 
-    Returns pieces (piece id, lo, hi, owner id), sorted by piece id, with the
-    points sorted_leaf[lo:hi] inside the piece and owner the id of the cell it
-    belongs to (itself, except for the remainder's children).
+    Returns (piece_ids uint64, lo, hi, owner uint64), sorted by piece id: the
+    points sorted_leaf[lo:hi] lie in the piece, and owner is the id of the
+    cell the piece belongs to (itself, except for the remainder's children).
+
+    The result is that of the plain loop "pop the cell with most points
+    (ties: smaller id) and split it", computed in two phases. Pops happen in
+    non-increasing count order (a child never holds more points than its
+    parent), so the loop splits every cell with more than some T points. Phase
+    1 splits, vectorised level by level, all cells with more than T' >= T
+    points, for the smallest T' that fits the budget; phase 2 runs the loop
+    itself from there, for the few remaining splits (ties at the threshold,
+    the partial last split). When a phase 2 of R splits starts, only the R + 1
+    most-points frontier cells can be popped, so only those go on the heap.
     """
-    faces = [int(f) for f in s2cells.face_cell_ids()]
-    bounds = np.searchsorted(sorted_leaf, s2cells.range_min(s2cells.face_cell_ids())).tolist() + [sorted_leaf.size]
-    heap: list[tuple[int, int, int, int]] = []  # (-count, id, lo, hi): densest first, then smallest id
+    n = sorted_leaf.size
+    budget = (n_cells - s2cells.NUM_FACES) // 3  # full splits
+    t_low = max(1, n // n_cells)  # the loop's T is >= n / n_cells unless leaves hold many points
+    while True:
+        tree = _explore(sorted_leaf, t_low)
+        counts = tree["hi"] - tree["lo"]
+        desc = np.sort(counts[tree["expandable"]])[::-1]
+        if desc.size >= budget or t_low == 1:
+            break
+        t_low = max(1, t_low // 4)  # explored too little: every explored cell would be split
+    # Largest k <= budget that does not cut through a run of equal counts.
+    k = min(budget, desc.size)
+    while 0 < k < desc.size and desc[k - 1] == desc[k]:
+        k -= 1
+    threshold = desc[k] if k < desc.size else t_low
+    split = tree["expandable"] & (counts > threshold)
+    parent = tree["parent"]
+    frontier = ~split & ((parent < 0) | split[np.maximum(parent, 0)])
+    f_id, f_lo, f_hi = tree["id"][frontier], tree["lo"][frontier], tree["hi"][frontier]
+
+    n_now = s2cells.NUM_FACES + 3 * int(split.sum())
+    splits_left = -(-(n_cells - n_now) // 3)
+    splittable = (f_id & np.uint64(1)) == 0
+    rank = np.lexsort((f_id, f_lo - f_hi))  # by count desc, then id
+    on_heap = rank[splittable[rank]][: splits_left + 1] if splits_left else rank[:0]
+    heap = [(int(f_lo[i] - f_hi[i]), int(f_id[i]), int(f_lo[i]), int(f_hi[i])) for i in on_heap]
+    heapq.heapify(heap)
     done: list[tuple[int, int, int, int]] = []  # (id, lo, hi, owner)
-    for f, lo, hi in zip(faces, bounds[:-1], bounds[1:]):
-        heapq.heappush(heap, (lo - hi, f, lo, hi))
-    n_now = len(faces)
     while n_now < n_cells:
         if not heap or heap[0][0] == 0:
             raise ConfigError(
                 f"n_cells={n_cells} cannot be reached: after {n_now} cells every cell holding training points "
                 f"is a level-30 S2 leaf (many identical coordinates?)")
         _, cid, lo, hi = heapq.heappop(heap)
-        if cid & 1:  # a leaf cannot split; it stays a cell
-            done.append((cid, lo, hi, cid))
-            continue
         low_bit = cid & -cid
         child_span = low_bit >> 1  # leaf-id span of each child
         first_min = cid - low_bit + 1
         cuts = np.searchsorted(sorted_leaf[lo:hi], np.array(
             [first_min + child_span, first_min + 2 * child_span, first_min + 3 * child_span], dtype=np.uint64))
         edges = [lo, lo + int(cuts[0]), lo + int(cuts[1]), lo + int(cuts[2]), hi]
-        children = [(edges[k] - edges[k + 1], cid - low_bit + (2 * k + 1) * (low_bit >> 2), edges[k], edges[k + 1])
-                    for k in range(4)]
+        children = sorted((edges[k] - edges[k + 1], cid - low_bit + (2 * k + 1) * (low_bit >> 2), edges[k], edges[k + 1])
+                          for k in range(4))
         need = n_cells - n_now
-        if need >= 3:
-            for child in children:
+        keep = children if need >= 3 else children[:need]  # partial last split: the densest `need` children
+        for child in keep:
+            if child[1] & 1:  # a leaf cannot split; it stays a cell
+                done.append((child[1], child[2], child[3], child[1]))
+            else:
                 heapq.heappush(heap, child)
-            n_now += 3
-        else:  # partial last split: the `need` densest children become cells, the rest stay as one
-            ranked = sorted(children)
-            for child in ranked[:need]:
-                heapq.heappush(heap, child)
-            done.extend((child_id, clo, chi, cid) for _, child_id, clo, chi in ranked[need:])
-            n_now += need
+        done.extend((child_id, clo, chi, cid) for _, child_id, clo, chi in children[len(keep):])
+        n_now += min(need, 3)
     done.extend((cid, lo, hi, cid) for _, cid, lo, hi in heap)
-    done.sort()
-    return done
+
+    untouched = np.ones(f_id.size, dtype=bool)
+    untouched[on_heap] = False
+    extra = np.array(done, dtype=object).reshape(-1, 4)
+    piece_ids = np.concatenate([f_id[untouched], extra[:, 0].astype(np.uint64)])
+    lo = np.concatenate([f_lo[untouched], extra[:, 1].astype(np.int64)])
+    hi = np.concatenate([f_hi[untouched], extra[:, 2].astype(np.int64)])
+    owner = np.concatenate([f_id[untouched], extra[:, 3].astype(np.uint64)])
+    order = np.argsort(piece_ids)
+    return piece_ids[order], lo[order], hi[order], owner[order]
+
+
+def _explore(sorted_leaf: np.ndarray, t_low: int) -> dict[str, np.ndarray]:
+    """The tree of cells reached by splitting, from the faces down, every cell with more than t_low points.
+
+    Returns flat arrays over its nodes: id uint64, lo, hi (points sorted_leaf[lo:hi]),
+    parent (node index, -1 for faces) and expandable (non-leaf with > t_low points).
+    """
+    ids = s2cells.face_cell_ids()
+    lo = np.searchsorted(sorted_leaf, s2cells.range_min(ids)).astype(np.int64)
+    hi = np.append(lo[1:], sorted_leaf.size)
+    parent = np.full(ids.size, -1, dtype=np.int64)
+    parts = {"id": [], "lo": [], "hi": [], "parent": [], "expandable": []}
+    n_seen = 0
+    while ids.size:
+        expandable = ((hi - lo) > t_low) & ((ids & np.uint64(1)) == 0)
+        for key, value in zip(parts, (ids, lo, hi, parent, expandable)):
+            parts[key].append(value)
+        node = n_seen + np.flatnonzero(expandable)
+        n_seen += ids.size
+        children = s2cells.child_ids(ids[expandable])  # [m, 4]
+        cuts = np.searchsorted(sorted_leaf, s2cells.range_min(children[:, 1:]).ravel()).reshape(-1, 3)
+        edges = np.concatenate([lo[expandable, None], cuts, hi[expandable, None]], axis=1)
+        ids, lo, hi = children.ravel(), edges[:, :-1].ravel(), edges[:, 1:].ravel()
+        parent = np.repeat(node, 4)
+    return {key: np.concatenate(value) for key, value in parts.items()}
 
 
 def _check_points(lat_deg, lon_deg, what: str) -> tuple[np.ndarray, np.ndarray]:

@@ -72,6 +72,8 @@ class SoftmaxHead(Head):
     def cells_of(self, xyz: torch.Tensor) -> torch.Tensor:
         """Cell index ``int64 [n]`` of points ``xyz [n, 3]`` via ``partition.assign`` (on the CPU)."""
         xyz_np = torch.as_tensor(xyz).detach().to("cpu", torch.float64).numpy().reshape(-1, 3)
+        if len(xyz_np) == 0:
+            return torch.zeros(0, dtype=torch.int64, device=self.log_areas_sr.device)
         lat_deg, lon_deg = xyz_to_latlon(xyz_np)
         cells = np.asarray(self.partition.assign(lat_deg, wrap_lon_deg(lon_deg)), dtype=np.int64)
         return torch.from_numpy(cells).to(self.log_areas_sr.device)

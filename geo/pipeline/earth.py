@@ -184,10 +184,10 @@ def split_counts(n: int, val_fraction: float, test_fraction: float) -> dict[str,
 
 def max_patches(pool: dict[str, int], val_fraction: float, test_fraction: float) -> int:
     """The largest n whose split counts fit in the candidate pools (capped at MAX_PATCHES)."""
-    bounds = [MAX_PATCHES, sum(pool.values())] + [  # round(n f) <= pool needs n <= (pool + 0.5) / f
+    bounds = [sum(pool.values())] + [  # round(n f) <= pool needs n <= (pool + 0.5) / f
         (pool[s] + 0.5) / f for s, f in (("val", val_fraction), ("test", test_fraction),
                                           ("train", 1 - val_fraction - test_fraction)) if f > 0]
-    n = int(min(bounds)) + 1
+    n = min(MAX_PATCHES, int(min(bounds)) + 1)
     while n > 0 and any(c > pool[s] for s, c in split_counts(n, val_fraction, test_fraction).items()):
         n -= 1
     return n

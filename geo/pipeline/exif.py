@@ -120,7 +120,8 @@ def gps_from_ifd(gps: Mapping[int, Any]) -> tuple[float, float]:
         raise NoGPSError("GPS is exactly 0,0 (placeholder written without a fix)")
     lat_deg = -lat if lat_ref == "S" else lat
     lon_deg = -lon if lon_ref == "W" else lon
-    lon_deg = (lon_deg + 180.0) % 360.0 - 180.0  # 180 E == 180 W -> -180
+    if lon_deg >= 180.0:  # 180 E == 180 W -> -180 (no modulo: it perturbs other values in the last bit)
+        lon_deg -= 360.0
     return lat_deg, lon_deg
 
 

@@ -89,9 +89,10 @@ def assign_splits(ids: Sequence[str] | np.ndarray, val_fraction: float = 0.1,
                   test_fraction: float = 0.1) -> np.ndarray:
     """Split codes uint8 [n] (0 train, 1 val, 2 test) from a hash of each id.
 
-    u = split_uniform(id): test if u < test_fraction, val if u < test_fraction +
-    val_fraction, else train. Deterministic and independent of row order, so
-    adding rows to a manifest never moves the old ones between splits.
+    u = split_uniform(id): test if u < test_fraction, val if u >= 1 - val_fraction,
+    else train. Deterministic and independent of row order, so adding rows to a
+    manifest never moves the old ones; growing one fraction only moves train rows
+    into that split (val and test never trade rows).
     """
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= value <= 1.0:
@@ -100,7 +101,7 @@ def assign_splits(ids: Sequence[str] | np.ndarray, val_fraction: float = 0.1,
         raise ConfigError(f"val_fraction + test_fraction = {val_fraction + test_fraction} exceeds 1")
     u = split_uniform(ids)
     codes = np.zeros(len(u), dtype=np.uint8)
-    codes[u < test_fraction + val_fraction] = 1
+    codes[u >= 1.0 - val_fraction] = 1
     codes[u < test_fraction] = 2
     return codes
 
@@ -205,6 +206,7 @@ def read_manifest(path: str | os.PathLike, *, val_fraction: float = 0.1, test_fr
         ConfigError: fractions outside [0, 1] or summing above 1.
     """
     path = Path(path)
+    assign_splits([], val_fraction, test_fraction)  # bad fractions fail before the file is read
     if not path.is_file():
         raise ManifestError(f"{path}: manifest file not found")
     table, is_csv = _read_table(path)
@@ -226,7 +228,7 @@ def read_manifest(path: str | os.PathLike, *, val_fraction: float = 0.1, test_fr
     for name, limit in (("lat", 90.0), ("lon", 180.0)):
         values, ok = _as_float(table[columns[name]])
         raw = _as_text(table[columns[name]]) if not ok.all() else None
-        problems.add(~ok, lambda row, n=name, r=raw: f"{n} is not a number: {r[row]!r}")
+        problems.add(~ok, lambda row, n=name, r=raw: f"{n} is not a number: {str(r[row])!r}")
         problems.add(ok & np.isnan(values), f"{name} is NaN")
         problems.add(ok & ~np.isnan(values) & (np.abs(values) > limit),
                      lambda row, n=name, v=values, l=limit: f"{n} {v[row]} outside [-{l:g}, {l:g}]")
@@ -248,7 +250,7 @@ def read_manifest(path: str | os.PathLike, *, val_fraction: float = 0.1, test_fr
     if "split" in columns:
         names = np.char.lower(_as_text(table[columns["split"]]))
         known = np.isin(names, SPLIT_NAMES)
-        problems.add(~known, lambda row: f"unknown split {names[row]!r} (expected train, val or test)")
+        problems.add(~known, lambda row: f"unknown split {str(names[row])!r} (expected train, val or test)")
         split = np.zeros(len(ids), dtype=np.uint8)
         for code, name in enumerate(SPLIT_NAMES):
             split[names == name] = code
@@ -260,7 +262,7 @@ def read_manifest(path: str | os.PathLike, *, val_fraction: float = 0.1, test_fr
     if split is None:
         split = assign_splits(ids, val_fraction, test_fraction)
     return Manifest(ids=ids, paths=abs_paths, lat_deg=lat_deg.astype(np.float64),
-                    lon_deg=(lon_deg + 180.0) % 360.0 - 180.0, split=split,
+                    lon_deg=np.where(lon_deg >= 180.0, lon_deg - 360.0, lon_deg), split=split,
                     path=path.resolve(), sha256=file_sha256(path))
 
 
@@ -268,7 +270,7 @@ def _check_duplicates(ids: np.ndarray, problems: _Problems) -> None:
     """Report every repeat of an id, naming where it first appeared."""
     _, first, inverse, counts = np.unique(ids, return_index=True, return_inverse=True, return_counts=True)
     repeated = (counts[inverse] > 1) & (first[inverse] != np.arange(len(ids))) & (ids != "")
-    problems.add(repeated, lambda row: f"duplicate id {ids[row]!r} (first at {problems.where(first[inverse[row]])})")
+    problems.add(repeated, lambda row: f"duplicate id {str(ids[row])!r} (first at {problems.where(first[inverse[row]])})")
 
 
 def write_manifest(path: str | os.PathLike, *, ids: Sequence[str], paths: Sequence[str],

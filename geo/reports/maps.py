@@ -10,7 +10,8 @@ component with κ = e^16 is ~2.5 km wide and its density sampled at pixel centre
 would be zero almost everywhere. For MvMF, components narrower than a pixel put
 their weight Γ_i in the pixel holding μ_i and the others are integrated as density x
 pixel area, over the ``MAX_COMPONENTS`` heaviest components; any other head is
-drawn as ``head.log_density`` x pixel area.
+drawn as ``head.log_density`` x pixel area. Each drawn pixel is the maximum of its 3 x 3
+neighbourhood, so that single-pixel peaks stay visible at report size.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from geo.geometry import latlon_to_xyz, vmf_log_density_pairwise, xyz_to_latlon
@@ -113,8 +115,8 @@ def pixel_log10_mass(head: torch.nn.Module, logits: torch.Tensor, n_lon: int = N
             log_w = torch.log_softmax(logits.double(), dim=-1)
             top = torch.topk(log_w, min(MAX_COMPONENTS, log_w.shape[0])).indices
             log_w, mu, log_kappa = log_w[top], head.mu().double()[top], head.log_kappa.double()[top]
-            # Narrow: the component's angular s.d. 1/sqrt(κ) is under a quarter pixel.
-            narrow = log_kappa > 2 * math.log(4 / math.radians(360 / n_lon))
+            # Narrow: the component's angular s.d. 1/sqrt(κ) is under one pixel, too fine to sample.
+            narrow = log_kappa > -2 * math.log(math.radians(360 / n_lon))
             mass = np.zeros(lat.size)
             if (~narrow).any():
                 log_dens = torch.logsumexp(log_w[~narrow] + vmf_log_density_pairwise(
@@ -129,6 +131,13 @@ def pixel_log10_mass(head: torch.nn.Module, logits: torch.Tensor, n_lon: int = N
         return ((log_dens + np.log(area.ravel())) / math.log(10)).reshape(lat.shape)
 
 
+def _max_filter_3x3(values: np.ndarray) -> np.ndarray:
+    """Maximum over each pixel's 3 x 3 neighbourhood (longitude wraps around, latitude does not)."""
+    padded = np.pad(values, ((1, 1), (0, 0)), constant_values=-np.inf)
+    rows = np.maximum(np.maximum(padded[:-2], padded[1:-1]), padded[2:])
+    return np.maximum(np.maximum(np.roll(rows, 1, axis=1), rows), np.roll(rows, -1, axis=1))
+
+
 def density_figure(loaded: list[LoadedRun], images: list[tuple[str, str]], features: dict[str, np.ndarray],
                    background: bool = True) -> Figure:
     """Rows: images (id, label); columns: runs. True location ★ (green), prediction × (red)."""
@@ -141,7 +150,7 @@ def density_figure(loaded: list[LoadedRun], images: list[tuple[str, str]], featu
             logits = entry.head(torch.as_tensor(features[entry.run.name]))
         for row, (image_id, label) in enumerate(images):
             ax, i = axes[row, col], row_of[image_id]
-            log_mass = pixel_log10_mass(entry.head, logits[row])
+            log_mass = _max_filter_3x3(pixel_log10_mass(entry.head, logits[row]))
             top = np.nanmax(log_mass[np.isfinite(log_mass)]) if np.isfinite(log_mass).any() else 0.0
             draw_world(ax, background=background)
             image = ax.imshow(np.ma.masked_less(log_mass - top, -DECADES), extent=(-180, 180, -90, 90),
@@ -172,7 +181,7 @@ def partition_figure(partition, n_lon: int = 720) -> Figure:
     image = ax.imshow(np.log10(counts[cell] + 1), extent=(-180, 180, -90, 90), origin="lower",
                       cmap="viridis", alpha=0.8, zorder=1)
     ax.imshow(np.ma.masked_where(~edge, edge.astype(float)), extent=(-180, 180, -90, 90), origin="lower",
-              cmap="gray_r", vmin=0, vmax=1.5, zorder=2, interpolation="nearest")
+              cmap=ListedColormap(["black"]), alpha=0.7, zorder=2, interpolation="nearest")
     ax.set_title(f"adaptive S2 partition: {partition.n_cells} cells")
     fig.colorbar(image, ax=ax, shrink=0.7, label="log10(training images in the cell + 1)")
     return fig
@@ -192,7 +201,7 @@ def centres_figure(entry: LoadedRun) -> Figure:
     draw_world(ax, background=False)
     near = np.abs(lon1 - lon0) < 180  # no segment across the antimeridian
     ax.plot(np.stack([lon0[near], lon1[near]]), np.stack([lat0[near], lat1[near]]), color="0.5", lw=0.4, zorder=3)
-    ax.scatter(lon0, lat0, s=6, facecolors="none", edgecolors="0.3", linewidths=0.5, zorder=4,
+    ax.scatter(lon0, lat0, s=22, facecolors="none", edgecolors="0.2", linewidths=0.6, zorder=4,
                label=f"before training ({mu_init}s of the cells)")
     points = ax.scatter(lon1, lat1, s=6, c=log_kappa, cmap="plasma", zorder=5, label="after training")
     ax.legend(loc="lower left", fontsize=7)
@@ -250,7 +259,8 @@ def make_maps(runs: list[Run], *, cache_path: str | Path | None = None, n_images
             notes.append(f"{entry.run.name}: its predictions.parquet lacks the selected images")
     if drawable:
         figures.append(("density_maps.png", density_figure(drawable, images, features, background),
-                        f"Predicted probability per 1° pixel (log10, {DECADES} decades below each map's maximum) "
+                        f"Predicted probability per 1° pixel (log10, {DECADES} decades below each map's maximum; "
+                        "each pixel shows the maximum of its 3×3 neighbourhood) "
                         f"for the {len(images)} test images that {reference.run.name} is most and least certain "
                         "of (top-1 probability); ★ true location, × prediction (paper figs. 1-2)."))
     return figures, notes

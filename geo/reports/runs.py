@@ -283,8 +283,7 @@ def find_runs(paths: Iterable[str | Path], *, max_depth: int = 2) -> tuple[list[
 
 def run_sort_key(run: Run) -> tuple:
     """Table order: head, c, kappa0, prediction mode, name (None sorts first)."""
-    return (run.head, run.n_cells or 0, run.kappa0 if run.kappa0 is not None else -math.inf,
-            run.predict or "", run.name)
+    return _none_first((run.head, run.n_cells, run.kappa0, run.predict, run.name))
 
 
 def check_caches(runs: list[Run], *, allow_mixed: bool) -> dict[str, str]:
@@ -339,7 +338,12 @@ def group_series(runs: list[Run], vary: str) -> dict[tuple, list[tuple[float, Ru
         key = tuple(getattr(run, name) for name in fixed)
         cells.setdefault(key, {}).setdefault(float(x), []).append(run)
     return {key: [(x, pick_one(by_x[x])) for x in sorted(by_x)]
-            for key, by_x in sorted(cells.items(), key=lambda kv: str(kv[0]))}
+            for key, by_x in sorted(cells.items(), key=lambda kv: _none_first(kv[0]))}
+
+
+def _none_first(values: tuple) -> tuple:
+    """A sort key for tuples that may hold None (None first, then by value)."""
+    return tuple((v is not None, v if v is not None else 0) for v in values)
 
 
 def series_label(key: tuple, vary: str) -> str:

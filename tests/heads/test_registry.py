@@ -1,0 +1,140 @@
+"""The head registry, and the contract every registered head must keep (parametrised over list_heads())."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from geo.errors import ConfigError
+from geo.heads import Head, create_head, list_heads, register_head
+
+# Options that make each head's density resolvable by the quadrature grid (kappa = 50 for MvMF).
+TEST_OPTIONS = {"mvmf": {"kappa0": math.log(50.0)}}
+FEATURE_DIM = 8
+
+
+class CubePartition:
+    """Six cells = the cube faces +x, -x, +y, -y, +z, -z (area 4 pi / 6 each); a real tiling."""
+
+    centres_xyz = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], float)
+    means_xyz = centres_xyz
+    areas_sr = np.full(6, 4 * np.pi / 6)
+    n_cells = 6
+
+    def assign(self, lat_deg, lon_deg):
+        lat, lon = np.radians(np.asarray(lat_deg, float)), np.radians(np.asarray(lon_deg, float))
+        xyz = np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=-1)
+        axis = np.argmax(np.abs(xyz), axis=1)
+        return (2 * axis + (xyz[np.arange(len(xyz)), axis] < 0)).astype(np.int64)
+
+
+def fibonacci_sphere(n: int) -> np.ndarray:
+    i = np.arange(n) + 0.5
+    z = 1.0 - 2.0 * i / n
+    phi = i * math.pi * (3.0 - math.sqrt(5.0))
+    r = np.sqrt(1.0 - z * z)
+    return np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=-1)
+
+
+def make(name: str, **extra) -> Head:
+    torch.manual_seed(0)
+    return create_head(name, feature_dim=FEATURE_DIM, partition=CubePartition(), **{**TEST_OPTIONS.get(name, {}), **extra})
+
+
+def batch(n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, FEATURE_DIM, generator=g)
+    y = torch.nn.functional.normalize(torch.randn(n, 3, generator=g, dtype=torch.float64), dim=-1)
+    return x, y
+
+
+def test_registry_names_and_errors():
+    assert {"mvmf", "softmax"} <= set(list_heads())
+    assert list_heads() == sorted(list_heads())
+    with pytest.raises(ConfigError, match="known heads: .*mvmf.*softmax"):
+        create_head("planet", feature_dim=4, partition=CubePartition())
+    with pytest.raises(ConfigError, match="kappa_0"):
+        create_head("mvmf", feature_dim=4, partition=CubePartition(), kappa_0=3.0)
+    with pytest.raises(ValueError, match="already registered"):
+        register_head("mvmf")(type("Other", (Head,), {}))
+
+
+@pytest.mark.parametrize("name", list_heads())
+@pytest.mark.parametrize("feature_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_shapes_and_finite_values(name, feature_dtype):
+    head = make(name)
+    x, y = batch()
+    c = CubePartition.n_cells
+    with torch.no_grad():
+        logits = head(x.to(feature_dtype))
+        assert logits.shape == (5, c) and logits.dtype == torch.float32
+        loss = head.loss(logits, y)
+        assert loss.shape == () and torch.isfinite(loss)
+        assert head.log_density_at(logits, y).shape == (5,)
+        dens = head.log_density(logits, y[:3])
+        assert dens.shape == (5, 3) and torch.isfinite(dens).all()
+        probs, index = head.topk(logits, 2)
+        assert probs.shape == index.shape == (5, 2) and index.dtype == torch.int64
+        assert torch.all(probs[:, 0] >= probs[:, 1]) and torch.all(probs.sum(1) <= 1 + 1e-6)
+        for mode in ["argmax"] + (["mode"] if head.has_density else []):
+            lat_deg, lon_deg = head.predict(logits, k=2, mode=mode)
+            assert lat_deg.shape == lon_deg.shape == (5, 2)
+            assert torch.all(lat_deg.abs() <= 90) and torch.all(lon_deg.abs() <= 180)
+            assert torch.isfinite(lat_deg).all() and torch.isfinite(lon_deg).all()
+
+
+@pytest.mark.parametrize("name", list_heads())
+def test_every_trainable_parameter_gets_a_gradient(name):
+    head = make(name)
+    x, y = batch(16)
+    head.loss(head(x), y).backward()
+    trainable = [(n, p) for n, p in head.named_parameters() if p.requires_grad]
+    assert trainable
+    for n, p in trainable:
+        assert p.grad is not None, n
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
+
+
+@pytest.mark.parametrize("name", list_heads())
+def test_density_integrates_to_one(name):
+    head = make(name).double()
+    if not head.has_density:
+        pytest.skip(f"{name} has no density")
+    x, _ = batch(3)
+    grid = torch.from_numpy(fibonacci_sphere(100_000))
+    with torch.no_grad():
+        integral = torch.exp(head.log_density(head(x.double()), grid)).sum(1) * (4 * math.pi / len(grid))
+    np.testing.assert_allclose(integral.numpy(), 1.0, atol=2e-3)
+
+
+@pytest.mark.parametrize("name", list_heads())
+def test_options_recreate_the_head(name):
+    head = make(name)
+    json.dumps(head.options)  # JSON-able: it goes into config.json
+    again = create_head(name, feature_dim=FEATURE_DIM, partition=CubePartition(), **head.options)
+    assert again.options == head.options and again.name == head.name == name
+    again.load_state_dict(head.state_dict())
+    x, y = batch()
+    torch.testing.assert_close(again.loss(again(x), y), head.loss(head(x), y))
+
+
+@pytest.mark.parametrize("name", list_heads())
+def test_bf16_matmul_agrees_with_float32(name):
+    head32 = make(name)
+    head16 = make(name, matmul_dtype="bfloat16")
+    head16.load_state_dict(head32.state_dict())
+    assert head16.options["matmul_dtype"] == "bfloat16"
+    x, y = batch(32)
+    logits32, logits16 = head32(x), head16(x)
+    assert logits16.dtype == torch.float32
+    # each bf16 operand carries a relative rounding error <= 2^-9, so each product <= ~2^-8
+    bound = 2.0**-7 * (x.abs() @ head32.linear.weight.abs().T) + 1e-6
+    assert torch.all((logits16 - logits32).abs() <= bound)
+    loss16 = head16.loss(logits16, y)
+    loss16.backward()
+    assert head16.linear.weight.grad.dtype == torch.float32
+    assert loss16.item() == pytest.approx(head32.loss(logits32, y).item(), rel=2e-2)
