@@ -189,6 +189,18 @@ def join_shards(out: Path, shards: list[Path], *, feature_dim: int, countries: l
     return path
 
 
+def _finished_shard(path: Path, provenance: dict, overwrite: bool) -> bool:
+    """True for a complete DDP shard of this same job (a run killed while joining resumes at the
+    join); only shard names ``<out>.rank{r}`` ever reach here complete."""
+    if overwrite or not path.name.split(".")[-1].startswith("rank") or not path.exists():
+        return False
+    with FeatureCache(path, validate=False) as shard:
+        same = all(str(shard.provenance.get(k)) == str(v) for k, v in provenance.items())
+    if not same:
+        path.unlink()  # a stale shard of another job: redo it
+    return same
+
+
 def run_extract(manifest_path: str | os.PathLike, out: str | os.PathLike, config: ExtractConfig, *,
                 _fail_after_blocks: int | None = None, _stop_after_epochs: int | None = None) -> ExtractResult:
     """Manifest -> fine-tuned backbone checkpoint -> feature cache at ``out``; see the module doc.
@@ -225,13 +237,16 @@ def run_extract(manifest_path: str | os.PathLike, out: str | os.PathLike, config
         n = len(manifest.ids)
         target = shard_path(out, dist.rank) if dist.enabled else out
         lo, hi = shard_range(n, dist.rank, dist.world_size)
-        with CacheWriter(target, feature_dim=model.feature_dim, countries=countries, provenance=provenance,
-                         feature_dtype=config.feature_dtype, overwrite=config.overwrite) as writer:
-            extract_rows(model, manifest, range(lo, hi), country_index, writer, place,
-                         image_size=config.image_size, batch_size=config.batch_size, workers=config.workers,
-                         max_failed_fraction=config.max_failed_fraction if not dist.enabled else 1.0,
-                         show_progress=dist.is_main, fail_after_blocks=_fail_after_blocks)
-            writer.finalize()
+        if not _finished_shard(target, provenance, config.overwrite):
+            with CacheWriter(target, feature_dim=model.feature_dim, countries=countries,
+                             provenance=provenance, feature_dtype=config.feature_dtype,
+                             overwrite=config.overwrite) as writer:
+                extract_rows(model, manifest, range(lo, hi), country_index, writer, place,
+                             image_size=config.image_size, batch_size=config.batch_size,
+                             workers=config.workers, show_progress=dist.is_main,
+                             max_failed_fraction=config.max_failed_fraction if not dist.enabled else 1.0,
+                             fail_after_blocks=_fail_after_blocks)
+                writer.finalize()
         dist.barrier()
         if dist.enabled and dist.is_main:
             join_shards(out, [shard_path(out, r) for r in range(dist.world_size)],

@@ -10,7 +10,7 @@ component with κ = e^16 is ~2.5 km wide and its density sampled at pixel centre
 would be zero almost everywhere. For MvMF, components narrower than a pixel put
 their weight Γ_i in the pixel holding μ_i and the others are integrated as density x
 pixel area, over the ``MAX_COMPONENTS`` heaviest components; any other head is
-drawn as ``head.log_density`` x pixel area. Each drawn pixel is the maximum of its 3 x 3
+drawn as ``head.log_density`` x pixel area. Each drawn pixel is the maximum of its 5 x 5
 neighbourhood, so that single-pixel peaks stay visible at report size.
 """
 
@@ -131,11 +131,12 @@ def pixel_log10_mass(head: torch.nn.Module, logits: torch.Tensor, n_lon: int = N
         return ((log_dens + np.log(area.ravel())) / math.log(10)).reshape(lat.shape)
 
 
-def _max_filter_3x3(values: np.ndarray) -> np.ndarray:
-    """Maximum over each pixel's 3 x 3 neighbourhood (longitude wraps around, latitude does not)."""
-    padded = np.pad(values, ((1, 1), (0, 0)), constant_values=-np.inf)
-    rows = np.maximum(np.maximum(padded[:-2], padded[1:-1]), padded[2:])
-    return np.maximum(np.maximum(np.roll(rows, 1, axis=1), rows), np.roll(rows, -1, axis=1))
+def _max_filter(values: np.ndarray, radius: int = 2) -> np.ndarray:
+    """Maximum over each pixel's (2 radius + 1)^2 neighbourhood (longitude wraps, latitude does not)."""
+    padded = np.pad(values, ((radius, radius), (0, 0)), constant_values=-np.inf)
+    n_rows = values.shape[0]
+    rows = np.max([padded[i:i + n_rows] for i in range(2 * radius + 1)], axis=0)
+    return np.max([np.roll(rows, shift, axis=1) for shift in range(-radius, radius + 1)], axis=0)
 
 
 def density_figure(loaded: list[LoadedRun], images: list[tuple[str, str]], features: dict[str, np.ndarray],
@@ -150,9 +151,9 @@ def density_figure(loaded: list[LoadedRun], images: list[tuple[str, str]], featu
             logits = entry.head(torch.as_tensor(features[entry.run.name]))
         for row, (image_id, label) in enumerate(images):
             ax, i = axes[row, col], row_of[image_id]
-            log_mass = _max_filter_3x3(pixel_log10_mass(entry.head, logits[row]))
+            log_mass = _max_filter(pixel_log10_mass(entry.head, logits[row]))
             top = np.nanmax(log_mass[np.isfinite(log_mass)]) if np.isfinite(log_mass).any() else 0.0
-            draw_world(ax, background=background)
+            draw_world(ax, background=background, background_alpha=0.3)
             image = ax.imshow(np.ma.masked_less(log_mass - top, -DECADES), extent=(-180, 180, -90, 90),
                               origin="lower", cmap="inferno", vmin=-DECADES, vmax=0, alpha=0.85, zorder=2)
             p = entry.predictions
@@ -260,7 +261,7 @@ def make_maps(runs: list[Run], *, cache_path: str | Path | None = None, n_images
     if drawable:
         figures.append(("density_maps.png", density_figure(drawable, images, features, background),
                         f"Predicted probability per 1° pixel (log10, {DECADES} decades below each map's maximum; "
-                        "each pixel shows the maximum of its 3×3 neighbourhood) "
+                        "each pixel shows the maximum of its 5×5 neighbourhood) "
                         f"for the {len(images)} test images that {reference.run.name} is most and least certain "
                         "of (top-1 probability); ★ true location, × prediction (paper figs. 1-2)."))
     return figures, notes

@@ -65,12 +65,12 @@ def blue_marble(width_px: int = 720) -> np.ndarray | None:
         return np.asarray(image.convert("RGB").resize((width_px, width_px // 2), Image.BILINEAR))
 
 
-def draw_world(ax, *, background: bool = True, border_colour: str = "0.35") -> None:
+def draw_world(ax, *, background: bool = True, border_colour: str = "0.35", background_alpha: float = 0.45) -> None:
     """Set up ``ax`` as an equirectangular world (lon -180..180, lat -90..90) with outlines."""
     from matplotlib.collections import LineCollection
 
     if background and (image := blue_marble()) is not None:
-        ax.imshow(image, extent=(-180, 180, -90, 90), origin="upper", alpha=0.45, zorder=0)
+        ax.imshow(image, extent=(-180, 180, -90, 90), origin="upper", alpha=background_alpha, zorder=0)
     coast, borders = outlines()
     ax.add_collection(LineCollection(coast, colors=border_colour, linewidths=0.4, zorder=3))
     ax.add_collection(LineCollection(borders, colors=border_colour, linewidths=0.25, zorder=3))
