@@ -77,8 +77,9 @@ class Partition:
             self.piece_ids, self.piece_cells = self.cell_ids.copy(), np.arange(c, dtype=np.int64)
         self.piece_ids = np.asarray(self.piece_ids, dtype=np.uint64).reshape(-1)
         self.piece_cells = np.asarray(self.piece_cells, dtype=np.int64).reshape(self.piece_ids.shape)
-        order = np.argsort(self.piece_ids, kind="stable")
-        self.piece_ids, self.piece_cells = self.piece_ids[order], self.piece_cells[order]
+        if np.any(self.piece_ids[1:] <= self.piece_ids[:-1]):
+            order = np.argsort(self.piece_ids, kind="stable")
+            self.piece_ids, self.piece_cells = self.piece_ids[order], self.piece_cells[order]
         self._piece_min = s2cells.range_min(self.piece_ids)
 
     @property
@@ -106,8 +107,7 @@ class Partition:
             raise ConfigError(f"n_cells={n_cells} is more than the {lat.size} training points")
         xyz = s2cells.latlon_to_xyz_s2(lat, lon)
         leaf = s2cells.xyz_to_leaf_ids(xyz)
-        order = np.argsort(leaf)
-        sorted_leaf = leaf[order]
+        sorted_leaf, order = _sort_ids(leaf)
 
         # A piece is its own cell unless it is one of the remainder's children.
         piece_ids, piece_lo, piece_hi, owner = _split_densest(sorted_leaf, n_cells)
@@ -278,6 +278,18 @@ def _explore(sorted_leaf: np.ndarray, t_low: int) -> dict[str, np.ndarray]:
         ids, lo, hi = children.ravel(), edges[:, :-1].ravel(), edges[:, 1:].ravel()
         parent = np.repeat(node, 4)
     return {key: np.concatenate(value) for key, value in parts.items()}
+
+
+def _sort_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted ids uint64 [n], the sorting permutation int64 [n]), stable.
+
+    torch.sort is ~4x faster than np.argsort on a million 64-bit keys; torch
+    has no uint64, so the ids are mapped monotonically to int64 by flipping the top bit.
+    """
+    sign = np.uint64(1 << 63)
+    keys = torch.from_numpy((ids ^ sign).view(np.int64))
+    values, order = torch.sort(keys, stable=True)
+    return values.numpy().view(np.uint64) ^ sign, order.numpy()
 
 
 def _check_points(lat_deg, lon_deg, what: str) -> tuple[np.ndarray, np.ndarray]:

@@ -11,8 +11,8 @@ them from the xyz points unless given: a trainer should compute
 pass it, which makes the loss exactly ``F.cross_entropy(logits, target_cell)``
 with no host round trip per batch.
 
-Predictions, float64 degrees ``(lat_deg [B, k], lon_deg [B, k])`` on the
-logits' device:
+Predictions, float64 degrees ``(lat_deg [B, k], lon_deg [B, k])`` as CPU
+tensors:
 
 - "argmax": the k most probable cells (PlaNet), placed at ``predict_at``;
 - "centre" / "mean": the same cells at their centres / training-point means;
@@ -62,11 +62,12 @@ class SoftmaxHead(Head):
             raise ConfigError(f"partition areas_sr must be {self.n_cells} positive areas in steradians")
         self.partition = partition
         self.predict_at = predict_at
-        # Buffers so that they follow .to(device) and are saved with the head state.
-        self.register_buffer("centres_xyz", normalize(centres))
-        self.register_buffer("means_xyz", normalize(torch.as_tensor(np.asarray(partition.means_xyz),
-                                                                    dtype=torch.float64)))
-        self.register_buffer("log_areas_sr", torch.log(areas))
+        # Buffers so that they follow .to(device) and are saved with the head state; float32
+        # (~0.4 m) because MPS has no float64.
+        means = torch.as_tensor(np.asarray(partition.means_xyz), dtype=torch.float64)
+        self.register_buffer("centres_xyz", normalize(centres).to(torch.float32))
+        self.register_buffer("means_xyz", normalize(means).to(torch.float32))
+        self.register_buffer("log_areas_sr", torch.log(areas).to(torch.float32))
         self.options = {"predict_at": predict_at, "matmul_dtype": self.matmul_dtype_name}
 
     def cells_of(self, xyz: torch.Tensor) -> torch.Tensor:
@@ -79,6 +80,8 @@ class SoftmaxHead(Head):
         return torch.from_numpy(cells).to(self.log_areas_sr.device)
 
     def _cells(self, xyz: torch.Tensor, cells: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        if xyz is None and cells is None:
+            raise ValueError("give the target points (target_xyz [B, 3]) or their cells (target_cell [B])")
         cells = self.cells_of(xyz) if cells is None else torch.as_tensor(cells)
         return cells.to(device=device, dtype=torch.int64)
 
@@ -116,8 +119,7 @@ class SoftmaxHead(Head):
         score = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if mode == "mode":
             score = torch.log_softmax(score, dim=-1) - self.log_areas_sr.to(score.device, score.dtype)[None, :]
-        index = torch.topk(score, k, dim=-1).indices
+        index = torch.topk(score.detach(), k, dim=-1).indices.cpu()
         at = mode if mode in PREDICT_AT else self.predict_at
-        points = (self.centres_xyz if at == "centre" else self.means_xyz).to(torch.float64)
-        lat, lon = xyz_to_latlon(points[index.to(points.device)])
-        return lat.to(logits.device), lon.to(logits.device)
+        points = (self.centres_xyz if at == "centre" else self.means_xyz).detach().cpu().to(torch.float64)
+        return xyz_to_latlon(points[index])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,7 @@ class ExtractConfig:
     finetune_epochs: int = 1
     lr: float | None = None
     batch_size: int = 32
-    workers: int = 0
+    workers: int | None = None  # None: min(8, half the CPUs), at least 1 (decoding overlaps the forward)
     device: str = "auto"
     precision: str = "auto"
     checkpoint_dir: str | None = None
@@ -63,6 +63,12 @@ class ExtractResult:
     n_skipped: int
     history: list
     is_main: bool = True  # False on torchrun ranks other than 0 (they print nothing)
+
+
+def default_workers() -> int:
+    """DataLoader workers when not given: half the CPUs (the backbone's threads need the rest),
+    at least 1, at most 8. On 2 cores, 1 worker lifts end-to-end/bare from ~0.6 to ~0.9 in fp32."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def default_checkpoint_dir(out: Path) -> Path:
@@ -121,6 +127,9 @@ def _prepare_backbone(manifest: Manifest, classes: list[str], labels: np.ndarray
                            dist=dist, identity=identity, stop_after_epochs=stop_after_epochs).history
     if dist.is_main:
         save_backbone(model, ckpt_path, identity=identity, history=history)
+        # backbone.pt now carries the run; the per-epoch state (weights + Adam moments, 3x the
+        # model) is only needed to resume an unfinished fine-tune.
+        state_path.unlink(missing_ok=True)
     dist.barrier()
     return model.eval(), ckpt_path, history, init
 
@@ -213,6 +222,7 @@ def run_extract(manifest_path: str | os.PathLike, out: str | os.PathLike, config
         raise CacheError(f"{out} already exists; pass --overwrite to replace it")
     if config.image_size < 16:
         raise ConfigError(f"--image-size {config.image_size}: use at least 16 pixels")
+    config = replace(config, workers=default_workers() if config.workers is None else config.workers)
     if config.batch_size < 1 or config.finetune_epochs < 0 or config.workers < 0:
         raise ConfigError("--batch-size must be >= 1, --finetune-epochs and --workers >= 0")
     manifest = read_manifest(manifest_path)  # every problem row is reported before any training
@@ -263,7 +273,7 @@ def run_extract(manifest_path: str | os.PathLike, out: str | os.PathLike, config
             resolved = dict(asdict(config), manifest=str(Path(manifest_path).resolve()), out=str(out),
                             checkpoint_dir=str(ckpt_dir), checkpoint=str(ckpt_path), device=str(place.device),
                             precision=place.precision, world_size=dist.world_size, classes=classes,
-                            lr=FinetuneConfig(lr=config.lr).resolved_lr(model.weights_source),
+                            lr=FinetuneConfig(lr=config.lr).resolved_lr(init["init_weights"]),
                             provenance=provenance, n_rows=n_rows, n_skipped=n_skipped, finetune_history=history)
             tmp = config_path.with_name(config_path.name + ".tmp")
             tmp.write_text(json.dumps(resolved, indent=2, default=str) + "\n")

@@ -1,0 +1,114 @@
+"""Verdicts of the claims on constructed runs where each claim holds, fails, or cannot be told."""
+
+from __future__ import annotations
+
+import pytest
+
+from geo.reports.claims import (FAILS, HOLDS, INCONCLUSIVE, claim_kappa0_scales, claim_mvmf_beats_softmax,
+                                claim_mvmf_rises, claim_softmax_not_monotone, compare, evaluate_claims)
+from geo.reports.runs import find_runs
+from run_factory import write_run
+
+
+def runs_of(tmp_path, specs):
+    """specs: (head, c, kappa0, acc list over the five scales, half width) -> Runs as read back from disk."""
+    for i, (head, c, kappa0, acc, half) in enumerate(specs):
+        write_run(tmp_path / f"r{i}", head=head, n_cells=c, kappa0=kappa0, acc=acc, half_width=half)
+    runs, skipped = find_runs([tmp_path])
+    assert not skipped
+    return runs
+
+
+def rising(base, step, n):
+    """n accuracy vectors rising by `step` at every scale."""
+    return [[base + step * i] * 5 for i in range(n)]
+
+
+def test_compare_uses_interval_separation(tmp_path):
+    low, high, near = runs_of(tmp_path, [("mvmf", 16, 16, [0.1] * 5, 0.01), ("mvmf", 64, 16, [0.3] * 5, 0.01),
+                                         ("mvmf", 256, 16, [0.105] * 5, 0.01)])
+    assert compare(high, low, "acc@25km") == "higher"
+    assert compare(low, high, "acc@25km") == "lower"
+    assert compare(near, low, "acc@25km") == "overlap"  # 0.105 ± 0.01 overlaps 0.1 ± 0.01
+
+
+def test_mvmf_rise_holds_when_every_step_is_significant(tmp_path):
+    specs = [("mvmf", c, 16, acc, 0.01) for c, acc in zip((16, 64, 256), rising(0.1, 0.1, 3))]
+    claim = claim_mvmf_rises(runs_of(tmp_path, specs))
+    assert claim.verdict == HOLDS
+    assert len(claim.details) == 5  # one series x five scales, each with its numbers
+    assert "c=2^4: 10.0% [9.0, 11.0]" in claim.details[0]
+
+
+def test_mvmf_rise_fails_on_a_significant_drop_at_one_scale(tmp_path):
+    accs = rising(0.1, 0.1, 3)
+    accs[2][3] = 0.05  # @750 km falls far below c=64's 0.2 at c=256
+    specs = [("mvmf", c, 16, acc, 0.01) for c, acc in zip((16, 64, 256), accs)]
+    claim = claim_mvmf_rises(runs_of(tmp_path, specs))
+    assert claim.verdict == FAILS
+    assert any("@750 km" in d and "falls significantly at c=2^8" in d for d in claim.details)
+
+
+def test_mvmf_rise_inconclusive_when_intervals_overlap(tmp_path):
+    specs = [("mvmf", c, 16, acc, 0.2) for c, acc in zip((16, 64, 256), rising(0.3, 0.05, 3))]
+    assert claim_mvmf_rises(runs_of(tmp_path, specs)).verdict == INCONCLUSIVE
+
+
+def test_mvmf_rise_not_tested_with_one_value_of_c(tmp_path):
+    claim = claim_mvmf_rises(runs_of(tmp_path, [("mvmf", 16, 16, [0.1] * 5, 0.01), ("mvmf", 16, 8, [0.1] * 5, 0.01)]))
+    assert claim.verdict.startswith("not tested: needs mvmf runs at ≥ 2 values of c")
+
+
+def test_softmax_not_monotone_holds_on_a_drop_and_fails_on_a_clean_rise(tmp_path):
+    accs = rising(0.1, 0.1, 3)
+    accs[1][0] = 0.0  # @1 km drops from 0.1 at c=16 to 0.0 at c=64, intervals apart
+    runs = runs_of(tmp_path / "drop", [("softmax", c, None, a, 0.01) for c, a in zip((16, 64, 256), accs)])
+    assert claim_softmax_not_monotone(runs).verdict == HOLDS
+    runs = runs_of(tmp_path / "rise", [("softmax", c, None, a, 0.01)
+                                       for c, a in zip((16, 64, 256), rising(0.1, 0.1, 3))])
+    assert claim_softmax_not_monotone(runs).verdict == FAILS
+
+
+def test_mvmf_beats_softmax(tmp_path):
+    better = runs_of(tmp_path / "a", [("mvmf", 64, 16, [0.4] * 5, 0.01), ("softmax", 64, None, [0.2] * 5, 0.01)])
+    assert claim_mvmf_beats_softmax(better).verdict == HOLDS
+    worse_at_one_scale = runs_of(tmp_path / "b", [("mvmf", 64, 16, [0.4, 0.4, 0.4, 0.4, 0.1], 0.01),
+                                                  ("softmax", 64, None, [0.2] * 5, 0.01)])
+    claim = claim_mvmf_beats_softmax(worse_at_one_scale)
+    assert claim.verdict == FAILS
+    assert "c=2^6 @2500 km: mvmf (r0) 10.0% [9.0, 11.0] vs softmax (r1) 20.0% [19.0, 21.0]: fails" in claim.details
+    no_common_c = runs_of(tmp_path / "c", [("mvmf", 64, 16, [0.4] * 5, 0.01), ("softmax", 16, None, [0.2] * 5, 0.01)])
+    assert claim_mvmf_beats_softmax(no_common_c).verdict.startswith("not tested")
+
+
+def test_kappa0_claim(tmp_path):
+    # Large κ0 better at 1 and 25 km, small κ0 better at 2500 km: as the paper says.
+    as_paper = runs_of(tmp_path / "a", [("mvmf", 64, 16, [0.3, 0.3, 0.3, 0.3, 0.5], 0.01),
+                                        ("mvmf", 64, 12, [0.2, 0.2, 0.3, 0.3, 0.6], 0.01),
+                                        ("mvmf", 64, 8, [0.1, 0.1, 0.3, 0.3, 0.7], 0.01)])
+    claim = claim_kappa0_scales(as_paper)
+    assert claim.verdict == HOLDS
+    assert len(claim.details) == 3  # largest vs smallest κ0 at 1, 25 and 2500 km
+    reversed_ = runs_of(tmp_path / "b", [("mvmf", 64, 16, [0.1, 0.1, 0.3, 0.3, 0.7], 0.01),
+                                         ("mvmf", 64, 8, [0.3, 0.3, 0.3, 0.3, 0.5], 0.01)])
+    assert claim_kappa0_scales(reversed_).verdict == FAILS
+    one_kappa = runs_of(tmp_path / "c", [("mvmf", 64, 16, [0.1] * 5, 0.01), ("mvmf", 256, 16, [0.1] * 5, 0.01)])
+    assert claim_kappa0_scales(one_kappa).verdict.startswith("not tested: needs mvmf runs at ≥ 2 values of κ0")
+
+
+def test_duplicates_resolved_by_validation_not_test(tmp_path):
+    """Two mvmf runs at one c: the better-on-validation one is compared, even if worse on test."""
+    write_run(tmp_path / "good_val", n_cells=64, acc=[0.1] * 5, val_geoscore=4000.0)
+    write_run(tmp_path / "bad_val", n_cells=64, acc=[0.9] * 5, val_geoscore=100.0)
+    write_run(tmp_path / "soft", head="softmax", n_cells=64, kappa0=None, acc=[0.5] * 5)
+    runs, _ = find_runs([tmp_path])
+    claim = claim_mvmf_beats_softmax(runs)
+    assert claim.verdict == FAILS and all("mvmf (good_val)" in d for d in claim.details)
+
+
+@pytest.mark.parametrize("n_runs", [1, 4])
+def test_every_claim_has_a_verdict(tmp_path, n_runs):
+    specs = [("mvmf", 16 * 4 ** i, 16, [0.1 * (i + 1)] * 5, 0.01) for i in range(n_runs)]
+    claims = evaluate_claims(runs_of(tmp_path, specs))
+    assert [c.number for c in claims] == [1, 2, 3, 4]
+    assert all(c.verdict in (HOLDS, FAILS, INCONCLUSIVE) or c.verdict.startswith("not tested: needs") for c in claims)
