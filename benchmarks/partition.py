@@ -9,7 +9,7 @@ The s2sphere figure is the per-point cost of
 subsample and extrapolated to n points; it is a lower bound for an
 s2sphere-based partition, which would also have to count and split.
 
-Usage: python benchmarks/partition.py [--n 1000000] [--cells 32768] [--sample 20000]
+Usage: python benchmarks/partition.py [--n 1000000] [--cells 32768] [--sample 20000] [--threads 1]
 """
 
 from __future__ import annotations
@@ -58,11 +58,12 @@ def main() -> None:
     parser.add_argument("--cells", type=int, default=2**15)
     parser.add_argument("--sample", type=int, default=20_000, help="points for the s2sphere loop")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the sort); 1 = single core like the loop")
     args = parser.parse_args()
-    torch.set_num_threads(1)  # a fair single-core comparison with the python loop
+    torch.set_num_threads(args.threads)
 
     lat, lon, source = clustered_points(args.n)
-    print(f"points: {args.n:,} from {source}; cells: {args.cells:,}; torch threads: 1")
+    print(f"points: {args.n:,} from {source}; cells: {args.cells:,}; torch threads: {args.threads}")
 
     times = []
     for _ in range(args.repeats):

@@ -67,7 +67,8 @@ def _vmf_cdf(theta: np.ndarray, kappa: np.ndarray) -> np.ndarray:
 
 
 def _vmf_inverse_cdf(t: np.ndarray, kappa: np.ndarray) -> np.ndarray:
-    u = -np.log1p(t * np.expm1(-2.0 * kappa)) / kappa
+    with np.errstate(divide="ignore"):  # t == 1 exactly: u = inf, clipped to theta = pi below
+        u = -np.log1p(t * np.expm1(-2.0 * kappa)) / kappa
     return 2.0 * np.arcsin(np.sqrt(np.clip(u / 2.0, 0.0, 1.0)))
 
 

@@ -91,7 +91,7 @@ def test_confident_prediction_has_smaller_radius_than_diffuse(trained):
     peaked_logits[2] = 60.0
     peaked = predictor.describe("peaked", peaked_logits, top_k=3)
     assert confident.radius_50_km < diffuse.radius_50_km
-    log_kappa = float(predictor.head.log_kappa[2])
+    log_kappa = float(predictor.head.log_kappa.detach()[2])
     assert peaked.radius_50_km == pytest.approx(vmf_radius_km(log_kappa, 0.5), rel=1e-3)
     assert peaked.radius_95_km == pytest.approx(vmf_radius_km(log_kappa, 0.95), rel=1e-3)
 
@@ -102,7 +102,7 @@ def test_cli_json_unreadable_image_and_map(trained, tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"this is not a jpeg")
     out_map = tmp_path / "map.png"
-    result = CliRunner(mix_stderr=False).invoke(
+    result = CliRunner().invoke(
         cli, ["predict", str(run), str(rows[0][0]), str(bad), str(rows[20][0]), "--json", "--top-k", "3",
               "--device", "cpu", "--map", str(out_map)])
     assert result.exit_code == 0, result.output + result.stderr

@@ -211,7 +211,11 @@ def make_optimizer(head: torch.nn.Module, config: dict) -> torch.optim.Optimizer
     decay = [p for p in params if p.ndim >= 2 and p.shape[0] == head.n_cells and p.shape[-1] == head.feature_dim]
     rest = [p for p in params if all(p is not q for q in decay)]
     groups = [{"params": decay, "weight_decay": config["weight_decay"]}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config["lr"])
+    groups = [g for g in groups if g["params"]]
+    try:  # the fused kernel: one pass over W's moments instead of ~10 (the optimizer is ~15 % of a step otherwise)
+        return torch.optim.AdamW(groups, lr=config["lr"], fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=config["lr"])
 
 
 def train_step(head, optimizer, features: torch.Tensor, targets: dict[str, torch.Tensor], chunk_rows: int

@@ -209,9 +209,12 @@ def resolve_device(device: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError as err:
         raise ConfigError(f"--device {device!r}: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: this torch build sees no CUDA GPU; use --device cpu or auto")
+    return dev
 
 
 @functools.lru_cache(maxsize=None)

@@ -115,7 +115,9 @@ def _prepare_backbone(manifest: Manifest, classes: list[str], labels: np.ndarray
     dist.barrier()
     if ckpt_path.exists():
         done = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if done.get("identity") != identity:
+        # A finished fine-tune may be reused by any number of processes: world_size aside.
+        same = {k: v for k, v in done.get("identity", {}).items() if k != "world_size"}
+        if same != {k: v for k, v in identity.items() if k != "world_size"}:
             raise ConfigError(f"{ckpt_path} was fine-tuned with other options or data; pass "
                               "--overwrite, or another --checkpoint-dir")
         model = create_backbone(config.backbone, str(ckpt_path), num_classes=len(classes), seed=config.seed)

@@ -22,7 +22,7 @@ from geo.pipeline.backbone import create_backbone  # noqa: E402
 from geo.pipeline.extract import ExtractConfig, run_extract  # noqa: E402
 from geo.pipeline.images import eval_transform, load_rgb  # noqa: E402
 
-TINY = dict(backbone="resnet18", image_size=32, batch_size=4, finetune_epochs=0, precision="fp32")
+TINY = dict(backbone="resnet18", image_size=32, batch_size=4, finetune_epochs=0, precision="fp32", workers=0)
 
 
 def _rows(cache: FeatureCache) -> dict:
@@ -122,3 +122,18 @@ def test_cli_weights_imagenet_offline_is_a_clear_error(tmp_path, monkeypatch):
                                    "--backbone", "resnet18", "--weights", "imagenet"])
     assert res.exit_code == 2
     assert "resnet18-f37072fd.pth" in res.output and "hub/checkpoints" in res.output
+
+
+def test_a_run_killed_while_fine_tuning_resumes_from_its_last_epoch(tmp_path):
+    manifest = write_dataset(tmp_path / "data", 12)
+    config = ExtractConfig(**dict(TINY, backbone="mobilenet_v3_small", finetune_epochs=2))
+    with pytest.raises(RuntimeError, match="simulated kill after 1 fine-tuning epoch"):
+        run_extract(manifest, tmp_path / "k.h5", config, _stop_after_epochs=1)
+    state = tmp_path / "k.checkpoints" / "finetune_state.pt"
+    assert torch.load(state, weights_only=True)["epoch"] == 1
+    result = run_extract(manifest, tmp_path / "k.h5", config)
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert not state.exists() and result.checkpoint_path.exists()  # the final checkpoint replaces it
+    straight = run_extract(manifest, tmp_path / "s.h5", config)
+    with FeatureCache(result.cache_path) as a, FeatureCache(straight.cache_path) as b:
+        np.testing.assert_array_equal(a.load_features(np.arange(a.n_rows)), b.load_features(np.arange(b.n_rows)))
