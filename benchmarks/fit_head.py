@@ -29,7 +29,8 @@ import torch
 
 from geo.heads import create_head
 from geo.heads.partition import Partition
-from geo.heads.train import FitConfig, cpu_supports_bf16, feature_dtype, make_optimizer, train_step
+from geo.heads.evaluate import cpu_supports_bf16, feature_dtype
+from geo.heads.train import FitConfig, make_optimizer, train_step
 
 
 def matmul_gflops(batch: int, d: int, c: int, dtype: torch.dtype, repeats: int) -> float:

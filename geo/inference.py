@@ -181,8 +181,9 @@ class Predictor:
         if mode is not None and mode not in PREDICT_MODES:
             raise ConfigError(f"--predict must be one of {', '.join(PREDICT_MODES)}, not {mode!r}")
         run_mode = self.config.get("predict")
-        self.mode = heads_train.check_predict(self.config["head"], mode or (run_mode if run_mode in PREDICT_MODES
-                                                                            else "argmax"))
+        self.mode = mode or (run_mode if run_mode in PREDICT_MODES else "argmax")
+        # What head.predict is asked for: the softmax run's "centre"/"mean" is its argmax placed there.
+        self._head_mode = run_mode if self.mode == "argmax" and run_mode not in PREDICT_MODES else self.mode
         checkpoint = runs.load_checkpoint(self.run_dir / runs.CHECKPOINT_FILE)
         self.head = heads_train.build_head(checkpoint["config"], checkpoint["partition"],
                                            int(self.config["cache_feature_dim"]), torch.device("cpu"),
@@ -213,7 +214,7 @@ class Predictor:
         k = max(1, min(int(top_k), self.head.n_cells))
         row = logits[None]
         with torch.no_grad():
-            lat, lon = self.head.predict(row, k=k, mode=self.mode)
+            lat, lon = self.head.predict(row, k=k, mode=self._head_mode)
             lat, lon = lat[0].double().numpy(), lon[0].double().numpy()
             probs = self.head.topk(row, k)[0][0].double().numpy() if self.mode == "argmax" else [None] * k
             xyz = torch.from_numpy(latlon_to_xyz(lat, lon))

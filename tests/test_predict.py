@@ -54,6 +54,8 @@ def trained(tmp_path_factory):
     run = root / "run"
     fit_head(root / "cache.h5", FitConfig(head="mvmf", n_cells=8, kappa0=6.0, batch_size=16, lr=3e-2, epochs=60,
                                           device="cpu", precision="fp32"), run, progress=False)
+    fit_head(root / "cache.h5", FitConfig(head="softmax", n_cells=8, batch_size=16, lr=3e-2, epochs=20,
+                                          device="cpu", precision="fp32"), root / "run_softmax", progress=False)
     return run, images, rows
 
 
@@ -76,6 +78,23 @@ def test_training_image_predicted_near_its_place_with_sorted_topk(trained):
         assert all(a >= b for a, b in zip(probs, probs[1:])) and sum(probs) <= 1 + 1e-9
         assert best.country in {"FR", "AU", "US", "KE"}
         assert 0 < result.radius_50_km < result.radius_95_km
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["argmax", "mode"])
+def test_softmax_run(trained, mode):
+    run, _, rows = trained
+    predictor = _predictor(run.parent / "run_softmax", mode=mode)
+    result = predictor.predict([rows[0][0]], top_k=3)[0]
+    best = result.locations[0]
+    assert great_circle_km(rows[0][1], rows[0][2], best.lat_deg, best.lon_deg) < 1500  # within its cell
+    if mode == "argmax":
+        probs = [loc.prob for loc in result.locations]
+        assert all(a >= b for a, b in zip(probs, probs[1:])) and sum(probs) <= 1 + 1e-9
+    else:
+        dens = [loc.log_density for loc in result.locations]
+        assert all(a >= b for a, b in zip(dens, dens[1:]))
+    assert 0 < result.radius_50_km < result.radius_95_km <= math.pi * 6371.01
 
 
 @pytest.mark.slow

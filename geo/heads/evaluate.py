@@ -3,6 +3,8 @@
 ``evaluate_split`` is the one evaluation loop: ``fit_head`` calls it on the
 val split during training and on the test split at the end, and
 ``evaluate_run`` calls it on a saved run, so the three never drift apart.
+The device and precision choices (``--device auto``, ``--precision auto``)
+live here too, since training and evaluation must make them alike.
 """
 
 from __future__ import annotations
@@ -44,6 +46,49 @@ def features_to_tensor(features: np.ndarray, device: torch.device, dtype: torch.
     if device.type == "cpu":
         return t.to(dtype)  # half arithmetic on CPU is slow: convert once here
     return t.to(device, non_blocking=True).to(dtype)
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> cuda, then mps, then cpu; any other string is passed to ``torch.device``."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"--device {device!r}: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device!r}: CUDA is not available here")
+    return dev
+
+
+def cpu_supports_bf16() -> bool:
+    """True when oneDNN has native bf16 kernels here (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> "bf16" on CUDA with bf16 and on CPUs with AVX512-BF16/AMX, else "fp32"."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"--precision must be auto, bf16 or fp32, not {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_supports_bf16() else "fp32"
+    return "fp32"
+
+
+def feature_dtype(precision: str) -> torch.dtype:
+    """The dtype features are fed in: bf16 when the W x product runs in bf16."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 @torch.no_grad()
@@ -161,7 +206,7 @@ def evaluate_run(
         allow_other_provenance: evaluate on a cache whose provenance (backbone,
             weights, transform ...) differs from the training cache's. Refused by
             default: such features are not what the head was trained on.
-        device: "auto", "cpu", "cuda" ...; default the run's (falls back to auto).
+        device: "auto" (default), "cpu", "cuda" ...
     Returns:
         The metrics dict written to ``metrics.json``.
     """
@@ -172,7 +217,7 @@ def evaluate_run(
     config = runs.read_config(run_dir)
     checkpoint = runs.load_checkpoint(run_dir / runs.CHECKPOINT_FILE)
     cache_path = Path(cache_path) if cache_path is not None else Path(config["cache_path"])
-    dev = _train.resolve_device(device or "auto")
+    dev = resolve_device(device or "auto")
     with FeatureCache(cache_path) as cache:
         if cache.feature_dim != config["cache_feature_dim"]:
             raise ConfigError(
@@ -187,14 +232,26 @@ def evaluate_run(
             )
         config = dict(config, predict=_train.check_predict(config["head"], predict or config["predict"]))
         head = _train.build_head(config, checkpoint["partition"], cache.feature_dim, dev, saved=checkpoint)
-        metrics, preds = evaluate_split(
-            head, cache, split, predict=config["predict"], device=dev,
-            feature_dtype=_train.feature_dtype(config["precision"]), batch_size=config["eval_batch_size"],
-            n_bootstrap=n_bootstrap, topk=TOPK, country_fn=country_fn, progress=progress,
-        )
-    metrics = dict(metrics, cache_path=str(cache_path), selected_step=checkpoint["best"]["step"])
-    runs.write_predictions(run_dir / runs.PREDICTIONS_FILE, **preds)
-    runs.write_json(run_dir / runs.METRICS_FILE, metrics)
+        return score_and_write(head, cache, split, config, run_dir, device=dev, n_bootstrap=n_bootstrap,
+                               country_fn=country_fn, progress=progress, cache_path=str(cache_path),
+                               selected_step=checkpoint["best"]["step"])
+
+
+def score_and_write(head, cache, split: str, config: dict, run_dir: Path, *, device: torch.device,
+                    n_bootstrap: int = 1000, country_fn: CountryFn | None = None, progress: bool = False,
+                    **extra) -> dict:
+    """Final scoring of a selected head: ``metrics.json`` and ``predictions.parquet`` in ``run_dir``.
+
+    ``extra`` items are added to the metrics (cache path, selected step ...). Returns the metrics.
+    """
+    metrics, preds = evaluate_split(
+        head, cache, split, predict=config["predict"], device=device,
+        feature_dtype=feature_dtype(config["precision"]), batch_size=config["eval_batch_size"],
+        n_bootstrap=n_bootstrap, topk=config.get("topk", TOPK), country_fn=country_fn, progress=progress,
+    )
+    metrics = {**metrics, "cache_path": config["cache_path"], **extra}
+    runs.write_predictions(Path(run_dir) / runs.PREDICTIONS_FILE, **preds)
+    runs.write_json(Path(run_dir) / runs.METRICS_FILE, metrics)
     return metrics
 
 

@@ -36,7 +36,8 @@ from geo import __version__
 from geo.errors import CacheError, ConfigError, GeoError
 from geo.geometry import latlon_to_xyz
 from geo.heads import create_head, list_heads, runs
-from geo.heads.evaluate import CountryFn, evaluate_split, features_to_tensor, TOPK
+from geo.heads.evaluate import (CountryFn, evaluate_split, feature_dtype, features_to_tensor, resolve_device,
+                                resolve_precision, score_and_write)
 
 # Prediction modes each built-in head offers; the first is its default.
 PREDICT_MODES = {"mvmf": ("argmax", "mode"), "softmax": ("centre", "mean")}
@@ -82,49 +83,6 @@ class FitConfig:
 def json_safe(obj):
     """``obj`` converted to plain JSON types (what config.json and the checkpoint store)."""
     return json.loads(json.dumps(obj, default=runs._json_default))
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda, then mps, then cpu; any other string is passed to ``torch.device``."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise ConfigError(f"--device {device!r}: {err}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device!r}: CUDA is not available here")
-    return dev
-
-
-def cpu_supports_bf16() -> bool:
-    """True when oneDNN has native bf16 kernels here (AVX512-BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" -> "bf16" on CUDA with bf16 and on CPUs with AVX512-BF16/AMX, else "fp32"."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"--precision must be auto, bf16 or fp32, not {precision!r}")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        return "bf16" if cpu_supports_bf16() else "fp32"
-    return "fp32"
-
-
-def feature_dtype(precision: str) -> torch.dtype:
-    """The dtype features are fed in: bf16 when the W x product runs in bf16."""
-    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def head_options(config: dict) -> dict:
@@ -188,7 +146,7 @@ def resolve_config(config: FitConfig, cache, cache_path: Path, n_train: int, n_v
         eval_every=config.eval_every or steps_per_epoch, select_mode="min" if config.select_by in _LOWER_IS_BETTER
         else "max", optimizer="adamw", lr_schedule="linear-warmup-cosine",
         warmup_steps=int(round(config.warmup_fraction * total_steps)), steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps, chunk_rows=chunk_rows, eval_batch_size=chunk_rows, topk=TOPK,
+        total_steps=total_steps, chunk_rows=chunk_rows, eval_batch_size=chunk_rows, topk=5,
         n_train=n_train, n_val=n_val, cache_path=str(Path(cache_path).resolve()),
         cache_feature_dim=cache.feature_dim, cache_n_rows=cache.n_rows, cache_provenance=cache.provenance,
     )
@@ -244,16 +202,7 @@ def train_step(head, optimizer, features: torch.Tensor, targets: dict[str, torch
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}
 
 
 def _cpu_state(module_or_dict) -> dict:
@@ -320,7 +269,9 @@ def fit_head(
                      best={"step": None, "score": None, "metrics": None, "head_state": None})
         if resume:
             optimizer.load_state_dict(saved["optimizer"])
-            _set_rng_state(saved["rng"])
+            torch.set_rng_state(saved["rng"]["torch"])
+            if "cuda" in saved["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
             state.update({k: saved[k] for k in state})
             del saved
         runs.truncate_jsonl(out_dir / runs.METRICS_LOG_FILE, max_step=state["step"])
@@ -409,15 +360,9 @@ def fit_head(
         head.load_state_dict(state["best"]["head_state"])
 
         try:
-            cache.split_rows("test")
-            final_split = "test"
+            final_split = "test" if len(cache.split_rows("test")) else "val"
         except CacheError:
             final_split = "val"
-        metrics, preds = evaluate_split(head, cache, final_split, predict=cfg["predict"], device=device,
-                                        feature_dtype=x_dtype, batch_size=cfg["eval_batch_size"], n_bootstrap=1000,
-                                        topk=TOPK, country_fn=country_fn, progress=progress)
-    metrics = dict(metrics, cache_path=cfg["cache_path"], selected_step=state["best"]["step"],
-                   select_by=cfg["select_by"], train_elapsed_s=state["elapsed_s"])
-    runs.write_predictions(out_dir / runs.PREDICTIONS_FILE, **preds)
-    runs.write_json(out_dir / runs.METRICS_FILE, metrics)
-    return metrics
+        return score_and_write(head, cache, final_split, cfg, out_dir, device=device, country_fn=country_fn,
+                               progress=progress, selected_step=state["best"]["step"], select_by=cfg["select_by"],
+                               train_elapsed_s=state["elapsed_s"])

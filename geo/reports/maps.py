@@ -142,7 +142,7 @@ def _max_filter(values: np.ndarray, radius: int = 2) -> np.ndarray:
 def density_figure(loaded: list[LoadedRun], images: list[tuple[str, str]], features: dict[str, np.ndarray],
                    background: bool = True) -> Figure:
     """Rows: images (id, label); columns: runs. True location ★ (green), prediction × (red)."""
-    fig = Figure(figsize=(4.6 * len(loaded), 2.5 * len(images) + 0.4))
+    fig = Figure(figsize=(4.6 * len(loaded) + 1.0, 2.5 * len(images) + 0.4), layout="constrained")
     axes = np.atleast_2d(fig.subplots(len(images), len(loaded), squeeze=False))
     image = None
     for col, entry in enumerate(loaded):
@@ -176,7 +176,7 @@ def partition_figure(partition, n_lon: int = 720) -> Figure:
     edge = np.zeros(cell.shape, bool)  # a pixel whose cell differs from its east or north neighbour
     edge[:, :-1] |= cell[:, :-1] != cell[:, 1:]
     edge[:-1, :] |= cell[:-1, :] != cell[1:, :]
-    fig = Figure(figsize=(10, 5.4))
+    fig = Figure(figsize=(10, 5.0), layout="constrained")
     ax = fig.subplots()
     draw_world(ax, background=False)
     image = ax.imshow(np.log10(counts[cell] + 1), extent=(-180, 180, -90, 90), origin="lower",
@@ -197,7 +197,7 @@ def centres_figure(entry: LoadedRun) -> Figure:
         log_kappa = entry.head.log_kappa.double().numpy()
     lat0, lon0 = xyz_to_latlon(before)
     lat1, lon1 = xyz_to_latlon(after)
-    fig = Figure(figsize=(10, 5.4))
+    fig = Figure(figsize=(10, 5.0), layout="constrained")
     ax = fig.subplots()
     draw_world(ax, background=False)
     near = np.abs(lon1 - lon0) < 180  # no segment across the antimeridian

@@ -22,7 +22,7 @@ MAX_LEGEND_ENTRIES = 12
 def figure_png(fig: Figure, dpi: int = 90) -> bytes:
     """The figure as PNG bytes (Figure objects need no pyplot state, so nothing leaks)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
 
 

@@ -206,7 +206,7 @@ def read_run(path: str | Path) -> Run:
     final = _read_json(final_path)
     if not isinstance(final, dict):
         raise ValueError("corrupt: metrics.json is not a JSON object")
-    metrics = final.get("metrics", final) if isinstance(final.get("metrics"), dict) else final
+    metrics = final["metrics"] if isinstance(final.get("metrics"), dict) else final
     missing = [k for k in ACC_KEYS if not _finite(metrics.get(k))]
     if missing:
         raise ValueError(f"corrupt: metrics.json lacks {', '.join(missing)}")

@@ -19,7 +19,8 @@ from geo.reports.runs import ACC_KEYS, HIGHER_IS_BETTER, METRIC_KEYS, SCALES_KM,
 CONVENTIONS = (
     "Metric conventions: accuracy@X km is the percentage of test images whose great-circle error "
     "(sphere of radius 6371.0088 km) is **≤ X km** — an accuracy, not an error rate; brackets give "
-    "the bootstrap 95 % interval (1000 resamples of the test set). Median km is the median error "
+    "the bootstrap 95 % interval over test images, as recorded in each run's metrics.json. "
+    "Median km is the median error "
     "(not the mean; the mean is in table.csv). GeoScore is the mean of 5000·exp(−d/1492.7 km). "
     "Country accuracy is the percentage of predictions in the true country. NLL is the mean negative "
     "log-density at the true location in nats per steradian (lower is better; only heads with a "

@@ -124,6 +124,7 @@ def test_cli_weights_imagenet_offline_is_a_clear_error(tmp_path, monkeypatch):
     assert "resnet18-f37072fd.pth" in res.output and "hub/checkpoints" in res.output
 
 
+@pytest.mark.slow  # three fine-tunes: seconds alone, more on a loaded machine
 def test_a_run_killed_while_fine_tuning_resumes_from_its_last_epoch(tmp_path):
     manifest = write_dataset(tmp_path / "data", 12)
     config = ExtractConfig(**dict(TINY, backbone="mobilenet_v3_small", finetune_epochs=2))
