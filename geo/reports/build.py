@@ -50,7 +50,7 @@ def _figure(block_name: str, made, caption: str, group: str) -> list:
 
 
 def runs_section(runs: list[Run], skipped: list[SkippedRun], labels: dict[str, str]) -> Section:
-    lines = [f"{len(runs)} run(s) reported, {len(skipped)} director(y/ies) skipped."]
+    lines = [f"{len(runs)} run(s) reported; {len(skipped)} skipped."]
     caches = sorted({r.cache_path or "(not recorded)" for r in runs})
     if labels:
         lines.append("Runs were made on **different feature caches** (allowed by --allow-mixed-caches); they are "

@@ -106,10 +106,6 @@ class Run:
     def predictions_path(self) -> Path:
         return self.path / PREDICTIONS_FILE
 
-    @property
-    def has_density(self) -> bool:
-        return self.test.get("nll_nats") is not None
-
     def metric(self, key: str) -> float | None:
         """Final test value of ``key`` or None."""
         return self.test.get(key)
