@@ -16,6 +16,7 @@ Targets (issue 3): MvMF >= 50 % of the floor, softmax >= 60 %, MvMF step <= 1.3x
 Usage:
     python benchmarks/fit_head.py            # c = 2^13, 2^15 (2^17 if memory allows)
     python benchmarks/fit_head.py --quick    # c = 2^11 only, two timed steps
+    python benchmarks/fit_head.py --log2c 13 --precision fp32   # one size, float32 matmuls
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     parser.add_argument("--batch-size", type=int, default=FitConfig.batch_size)
+    parser.add_argument("--log2c", type=int, nargs="+", default=None, help="class counts as powers of 2 (default 13 15 17)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,7 +112,7 @@ def main() -> None:
           f"fp32 {rates['fp32']:.1f} GFLOP/s")
     print(f"training precision (--precision {args.precision}): {precision}; batch {batch}, d {d}")
 
-    sizes = [2**11] if args.quick else [2**13, 2**15, 2**17]
+    sizes = [2**k for k in args.log2c] if args.log2c else [2**11] if args.quick else [2**13, 2**15, 2**17]
     steps = 2 if args.quick else 3
     print(f"\n{'c':>7} {'head':>8} {'step s':>8} {'samples/s':>10} {'floor s':>8} {'of floor':>9} "
           f"{'loss s':>7} {'adam s':>7} {'chunk':>6}")

@@ -139,7 +139,8 @@ def resolve_backbone_checkpoint(run_dir: Path, provenance: dict, override: str |
     actual = _sha256(path)
     if actual != recorded_sha:
         raise BackboneError(f"backbone checkpoint {path} has sha256 {actual}, but run {run_dir} was trained on "
-                            f"features of the checkpoint with sha256 {recorded_sha} ({recorded_path or 'path not recorded'}); "
+                            f"features of the checkpoint with sha256 {recorded_sha} "
+                            f"({recorded_path or 'path not recorded'}); "
                             "refusing: its features would not be what the head learned from")
     return path
 
@@ -223,8 +224,8 @@ class Predictor:
         locations = [Location(i + 1, float(lat[i]), float(lon[i]), None if probs[i] is None else float(probs[i]),
                               float(log_dens[i]), "", "", float("nan")) for i in range(k)]
         self.timings["head"] += time.perf_counter() - t0
-        result = PredictionResult(str(path), self.mode, locations,
-                                  None if radii is None else float(radii[0]), None if radii is None else float(radii[1]))
+        r50, r95 = (None, None) if radii is None else (float(radii[0]), float(radii[1]))
+        result = PredictionResult(str(path), self.mode, locations, r50, r95)
         result.logits = logits  # not a field: kept for maps, left out of to_dict()
         return result
 
@@ -269,7 +270,7 @@ class Predictor:
             lat = np.array([loc.lat_deg for loc in locs])
             lon = np.array([loc.lon_deg for loc in locs])
             for loc, code, place in zip(locs, country_codes(lat, lon), nearest_places(lat, lon)):
-                loc.country, loc.place, loc.place_dist_km = str(code), place.describe().rsplit(" (", 1)[0], place.dist_km
+                loc.country, loc.place, loc.place_dist_km = str(code), place.label, place.dist_km
         self.timings["places"] += time.perf_counter() - t0
 
 

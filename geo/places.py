@@ -35,10 +35,14 @@ class Place:
     country_code: str
     dist_km: float
 
+    @property
+    def label(self) -> str:
+        """E.g. "Nanterre, Ile-de-France, FR"."""
+        return ", ".join(p for p in (self.name, self.region, self.country_code) if p)
+
     def describe(self) -> str:
         """E.g. "Nanterre, Ile-de-France, FR (3 km)"."""
-        parts = [p for p in (self.name, self.region, self.country_code) if p]
-        return f"{', '.join(parts)} ({self.dist_km:,.0f} km)"
+        return f"{self.label} ({self.dist_km:,.0f} km)"
 
 
 @dataclass(frozen=True)

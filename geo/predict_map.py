@@ -52,7 +52,8 @@ def write_maps(head, results: Sequence, out: str | Path) -> list[Path]:
     good = [r for r in results if r.ok]
     written = []
     for n, result in enumerate(good, start=1):
-        path = out if len(good) == 1 else out.with_name(f"{out.stem}-{n:03d}-{Path(result.path).stem}{out.suffix or '.png'}")
+        suffix = out.suffix or ".png"
+        path = out if len(good) == 1 else out.with_name(f"{out.stem}-{n:03d}-{Path(result.path).stem}{suffix}")
         prediction_figure(head, result).savefig(path, dpi=110, bbox_inches="tight")
         written.append(path)
     return written
