@@ -31,7 +31,7 @@ import torch
 from geo.heads import create_head
 from geo.heads.partition import Partition
 from geo.heads.evaluate import cpu_supports_bf16, feature_dtype
-from geo.heads.train import FitConfig, make_optimizer, train_step
+from geo.heads.train import _BYTES_PER_ROW_CELL, FitConfig, make_optimizer, train_step
 
 
 def matmul_gflops(batch: int, d: int, c: int, dtype: torch.dtype, repeats: int) -> float:
@@ -59,7 +59,7 @@ def time_head(name: str, partition, batch: int, d: int, precision: str, steps: i
     head = create_head(name, feature_dim=d, partition=partition,
                        matmul_dtype="bfloat16" if precision == "bf16" else None)
     optimizer = make_optimizer(head, config)
-    chunk_rows = max(1, min(batch, FitConfig.max_memory_mb * 2**20 // (c * 40)))
+    chunk_rows = max(1, min(batch, FitConfig.max_memory_mb * 2**20 // (c * _BYTES_PER_ROW_CELL)))
     rng = np.random.default_rng(0)
     lat = np.degrees(np.arcsin(rng.uniform(-1, 1, batch)))
     lon = rng.uniform(-180, 180, batch)

@@ -43,9 +43,10 @@ from geo.heads.evaluate import (CountryFn, evaluate_split, feature_dtype, featur
 PREDICT_MODES = {"mvmf": ("argmax", "mode"), "softmax": ("centre", "mean")}
 # Metrics where smaller is better (for model selection); all others: larger is better.
 _LOWER_IS_BETTER = ("nll_nats", "median_km", "mean_km")
-# Bytes of [b, c] float32 temporaries per row and cell in one chunk's forward + backward
-# (logits, log-softmax, vMF terms, their sum, and the gradients of each): sizes the chunks.
-_BYTES_PER_ROW_CELL = 40
+# Bytes per row and cell of the [b, c] float32 tensors one chunk keeps alive: logits, their
+# gradient, the loss's log-softmax and its gradient (heads chunk their own larger temporaries).
+# Chunks as large as possible: every chunk recasts W to bf16 and accumulates a full W gradient.
+_BYTES_PER_ROW_CELL = 16
 
 
 class TrainingError(GeoError):
