@@ -308,6 +308,75 @@ def evaluate_cmd(run, cache_path, split, predict, allow_other_provenance, device
 # ---- sweep, report (geo/reports) --------------------------------------------
 
 
+def _comma_list(kind):
+    """A click callback turning "a,b,c" into [kind(a), kind(b), kind(c)]."""
+
+    def parse(ctx, param, value):
+        try:
+            return [kind(v.strip()) for v in str(value).split(",") if v.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of {kind.__name__} values") from None
+
+    return parse
+
+
+@cli.command("sweep")
+@click.argument("cache", type=click.Path(exists=True, dir_okay=False, path_type=str))
+@click.option("--head", "heads", default="mvmf,softmax", show_default=True, callback=_comma_list(str),
+              help="Comma list of output heads.")
+@click.option("--classes", default="16,64,256,1024,4096", show_default=True, callback=_comma_list(int),
+              help="Comma list of c (cells of the adaptive S2 partition).")
+@click.option("--kappa0", "kappa0s", default="8,12,16", show_default=True, callback=_comma_list(float),
+              help="Comma list of MvMF initial log kappa (softmax has none: one run per c).")
+@click.option("--lr", "lrs", default="0.001", show_default=True, callback=_comma_list(float),
+              help="Peak learning rate, or a comma list of them (then run names end in -lrLR).")
+@click.option("--epochs", default=10, show_default=True, type=int)
+@click.option("--batch-size", default=1024, show_default=True, type=int)
+@click.option("--train-mu/--fixed-mu", default=True, show_default=True, help="MvMF: learn the component means.")
+@click.option("--train-kappa/--fixed-kappa", default=True, show_default=True, help="MvMF: learn the concentrations.")
+@click.option("--mu-init", type=click.Choice(["centre", "mean"]), default="centre", show_default=True)
+@click.option("--warmup-fraction", default=0.05, show_default=True, type=float)
+@click.option("--min-lr-fraction", default=0.01, show_default=True, type=float)
+@click.option("--weight-decay", default=0.0, show_default=True, type=float)
+@click.option("--eval-every", default=0, show_default=True, type=int,
+              help="Steps between val evaluations; 0 = once per epoch.")
+@click.option("--select-by", default="geoscore", show_default=True, help="Val metric selecting each run's model.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, help="auto (cuda, mps, cpu), cpu, cuda ...")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True)
+@click.option("--max-memory-mb", default=None, type=click.IntRange(min=1),
+              help="Memory for the heads trained together; more are trained in groups [default: half the free RAM].")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="Sweep directory: one run directory per configuration, and sweep.json.")
+@click.option("--overwrite", is_flag=True, help="Retrain every run from scratch, replacing other configurations.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def sweep_cmd(cache, heads, classes, kappa0s, lrs, max_memory_mb, out, overwrite, quiet, **options):
+    """Train every head x classes x kappa0 (x lr) on one cache in one process; one run directory each.
+
+    Each batch of features is read once and fed to every head; partitions are built
+    once per c. Runs are written as OUT/<head>-c<C>[-k<K>] in the fit-head format
+    (`geo fit-head` and `geo report` read them). Softmax gets one run per c. Rerunning
+    the same command resumes: finished runs are kept, the others continue from their
+    checkpoints. OUT/sweep.json records the grid and the groups heads were trained in.
+
+    \b
+    Example:
+      geo sweep cache.h5 --head mvmf,softmax --classes 256,1024,4096 --kappa0 8,12,16 --out runs/sweep1
+      geo sweep cache.h5 --head mvmf --classes 1024 --kappa0 16 --lr 1e-3,3e-3 --epochs 5 --out runs/lr
+      geo report runs/sweep1 --out report/
+    """
+    from geo.heads.sweep import format_sweep_table, sweep
+    from geo.heads.train import FitConfig
+
+    base = FitConfig(lr=lrs[0] if len(lrs) == 1 else FitConfig.lr, **options)
+    results = sweep(cache, out, heads=heads, classes=classes, kappa0s=kappa0s, lrs=lrs if len(lrs) != 1 else None,
+                    base_config=base, overwrite=overwrite, progress=not quiet, country_fn=_country_fn(),
+                    max_memory_mb=max_memory_mb)
+    click.echo(format_sweep_table(results))
+    click.echo(f"wrote {len(results)} runs under {out}/ (and {out}/sweep.json); compare them with "
+               f"`geo report {out} --out REPORT_DIR`")
+
+
 @cli.command("report")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for the report.")

@@ -7,8 +7,8 @@
 # Each stage reuses what a previous run completed and rebuilds what is incomplete.
 # DEMO_SIZE=small (default, ~10 min on 2 cores) | medium | large.
 set -euo pipefail
-OUT=${1:-demo}
 SIZE=${DEMO_SIZE:-small}
+OUT=${1:-demo}/$SIZE   # one folder per size: a rerun of the same size reuses its stages
 case "$SIZE" in
   small)  N=3000;  PX=64; EPOCHS=3; BACKBONE=wide_resnet50_2; CLASSES=16,64,256;      KAPPA0=8,12,16 ;;
   medium) N=10000; PX=64; EPOCHS=4; BACKBONE=wide_resnet50_2; CLASSES=16,64,256,1024; KAPPA0=8,12,16 ;;

@@ -109,15 +109,30 @@ class Head(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, c]`` (float32, or float64 for a float64 head) from features ``[B, d]`` of any float dtype.
 
-        With ``matmul_dtype=bfloat16`` only the product W x runs in bf16 (inputs
-        cast explicitly, no autocast); the result and the bias add are float32.
+        With ``matmul_dtype=bfloat16`` only the products run in bf16 (inputs cast
+        explicitly, no autocast): W x in forward and the weight gradient in backward
+        (``LowPrecisionLinear``); the logits, the bias and all gradients are float32.
         """
         weight, bias = self.linear.weight, self.linear.bias
         if self.matmul_dtype is None:
             return F.linear(features.to(weight.dtype), weight, bias)
-        out_dtype = torch.promote_types(weight.dtype, torch.float32)
-        product = F.linear(features.to(self.matmul_dtype), weight.to(self.matmul_dtype))
-        return product.to(out_dtype) + bias.to(out_dtype)
+        return LowPrecisionLinear.apply(features, weight, bias, self._low_precision_weight(weight))
+
+    def _low_precision_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """W cast to ``matmul_dtype``, written into a buffer kept between calls.
+
+        Recast on every call (the fused AdamW updates W without bumping its version
+        counter, so a cached copy could not tell it is stale), but into the same
+        memory: a fresh [c, d] tensor costs more in page faults than the cast itself.
+        A plain attribute, not a registered buffer: it is not part of the state.
+        """
+        cached = getattr(self, "_weight_cast", None)
+        if cached is None or cached.shape != weight.shape or cached.device != weight.device \
+                or cached.dtype != self.matmul_dtype:
+            cached = torch.empty(weight.shape, dtype=self.matmul_dtype, device=weight.device)
+            self._weight_cast = cached
+        with torch.no_grad():
+            return cached.copy_(weight)
 
     def topk(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k largest softmax probabilities ``[B, k]`` and their cell/component indices ``[B, k]`` int64."""
@@ -129,6 +144,43 @@ class Head(nn.Module):
         if not 1 <= int(k) <= self.n_cells:
             raise ConfigError(f"k must be between 1 and the number of cells {self.n_cells}, not {k}")
         return int(k)
+
+
+class LowPrecisionLinear(torch.autograd.Function):
+    """``x [B, d] @ W.T + b`` with both products in a low precision (bf16) and float32 results.
+
+    Forward: ``x`` and ``weight_cast`` (W already in the low dtype) multiply in bf16
+    (fp32 accumulation inside oneDNN); the product is rounded once into a float32
+    tensor that the bias is added to. Backward: the weight gradient is one bf16
+    product ``grad.T @ x`` cast once to W's dtype; the input gradient is computed
+    only when ``x`` requires it (never in training: features are fixed), from a
+    private copy of the cast weight (the shared one is overwritten by the next call).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, weight_cast):
+        x_low = x.to(weight_cast.dtype)
+        product = F.linear(x_low, weight_cast)
+        out_dtype = torch.promote_types(weight.dtype, torch.float32)
+        out = torch.empty(product.shape, dtype=out_dtype, device=product.device).copy_(product)
+        out.add_(bias.to(out_dtype))
+        ctx.save_for_backward(x_low, weight_cast.clone() if ctx.needs_input_grad[0] else None)
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_low, weight_cast = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad_low = grad_out.to(x_low.dtype)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_low @ weight_cast).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad_low.T @ x_low).to(w_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum(0).to(b_dtype)
+        return grad_x, grad_w, grad_b, None
 
 
 # Imported last: the head modules use register_head and Head defined above.

@@ -1,7 +1,9 @@
 """``fit_head``: train one output head on a feature cache, select it on val, score it on test.
 
-One plain loop, top to bottom: build the partition from the train split's
-locations, create the head, AdamW with linear warm-up and cosine decay, a pass
+``fit_head`` is one ``HeadTrainer`` (geo/heads/trainer.py) driven by
+``train_together``, the loop that ``geo sweep`` drives with many trainers at
+once. What it does: build the partition from the train split's locations,
+create the head, AdamW with linear warm-up and cosine decay, a pass
 over ``cache.iter_batches("train")`` per epoch, an evaluation on the val split
 every ``eval_every`` steps (a line in ``metrics.jsonl`` and a checkpoint each
 time), and at the end the selected (best-on-val) model is scored on the test
@@ -20,24 +22,19 @@ rule is ``config.select_by`` and is recorded in ``config.json``.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from geo import __version__
-from geo.errors import CacheError, ConfigError, GeoError
-from geo.geometry import latlon_to_xyz
+from geo.errors import ConfigError, GeoError
 from geo.heads import create_head, list_heads, runs
-from geo.heads.evaluate import (CountryFn, evaluate_split, feature_dtype, features_to_tensor, resolve_device,
-                                resolve_precision, score_and_write)
+from geo.heads.evaluate import CountryFn, feature_dtype, resolve_device, resolve_precision  # noqa: F401 (re-exported)
 
 # Prediction modes each built-in head offers; the first is its default.
 PREDICT_MODES = {"mvmf": ("argmax", "mode"), "softmax": ("centre", "mean")}
@@ -202,15 +199,6 @@ def train_step(head, optimizer, features: torch.Tensor, targets: dict[str, torch
     return total
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}
-
-
-def _cpu_state(module_or_dict) -> dict:
-    sd = module_or_dict.state_dict() if hasattr(module_or_dict, "state_dict") else module_or_dict
-    return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
-
-
 def fit_head(
     cache_path: str | Path,
     config: FitConfig,
@@ -238,132 +226,17 @@ def fit_head(
         the cache has no test split), as written to ``metrics.json``.
     """
     from geo.cache.store import FeatureCache
-    from geo.heads.partition import Partition
+    from geo.heads.trainer import HeadTrainer, split_rows, train_together  # it imports this module
 
     out_dir = Path(out_dir)
     with FeatureCache(cache_path) as cache:
-        rows_by_split = {}
-        for split in ("train", "val"):
-            try:
-                rows_by_split[split] = cache.split_rows(split)
-            except CacheError as err:
-                raise CacheError(f"fit-head needs a {split} split: {err}") from None
+        rows_by_split = split_rows(cache)
         cfg = resolve_config(config, cache, Path(cache_path), len(rows_by_split["train"]), len(rows_by_split["val"]))
-        device = resolve_device(cfg["device"])
         resume = runs.check_run_dir(out_dir, cfg, overwrite=overwrite)
-        checkpoint_path = out_dir / runs.CHECKPOINT_FILE
-        torch.manual_seed(cfg["seed"])  # W's Glorot initialisation
-        if resume:
-            saved = runs.load_checkpoint(checkpoint_path)
-            partition = Partition.from_state_dict(saved["partition"])
-            head = build_head(cfg, partition, cache.feature_dim, device)
-            head.load_state_dict(saved["head_state"])
-        else:
-            train = rows_by_split["train"]
-            partition = Partition.build(cache.lat_deg[train], cache.lon_deg[train], cfg["n_cells"])
-            head = build_head(cfg, partition, cache.feature_dim, device)
-            # Written only now that the partition and head exist: bad options leave no run behind.
-            runs.write_json(out_dir / runs.CONFIG_FILE, dict(cfg, head_options=json_safe(getattr(head, "options", {}))))
-        partition_state = partition.state_dict()
-        optimizer = make_optimizer(head, cfg)
-        state = dict(step=0, epoch=0, batch_in_epoch=0, elapsed_s=0.0, loss_sum=0.0, loss_count=0,
-                     best={"step": None, "score": None, "metrics": None, "head_state": None})
-        if resume:
-            optimizer.load_state_dict(saved["optimizer"])
-            torch.set_rng_state(saved["rng"]["torch"])
-            if "cuda" in saved["rng"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-            state.update({k: saved[k] for k in state})
-            del saved
-        runs.truncate_jsonl(out_dir / runs.METRICS_LOG_FILE, max_step=state["step"])
-
-        # Targets once for the whole cache: unit vectors (float32 is exact enough for the
-        # chord form of the vMF exponent) indexed by cache row.
-        target_xyz = torch.from_numpy(latlon_to_xyz(cache.lat_deg, cache.lon_deg).astype(np.float32))
-        # Heads that classify cells (softmax) take the cell of each row: assigned once here,
-        # not per batch on the host.
-        target_cell = None
-        if "target_cell" in inspect.signature(head.loss).parameters:
-            target_cell = torch.from_numpy(np.asarray(partition.assign(cache.lat_deg, cache.lon_deg), np.int64))
-        x_dtype = feature_dtype(cfg["precision"])
-        total_steps, chunk_rows = cfg["total_steps"], cfg["chunk_rows"]
-        higher_better = cfg["select_mode"] == "max"
-
-        def evaluate_and_checkpoint() -> None:
-            t0 = time.perf_counter()
-            metrics, _ = evaluate_split(head, cache, "val", predict=cfg["predict"], device=device,
-                                        feature_dtype=x_dtype, batch_size=cfg["eval_batch_size"])
-            if cfg["select_by"] not in metrics:
-                raise ConfigError(f"--select-by {cfg['select_by']!r} is not a metric of this head; "
-                                  f"choose one of: {', '.join(k for k in metrics if k not in ('split', 'predict'))}")
-            score = float(metrics[cfg["select_by"]])
-            best = state["best"]
-            improved = math.isfinite(score) and (best["score"] is None or (
-                score > best["score"] if higher_better else score < best["score"]))
-            if improved:
-                state["best"] = {"step": state["step"], "score": score, "metrics": metrics, "head_state": _cpu_state(head)}
-            state["elapsed_s"] += time.perf_counter() - t0
-            line = {"step": state["step"], "epoch": state["step"] / cfg["steps_per_epoch"],
-                    "train_loss": state["loss_sum"] / max(1, state["loss_count"]), "lr": lr_at(state["step"] - 1, cfg),
-                    **{f"val_{k}": v for k, v in metrics.items() if k not in ("split", "predict")},
-                    "best": improved, "elapsed_s": state["elapsed_s"]}
-            state["loss_sum"], state["loss_count"] = 0.0, 0
-            # Log first, then checkpoint: a resume drops log lines newer than its checkpoint.
-            runs.append_jsonl(out_dir / runs.METRICS_LOG_FILE, line)
-            runs.save_checkpoint(checkpoint_path, {
-                "format": runs.RUN_FORMAT, "config": cfg, "partition": partition_state,
-                "head_state": _cpu_state(head), "optimizer": optimizer.state_dict(), "rng": _rng_state(), **state,
-            })
-            bar.set_postfix_str(f"val {cfg['select_by']} {score:.4g}", refresh=False)
-
-        bar = tqdm(total=total_steps, initial=state["step"], disable=not progress, unit="step", desc=f"fit {cfg['head']}",
-                   dynamic_ncols=True)
-        head.train()
-        while state["step"] < total_steps:
-            batches = cache.iter_batches("train", cfg["batch_size"], shuffle=True, seed=cfg["seed"], epoch=state["epoch"])
-            for i, (rows, features) in enumerate(batches):
-                if i < state["batch_in_epoch"]:
-                    continue  # consumed before the checkpoint this run resumed from
-                t0 = time.perf_counter()
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(state["step"], cfg)
-                x = features_to_tensor(features, device, x_dtype)
-                index = torch.from_numpy(rows)
-                targets = {"target_xyz": target_xyz[index].to(device)}
-                if target_cell is not None:
-                    targets["target_cell"] = target_cell[index].to(device)
-                loss = float(train_step(head, optimizer, x, targets, chunk_rows))
-                if not math.isfinite(loss):
-                    last = str(checkpoint_path) if checkpoint_path.exists() else "none (no evaluation yet)"
-                    ids = ", ".join(str(s) for s in cache.ids[rows[:5]])
-                    raise TrainingError(f"loss is {loss} at step {state['step'] + 1} (epoch {state['epoch']}); "
-                                        f"batch starts with ids {ids}; last good checkpoint: {last}")
-                state["step"] += 1
-                state["batch_in_epoch"] = i + 1
-                state["loss_sum"] += loss
-                state["loss_count"] += 1
-                if state["batch_in_epoch"] == cfg["steps_per_epoch"]:
-                    state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
-                state["elapsed_s"] += time.perf_counter() - t0
-                bar.update(1)
-                bar.set_postfix_str(f"loss {loss:.4g}", refresh=False)
-                if state["step"] % cfg["eval_every"] == 0 or state["step"] == total_steps:
-                    evaluate_and_checkpoint()
-                if callback is not None:
-                    callback(state["step"], loss)
-                if state["step"] >= total_steps or state["batch_in_epoch"] == 0:
-                    break
-            else:  # the iterator gave fewer batches than steps_per_epoch: start the next epoch anyway
-                state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
+        trainer = HeadTrainer(cache, cfg, out_dir, resume=resume)
+        bar = tqdm(total=cfg["total_steps"], initial=trainer.state["step"], disable=not progress, unit="step",
+                   desc=f"fit {cfg['head']}", dynamic_ncols=True)
+        train_together(cache, [trainer], bar=bar,
+                       callback=None if callback is None else lambda t, step, loss: callback(step, loss))
         bar.close()
-        if state["best"]["head_state"] is None:  # no finite val score ever: keep the last weights
-            state["best"] = dict(state["best"], step=state["step"], head_state=_cpu_state(head))
-        head.load_state_dict(state["best"]["head_state"])
-
-        try:
-            final_split = "test" if len(cache.split_rows("test")) else "val"
-        except CacheError:
-            final_split = "val"
-        return score_and_write(head, cache, final_split, cfg, out_dir, device=device, country_fn=country_fn,
-                               progress=progress, selected_step=state["best"]["step"], select_by=cfg["select_by"],
-                               train_elapsed_s=state["elapsed_s"])
+        return trainer.finish(country_fn=country_fn, progress=progress)

@@ -11,6 +11,7 @@ seen fail, the run stops and says so.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -111,7 +112,8 @@ def finetune(model: Backbone, paths, labels: np.ndarray, split: np.ndarray, conf
                           "(or pass --finetune-epochs 0)")
     identity = dict(identity or {}, classes=list(model.classes), epochs=config.epochs,
                     lr=config.resolved_lr(model.weights_source), batch_size=config.batch_size,
-                    image_size=config.image_size, seed=config.seed, world_size=dist.world_size)
+                    image_size=config.image_size, seed=config.seed, world_size=dist.world_size,
+                    lr_schedule="cosine-per-step")
     optimizer = torch.optim.Adam(model.parameters(), lr=identity["lr"])
     result, start_epoch = FinetuneResult(), 0
     if state_path.exists():
@@ -147,7 +149,13 @@ def finetune(model: Backbone, paths, labels: np.ndarray, split: np.ndarray, conf
         loss_sum = hits = seen = failed = 0.0
         bar = tqdm(loader, desc=f"fine-tune {epoch + 1}/{config.epochs}", disable=not dist.is_main,
                    leave=False, unit="batch")
-        for index, images, failures in bar:
+        steps_per_epoch = max(1, len(loader))
+        for step_in_epoch, (index, images, failures) in enumerate(bar):
+            # Cosine decay to 0 over all epochs, a function of the step alone (resume-safe):
+            # from random initialisation a constant lr leaves the last epoch noisy.
+            progress = (epoch * steps_per_epoch + step_in_epoch) / (config.epochs * steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = identity["lr"] * 0.5 * (1.0 + math.cos(math.pi * progress))
             for i, reason in failures:
                 result.failed[int(train_rows[i])] = reason
             failed += len(failures)

@@ -1,0 +1,238 @@
+"""``HeadTrainer``: one head's training state; ``train_together``: the loop feeding one pass of batches to many.
+
+``fit_head`` (geo/heads/train.py) runs one trainer; ``geo sweep``
+(geo/heads/sweep.py) runs a group of them on one open cache, so that each
+batch of features is read and converted once and fed to every head. A trainer
+does exactly what a lone ``fit_head`` does with its configuration: it is seeded
+the same way before its head is built, keeps its own RNG state and optimizer,
+sees the same batches in the same order (a function of (seed, epoch) alone),
+evaluates and checkpoints at the same steps, and writes the same run files.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from geo.errors import CacheError, ConfigError
+from geo.geometry import latlon_to_xyz
+from geo.heads import runs
+from geo.heads.evaluate import (CountryFn, evaluate_split, feature_dtype, features_to_tensor, resolve_device,
+                                score_and_write)
+from geo.heads.train import TrainingError, build_head, json_safe, lr_at, make_optimizer, train_step
+
+
+def _rng_state() -> dict:
+    cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
+    return {"torch": torch.get_rng_state(), **cuda}
+
+
+def _cpu_state(module_or_dict) -> dict:
+    sd = module_or_dict.state_dict() if hasattr(module_or_dict, "state_dict") else module_or_dict
+    return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
+
+
+def split_rows(cache) -> dict[str, np.ndarray]:
+    """Row indices of the train and val splits; CacheError when either is missing."""
+    rows_by_split = {}
+    for split in ("train", "val"):
+        try:
+            rows_by_split[split] = cache.split_rows(split)
+        except CacheError as err:
+            raise CacheError(f"fit-head needs a {split} split: {err}") from None
+    return rows_by_split
+
+
+class HeadTrainer:
+    """One head's training state on an open cache: head, optimizer, targets, step counters, best model.
+
+    Created from a resolved config (``resolve_config``) for a run directory that
+    ``runs.check_run_dir`` has prepared: ``resume`` loads the checkpoint there;
+    otherwise the head is seeded with ``config["seed"]`` and built over
+    ``partition`` (built from the train split when None) and ``config.json`` is written.
+    The trainer keeps its own torch RNG state, so several trainers can share a
+    process and each still draws what a lone ``fit_head`` would.
+
+    Drive it with ``step`` once per training batch (in ``iter_batches`` order for
+    ``(seed, state["epoch"])``, from position ``state["batch_in_epoch"]``), then ``finish``.
+    """
+
+    def __init__(self, cache, config: dict, out_dir: Path, *, resume: bool, partition=None,
+                 target_xyz: torch.Tensor | None = None):
+        from geo.heads.partition import Partition
+
+        self.cache, self.cfg, self.out_dir = cache, config, Path(out_dir)
+        self.device = resolve_device(config["device"])
+        self.checkpoint_path = self.out_dir / runs.CHECKPOINT_FILE
+        saved = runs.load_checkpoint(self.checkpoint_path) if resume else None
+        torch.manual_seed(config["seed"])  # W's Glorot initialisation
+        if resume:
+            partition = Partition.from_state_dict(saved["partition"])
+        elif partition is None:
+            train = cache.split_rows("train")
+            partition = Partition.build(cache.lat_deg[train], cache.lon_deg[train], config["n_cells"])
+        self.head = build_head(config, partition, cache.feature_dim, self.device)
+        if resume:
+            self.head.load_state_dict(saved["head_state"])
+        else:  # written only now that the partition and head exist: bad options leave no run behind
+            runs.write_json(self.out_dir / runs.CONFIG_FILE,
+                            dict(config, head_options=json_safe(getattr(self.head, "options", {}))))
+        self.partition_state = partition.state_dict()
+        self.optimizer = make_optimizer(self.head, config)
+        self.state = dict(step=0, epoch=0, batch_in_epoch=0, elapsed_s=0.0, loss_sum=0.0, loss_count=0,
+                          best={"step": None, "score": None, "metrics": None, "head_state": None})
+        self.rng = _rng_state()
+        if resume:
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.rng = saved["rng"]
+            self.state.update({k: saved[k] for k in self.state})
+        del saved
+        runs.truncate_jsonl(self.out_dir / runs.METRICS_LOG_FILE, max_step=self.state["step"])
+        # Targets once for the whole cache, indexed by cache row: unit vectors (float32 is exact
+        # enough for the chord form of the vMF exponent), shareable between trainers.
+        if target_xyz is None:
+            target_xyz = torch.from_numpy(latlon_to_xyz(cache.lat_deg, cache.lon_deg).astype(np.float32))
+        self.target_xyz = target_xyz
+        # Heads that classify cells (softmax) take each row's cell: assigned once here, not per batch.
+        self.target_cell = None
+        if "target_cell" in inspect.signature(self.head.loss).parameters:
+            self.target_cell = torch.from_numpy(np.asarray(partition.assign(cache.lat_deg, cache.lon_deg), np.int64))
+        self.x_dtype = feature_dtype(config["precision"])
+        self.last_score: float | None = None  # the latest val score (for progress bars)
+        self.head.train()
+
+    @property
+    def done(self) -> bool:
+        return self.state["step"] >= self.cfg["total_steps"]
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """(epoch, batch index in it) of the next batch this trainer needs."""
+        return self.state["epoch"], self.state["batch_in_epoch"]
+
+    def step(self, rows: np.ndarray, x: torch.Tensor) -> float:
+        """One optimizer step on cache rows ``rows [b]`` with features ``x [b, d]`` (on the device, in
+        ``self.x_dtype``); evaluates and checkpoints when due. Returns the batch's mean loss (nats)."""
+        state, cfg = self.state, self.cfg
+        t0 = time.perf_counter()
+        torch.set_rng_state(self.rng["torch"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(state["step"], cfg)
+        index = torch.from_numpy(rows)
+        targets = {"target_xyz": self.target_xyz[index].to(self.device)}
+        if self.target_cell is not None:
+            targets["target_cell"] = self.target_cell[index].to(self.device)
+        loss = float(train_step(self.head, self.optimizer, x, targets, cfg["chunk_rows"]))
+        self.rng = dict(self.rng, torch=torch.get_rng_state())
+        if not math.isfinite(loss):
+            last = str(self.checkpoint_path) if self.checkpoint_path.exists() else "none (no evaluation yet)"
+            ids = ", ".join(str(s) for s in self.cache.ids[rows[:5]])
+            raise TrainingError(f"loss is {loss} at step {state['step'] + 1} (epoch {state['epoch']}); "
+                                f"batch starts with ids {ids}; last good checkpoint: {last}")
+        state["step"] += 1
+        state["batch_in_epoch"] += 1
+        state["loss_sum"] += loss
+        state["loss_count"] += 1
+        if state["batch_in_epoch"] == cfg["steps_per_epoch"]:
+            state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
+        state["elapsed_s"] += time.perf_counter() - t0
+        if state["step"] % cfg["eval_every"] == 0 or state["step"] == cfg["total_steps"]:
+            self.evaluate_and_checkpoint()
+        return loss
+
+    def end_epoch(self, epoch: int) -> None:
+        """The batches of ``epoch`` ran out before ``steps_per_epoch``: start the next epoch anyway."""
+        if not self.done and self.state["epoch"] == epoch:
+            self.state["epoch"], self.state["batch_in_epoch"] = epoch + 1, 0
+
+    def evaluate_and_checkpoint(self) -> float:
+        """Score the head on val, keep it if best so far, log a line, save the checkpoint; returns the score."""
+        state, cfg = self.state, self.cfg
+        t0 = time.perf_counter()
+        metrics, _ = evaluate_split(self.head, self.cache, "val", predict=cfg["predict"], device=self.device,
+                                    feature_dtype=self.x_dtype, batch_size=cfg["eval_batch_size"])
+        if cfg["select_by"] not in metrics:
+            raise ConfigError(f"--select-by {cfg['select_by']!r} is not a metric of this head; "
+                              f"choose one of: {', '.join(k for k in metrics if k not in ('split', 'predict'))}")
+        score = float(metrics[cfg["select_by"]])
+        best = state["best"]
+        improved = math.isfinite(score) and (best["score"] is None or (
+            score > best["score"] if cfg["select_mode"] == "max" else score < best["score"]))
+        if improved:
+            state["best"] = {"step": state["step"], "score": score, "metrics": metrics,
+                             "head_state": _cpu_state(self.head)}
+        state["elapsed_s"] += time.perf_counter() - t0
+        line = {"step": state["step"], "epoch": state["step"] / cfg["steps_per_epoch"],
+                "train_loss": state["loss_sum"] / max(1, state["loss_count"]), "lr": lr_at(state["step"] - 1, cfg),
+                **{f"val_{k}": v for k, v in metrics.items() if k not in ("split", "predict")},
+                "best": improved, "elapsed_s": state["elapsed_s"]}
+        state["loss_sum"], state["loss_count"] = 0.0, 0
+        # Log first, then checkpoint: a resume drops log lines newer than its checkpoint.
+        runs.append_jsonl(self.out_dir / runs.METRICS_LOG_FILE, line)
+        runs.save_checkpoint(self.checkpoint_path, {
+            "format": runs.RUN_FORMAT, "config": cfg, "partition": self.partition_state,
+            "head_state": _cpu_state(self.head), "optimizer": self.optimizer.state_dict(), "rng": self.rng, **state,
+        })
+        self.last_score = score
+        return score
+
+    def finish(self, *, country_fn: CountryFn | None = None, progress: bool = False) -> dict:
+        """Load the selected (best-on-val) weights and score them on test (val without a test split)."""
+        state = self.state
+        if state["best"]["head_state"] is None:  # no finite val score ever: keep the last weights
+            state["best"] = dict(state["best"], step=state["step"], head_state=_cpu_state(self.head))
+        self.head.load_state_dict(state["best"]["head_state"])
+        try:
+            final_split = "test" if len(self.cache.split_rows("test")) else "val"
+        except CacheError:
+            final_split = "val"
+        return score_and_write(self.head, self.cache, final_split, self.cfg, self.out_dir, device=self.device,
+                               country_fn=country_fn, progress=progress, selected_step=state["best"]["step"],
+                               select_by=self.cfg["select_by"], train_elapsed_s=state["elapsed_s"])
+
+
+def train_together(cache, trainers: list[HeadTrainer], *, bar=None,
+                   callback: Callable[[HeadTrainer, int, float], None] | None = None) -> None:
+    """Train ``trainers`` to their last step in one pass per epoch over the train split.
+
+    Each batch is read and converted to a tensor once and fed to every trainer
+    whose next position it is (trainers resumed from different checkpoints catch
+    up in turn). All trainers must share batch_size, seed, device and precision,
+    so that the data order, a function of (seed, epoch), is the one each would see alone.
+    ``callback(trainer, step, loss)`` runs after every step of every trainer.
+    """
+    todo = [t for t in trainers if not t.done]
+    if not todo:
+        return
+    shared = {(t.cfg["batch_size"], t.cfg["seed"], t.cfg["device"], t.cfg["precision"]) for t in todo}
+    if len(shared) != 1:
+        raise ConfigError(f"heads trained together must share batch_size, seed, device and precision; got {shared}")
+    cfg = todo[0].cfg
+    epoch = min(t.state["epoch"] for t in todo)
+    while any(not t.done for t in todo):
+        for i, (rows, features) in enumerate(cache.iter_batches("train", cfg["batch_size"], shuffle=True,
+                                                                seed=cfg["seed"], epoch=epoch)):
+            ready = [t for t in todo if not t.done and t.position == (epoch, i)]
+            if not ready:
+                if all(t.done or t.state["epoch"] > epoch for t in todo):
+                    break  # every trainer is past this epoch
+                continue  # consumed before the checkpoint these trainers resumed from
+            x = features_to_tensor(features, todo[0].device, todo[0].x_dtype)
+            for t in ready:
+                loss = t.step(rows, x)
+                if bar is not None:
+                    bar.update(1)
+                    name = f"{t.out_dir.name} " if len(todo) > 1 else ""
+                    last = f", val {t.cfg['select_by']} {t.last_score:.4g}" if t.last_score is not None else ""
+                    bar.set_postfix_str(f"{name}loss {loss:.4g}{last}", refresh=False)
+                if callback is not None:
+                    callback(t, t.state["step"], loss)
+        for t in todo:
+            t.end_epoch(epoch)
+        epoch += 1
