@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from geo.devices import cpu_supports_bf16, resolve_device, resolve_precision  # noqa: F401 (re-exported)
 from geo.errors import ConfigError
 from geo.geometry import great_circle_km, latlon_to_xyz
 from geo.metrics import summarize
@@ -46,44 +47,6 @@ def features_to_tensor(features: np.ndarray, device: torch.device, dtype: torch.
     if device.type == "cpu":
         return t.to(dtype)  # half arithmetic on CPU is slow: convert once here
     return t.to(device, non_blocking=True).to(dtype)
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda, then mps, then cpu; any other string is passed to ``torch.device``."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise ConfigError(f"--device {device!r}: {err}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device!r}: CUDA is not available here")
-    return dev
-
-
-def cpu_supports_bf16() -> bool:
-    """True when oneDNN has native bf16 kernels here (AVX512-BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" -> "bf16" on CUDA with bf16 and on CPUs with AVX512-BF16/AMX, else "fp32"."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"--precision must be auto, bf16 or fp32, not {precision!r}")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        return "bf16" if cpu_supports_bf16() else "fp32"
-    return "fp32"
 
 
 def feature_dtype(precision: str) -> torch.dtype:

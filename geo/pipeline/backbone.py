@@ -12,9 +12,6 @@ sha256, which the feature cache keeps as provenance.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +20,9 @@ import torch
 import torchvision
 from torch import nn
 
+from geo.devices import autocast, bf16_supported, resolve_device, resolve_precision  # noqa: F401 (re-exported)
 from geo.errors import ConfigError, GeoError
+from geo.files import sha256_file  # noqa: F401 (re-exported)
 
 CHECKPOINT_FORMAT = "geo-backbone/1"
 
@@ -32,13 +31,6 @@ class WeightsError(GeoError):
     """Backbone weights that cannot be found, downloaded or loaded."""
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class Backbone(nn.Module):
@@ -198,64 +190,6 @@ def save_backbone(model: Backbone, path: str | os.PathLike, **meta) -> str:
 
 
 # ---- device and precision ------------------------------------------------------------
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu; otherwise ``torch.device(device)``."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise ConfigError(f"--device {device!r}: {err}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: this torch build sees no CUDA GPU; use --device cpu or auto")
-    return dev
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_has_native_bf16() -> bool:
-    # oneDNN emulates bf16 on plain AVX512/AVX2 (slower than fp32); only AVX512-BF16 or AMX pay off.
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    if not ({"avx512_bf16", "amx_bf16"} & set(flags)):
-        return False
-    try:  # and the build must actually run a bf16 matmul
-        a = torch.ones(4, 4, dtype=torch.bfloat16)
-        return bool(torch.isfinite((a @ a).float()).all())
-    except RuntimeError:
-        return False
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 autocast is native and fast on ``device``."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return _cpu_has_native_bf16()
-    return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> "bf16" where supported else "fp32"; "bf16"/"fp32" pass through."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"--precision {precision!r}: choose auto, bf16 or fp32")
-    if precision == "auto":
-        return "bf16" if bf16_supported(device) else "fp32"
-    return precision
-
-
-def autocast(device: torch.device, precision: str):
-    """A bf16 autocast context for ``precision == "bf16"``, else a no-op (paths do not fork)."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @dataclass

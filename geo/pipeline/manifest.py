@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from geo.files import sha256_file
 from geo.errors import ConfigError, ManifestError
 
 SPLIT_NAMES = ("train", "val", "test")  # codes 0, 1, 2; the same as geo.cache.store.SPLIT_NAMES
@@ -67,15 +68,6 @@ class Manifest:
         """Rows per split name, e.g. {"train": 80, "val": 10, "test": 10}."""
         counts = np.bincount(self.split, minlength=len(SPLIT_NAMES))
         return {name: int(counts[code]) for code, name in enumerate(SPLIT_NAMES)}
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def split_uniform(ids: Sequence[str] | np.ndarray) -> np.ndarray:
@@ -263,7 +255,7 @@ def read_manifest(path: str | os.PathLike, *, val_fraction: float = 0.1, test_fr
         split = assign_splits(ids, val_fraction, test_fraction)
     return Manifest(ids=ids, paths=abs_paths, lat_deg=lat_deg.astype(np.float64),
                     lon_deg=np.where(lon_deg >= 180.0, lon_deg - 360.0, lon_deg), split=split,
-                    path=path.resolve(), sha256=file_sha256(path))
+                    path=path.resolve(), sha256=sha256_file(path))
 
 
 def _check_duplicates(ids: np.ndarray, problems: _Problems) -> None:

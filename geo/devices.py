@@ -1,0 +1,79 @@
+"""Device and precision choices shared by both stages (the backbone and the heads).
+
+``--device auto`` picks cuda, then mps, then cpu. ``--precision auto`` picks
+bf16 only where it is native and fast: a CUDA GPU with bf16, or a CPU whose
+oneDNN has real bf16 kernels (AVX512-BF16 or AMX). On plain AVX512/AVX2
+oneDNN emulates bf16 and is slower than float32, so auto stays fp32 there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from pathlib import Path
+
+import torch
+
+from geo.errors import ConfigError
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> cuda, then mps, then cpu; any other string goes to ``torch.device`` (ConfigError if unusable)."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"--device {device!r}: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: this torch build sees no CUDA GPU; use --device cpu or auto")
+    return dev
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bf16 (AVX512-BF16 or AMX) and the build runs a bf16 matmul."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    if flags and not ({"avx512_bf16", "amx_bf16"} & flags):
+        return False
+    try:
+        if not bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return False
+        a = torch.ones(4, 4, dtype=torch.bfloat16)
+        return bool(torch.isfinite((a @ a).float()).all())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 matmuls and autocast are native and fast on ``device``."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return cpu_supports_bf16()
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> "bf16" where ``bf16_supported(device)``, else "fp32"; "bf16"/"fp32" pass through."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision!r}: choose auto, bf16 or fp32")
+    if precision == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """A bf16 autocast context for ``precision == "bf16"``, else a no-op (so code paths do not fork)."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
