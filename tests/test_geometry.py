@@ -8,6 +8,7 @@ import torch
 from scipy.stats import vonmises_fisher
 
 from geo import geometry as g
+from sphere_grid import fibonacci_sphere
 
 KAPPAS = [1e-6, 1e-3, 1.0, 16.0, math.exp(10), math.exp(16), 1e9]
 
@@ -17,15 +18,6 @@ def _points_at_angles(mu: np.ndarray, angles_rad: np.ndarray) -> np.ndarray:
     ortho = np.cross(mu, [0.3, -0.5, 0.8])
     ortho /= np.linalg.norm(ortho)
     return np.cos(angles_rad)[:, None] * mu[None] + np.sin(angles_rad)[:, None] * ortho[None]
-
-
-def fibonacci_sphere(n: int) -> np.ndarray:
-    """n nearly uniform unit vectors; each stands for 4 pi / n steradians."""
-    i = np.arange(n) + 0.5
-    z = 1.0 - 2.0 * i / n
-    phi = math.pi * (1.0 + 5**0.5) * i
-    r = np.sqrt(1.0 - z * z)
-    return np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=-1)
 
 
 # ---- coordinates ---------------------------------------------------------------

@@ -14,6 +14,7 @@ from scipy.stats import vonmises_fisher
 
 from geo.errors import ConfigError
 from geo.heads import create_head
+from sphere_grid import fibonacci_sphere
 
 
 def unit(v: np.ndarray) -> np.ndarray:
@@ -26,14 +27,6 @@ def stand_in_partition(centres_xyz: np.ndarray) -> SimpleNamespace:
     rng = np.random.default_rng(123)
     return SimpleNamespace(centres_xyz=centres_xyz, means_xyz=unit(centres_xyz + 0.01 * rng.normal(size=(c, 3))),
                            areas_sr=np.full(c, 4 * np.pi / c), n_cells=c)
-
-
-def fibonacci_sphere(n: int) -> np.ndarray:
-    i = np.arange(n) + 0.5
-    z = 1.0 - 2.0 * i / n
-    phi = i * math.pi * (3.0 - math.sqrt(5.0))
-    r = np.sqrt(1.0 - z * z)
-    return np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=-1)
 
 
 def reference_log_density(logits: np.ndarray, y: np.ndarray, mu: np.ndarray, log_kappa: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ import torch
 
 from geo.errors import ConfigError
 from geo.heads import Head, create_head, list_heads, register_head
+from sphere_grid import fibonacci_sphere
 
 # Options that make each head's density resolvable by the quadrature grid (kappa = 50 for MvMF).
 TEST_OPTIONS = {"mvmf": {"kappa0": math.log(50.0)}}
@@ -30,14 +31,6 @@ class CubePartition:
         xyz = np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=-1)
         axis = np.argmax(np.abs(xyz), axis=1)
         return (2 * axis + (xyz[np.arange(len(xyz)), axis] < 0)).astype(np.int64)
-
-
-def fibonacci_sphere(n: int) -> np.ndarray:
-    i = np.arange(n) + 0.5
-    z = 1.0 - 2.0 * i / n
-    phi = i * math.pi * (3.0 - math.sqrt(5.0))
-    r = np.sqrt(1.0 - z * z)
-    return np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=-1)
 
 
 def make(name: str, **extra) -> Head:

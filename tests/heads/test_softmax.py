@@ -11,19 +11,12 @@ import torch.nn.functional as F
 
 from geo.errors import ConfigError
 from geo.heads import create_head
+from sphere_grid import fibonacci_sphere
 
 
 def latlon_xyz(lat_deg, lon_deg):
     lat, lon = np.radians(lat_deg), np.radians(lon_deg)
     return np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=-1)
-
-
-def fibonacci_sphere(n: int) -> np.ndarray:
-    i = np.arange(n) + 0.5
-    z = 1.0 - 2.0 * i / n
-    phi = i * math.pi * (3.0 - math.sqrt(5.0))
-    r = np.sqrt(1.0 - z * z)
-    return np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=-1)
 
 
 class CubePartition:
