@@ -198,7 +198,7 @@ def finetune(model: Backbone, paths, labels: np.ndarray, split: np.ndarray, conf
             "val_acc": correct / n_val if n_val else None,
             "val_majority_acc": float(np.mean(labels[val_rows] == majority)) if len(val_rows) else None,
             "n_train": int(seen), "n_failed": int(failed + n_val_failed),
-            "lr": identity["lr"], "elapsed_s": time.perf_counter() - t0,
+            "lr_peak": identity["lr"], "lr_last": optimizer.param_groups[0]["lr"], "elapsed_s": time.perf_counter() - t0,
         }
         result.history.append(record)
         if dist.is_main:
