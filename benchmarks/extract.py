@@ -31,7 +31,8 @@ import torch
 from PIL import Image
 
 from geo.cache.store import CacheWriter
-from geo.pipeline.backbone import autocast, bf16_supported, create_backbone, placement
+from geo.devices import autocast, bf16_supported
+from geo.pipeline.backbone import create_backbone, placement
 from geo.pipeline.extract import extract_rows
 from geo.pipeline.finetune import FinetuneConfig, finetune
 from geo.pipeline.manifest import read_manifest

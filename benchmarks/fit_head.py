@@ -30,7 +30,8 @@ import torch
 
 from geo.heads import create_head
 from geo.heads.partition import Partition
-from geo.heads.evaluate import cpu_supports_bf16, feature_dtype
+from geo.devices import cpu_supports_bf16
+from geo.heads.evaluate import feature_dtype
 from geo.heads.train import _BYTES_PER_ROW_CELL, FitConfig, make_optimizer, train_step
 
 

@@ -39,7 +39,7 @@ def make_cache(path: Path, *, n_train: int, d: int = 2048, n_places: int = 300, 
     Features = 3 * P y_place + N(0, 1) in float16, like a backbone that recognises a region.
     """
     from geo.cache.store import CacheWriter
-    from geo.geometry import latlon_to_xyz, xyz_to_latlon
+    from geo.geometry import xyz_to_latlon
 
     rng = np.random.default_rng(seed)
     n = int(n_train / 0.8)

@@ -110,7 +110,7 @@ def find_images(inputs: Sequence[str | os.PathLike], *, recursive: bool = False)
 
 
 def _sha256(path: Path) -> str:
-    from geo.pipeline.backbone import sha256_file
+    from geo.files import sha256_file
 
     return sha256_file(path)
 
@@ -163,6 +163,7 @@ class Predictor:
                  mode: str | None = None, device: str = "auto", precision: str = "auto"):
         from geo.heads import runs
         from geo.heads import train as heads_train
+        from geo.heads.evaluate import feature_dtype
         from geo.pipeline.backbone import create_backbone, placement
         from geo.pipeline.images import describe_transform, eval_transform
 
@@ -189,12 +190,12 @@ class Predictor:
         self.head = heads_train.build_head(checkpoint["config"], checkpoint["partition"],
                                            int(self.config["cache_feature_dim"]), torch.device("cpu"),
                                            saved=checkpoint).eval()
-        self.feature_dtype = heads_train.feature_dtype(self.config["precision"])
+        self.feature_dtype = feature_dtype(self.config["precision"])
         self.timings = dict(decode=0.0, backbone=0.0, head=0.0, places=0.0, total=0.0)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Head logits ``[B, c]`` (float32, CPU) of transformed images ``[B, 3, H, W]``."""
-        from geo.pipeline.backbone import autocast
+        from geo.devices import autocast
 
         t0 = time.perf_counter()
         with torch.inference_mode(), autocast(self.place.device, self.place.precision):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from geo.devices import cpu_supports_bf16, resolve_device, resolve_precision  # noqa: F401 (re-exported)
+from geo.devices import resolve_device
 from geo.errors import ConfigError
 from geo.geometry import great_circle_km, latlon_to_xyz
 from geo.metrics import summarize

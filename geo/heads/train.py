@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from geo import __version__
 from geo.errors import ConfigError, GeoError
 from geo.heads import create_head, list_heads, runs
-from geo.heads.evaluate import CountryFn, feature_dtype, resolve_device, resolve_precision  # noqa: F401 (re-exported)
+from geo.devices import resolve_device, resolve_precision
+from geo.heads.evaluate import CountryFn
 
 # Prediction modes each built-in head offers; the first is its default.
 PREDICT_MODES = {"mvmf": ("argmax", "mode"), "softmax": ("centre", "mean")}

@@ -23,8 +23,8 @@ import torch
 from geo.errors import CacheError, ConfigError
 from geo.geometry import latlon_to_xyz
 from geo.heads import runs
-from geo.heads.evaluate import (CountryFn, evaluate_split, feature_dtype, features_to_tensor, resolve_device,
-                                score_and_write)
+from geo.devices import resolve_device
+from geo.heads.evaluate import CountryFn, evaluate_split, feature_dtype, features_to_tensor, score_and_write
 from geo.heads.train import TrainingError, build_head, json_safe, lr_at, make_optimizer, train_step
 
 

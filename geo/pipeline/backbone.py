@@ -20,9 +20,9 @@ import torch
 import torchvision
 from torch import nn
 
-from geo.devices import autocast, bf16_supported, resolve_device, resolve_precision  # noqa: F401 (re-exported)
+from geo.devices import resolve_device, resolve_precision
 from geo.errors import ConfigError, GeoError
-from geo.files import sha256_file  # noqa: F401 (re-exported)
+from geo.files import sha256_file
 
 CHECKPOINT_FORMAT = "geo-backbone/1"
 

@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 from geo.cache.store import CacheWriter, FeatureCache
 from geo.errors import CacheError, ConfigError, GeoError
 from geo.pipeline import distributed
-from geo.pipeline.backbone import (Backbone, Placement, autocast, create_backbone, placement, save_backbone,
-                                   sha256_file)
+from geo.devices import autocast
+from geo.files import sha256_file
+from geo.pipeline.backbone import Backbone, Placement, create_backbone, placement, save_backbone
 from geo.pipeline.countries import country_codes
 from geo.pipeline.distributed import Dist, shard_range
 from geo.pipeline.finetune import FinetuneConfig, finetune, image_loader

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
 from geo.errors import ConfigError, GeoError
-from geo.pipeline.backbone import Backbone, Placement, autocast
+from geo.devices import autocast
+from geo.pipeline.backbone import Backbone, Placement
 from geo.pipeline.distributed import Dist, shard_range
 from geo.pipeline.images import ImageRows, collate_rows, eval_transform, train_transform
 

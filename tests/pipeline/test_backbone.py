@@ -9,8 +9,8 @@ import torch
 import torchvision
 
 from geo.errors import ConfigError
-from geo.pipeline.backbone import (WeightsError, autocast, create_backbone, resolve_precision,
-                                   save_backbone)
+from geo.devices import autocast, resolve_precision
+from geo.pipeline.backbone import WeightsError, create_backbone, save_backbone
 
 
 @pytest.mark.parametrize("name, dim", [("resnet18", 512), ("wide_resnet50_2", 2048),
