@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 DEMO_SIZE ?= small
 DEMO_DIR ?= demo
 
-.PHONY: demo test install clean-demo
+.PHONY: demo test test-fast lint-imports install clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,8 +21,16 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-test: $(VENV)/.installed
+# The whole suite, slow end-to-end tests included (CI runs this), after the import layering check.
+test: lint-imports
 	$(PY) -m pytest
+
+# The same without the tests marked slow (the demo end to end, DDP, ...): for quick iterations.
+test-fast: lint-imports
+	$(PY) -m pytest -m "not slow"
+
+lint-imports: $(VENV)/.installed
+	$(VENV)/bin/lint-imports
 
 demo: $(VENV)/.installed
 	DEMO_SIZE=$(DEMO_SIZE) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh $(DEMO_DIR)

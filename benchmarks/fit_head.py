@@ -4,7 +4,7 @@ Prints, in one run:
 - this machine's matmul rate (GFLOP/s) of a B x d x c product, bf16 and float32;
 - training samples/s of each head at d = 2048 and c = 2^13, 2^15 (and 2^17 when
   memory allows), at the default batch, on synthetic in-memory features; a step is
-  forward + loss + backward + AdamW, exactly ``geo.heads.train.train_step``;
+  forward + loss + backward + AdamW, exactly ``geo.training.trainer.train_step``;
 - the fraction of the floor reached: the floor is the time of the two B x d x c
   products a step needs (forward W x and the weight gradient; features need no
   gradient) at the measured matmul rate of the precision used;
@@ -29,10 +29,11 @@ import numpy as np
 import torch
 
 from geo.heads import create_head
-from geo.heads.partition import Partition
+from geo.sphere.partition import Partition
 from geo.devices import cpu_supports_bf16
-from geo.heads.evaluate import feature_dtype
-from geo.heads.train import _BYTES_PER_ROW_CELL, FitConfig, make_optimizer, train_step
+from geo.training.evaluate import feature_dtype
+from geo.training.config import BYTES_PER_ROW_CELL, FitConfig
+from geo.training.trainer import make_optimizer, train_step
 
 
 def matmul_gflops(batch: int, d: int, c: int, dtype: torch.dtype, repeats: int) -> float:
@@ -60,7 +61,7 @@ def time_head(name: str, partition, batch: int, d: int, precision: str, steps: i
     head = create_head(name, feature_dim=d, partition=partition,
                        matmul_dtype="bfloat16" if precision == "bf16" else None)
     optimizer = make_optimizer(head, config)
-    chunk_rows = max(1, min(batch, FitConfig.max_memory_mb * 2**20 // (c * _BYTES_PER_ROW_CELL)))
+    chunk_rows = max(1, min(batch, FitConfig.max_memory_mb * 2**20 // (c * BYTES_PER_ROW_CELL)))
     rng = np.random.default_rng(0)
     lat = np.degrees(np.arcsin(rng.uniform(-1, 1, batch)))
     lon = rng.uniform(-180, 180, batch)

@@ -22,7 +22,7 @@ import numpy as np
 import s2sphere
 import torch
 
-from geo.heads.partition import Partition
+from geo.sphere.partition import Partition
 
 
 def clustered_points(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:

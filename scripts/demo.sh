@@ -43,9 +43,9 @@ TIMES+=("extract: $(( $(stamp) - t )) s")
 echo "== 3/4 geo sweep: heads mvmf,softmax x c in {$CLASSES} x kappa0 in {$KAPPA0} -> $OUT/runs"
 t=$(stamp)
 # batch 256 x 30 epochs: the demo train split is small (~10k rows), so smaller batches, more steps
-geo sweep "$OUT/cache.h5" --head mvmf,softmax --classes "$CLASSES" --kappa0 "$KAPPA0" --epochs 30 --batch-size 256 --out "$OUT/runs"
+geo sweep "$OUT/cache.h5" --head mvmf,softmax --n-cells "$CLASSES" --kappa0 "$KAPPA0" --epochs 30 --batch-size 256 --out "$OUT/runs"
 TIMES+=("sweep: $(( $(stamp) - t )) s")
-python -m geo.reports.baseline "$OUT/cache.h5" --classes "$CLASSES"
+geo baseline "$OUT/cache.h5" --n-cells "$CLASSES"
 
 echo "== 4/4 geo report -> $OUT/report"
 t=$(stamp)

@@ -25,7 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from geo import __version__
+from geo.version import __version__
 from geo.cache.schema import (
     FEATURE_DTYPES,
     RESERVED_ATTRS,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from geo.cli import cli
+from geo.cli.group import cli
 
 
 # ---- predict ----------------------------------------------------------------
@@ -14,8 +14,9 @@ from geo.cli import cli
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=str))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1), help="Locations per image.")
-@click.option("--predict", "mode", type=click.Choice(["argmax", "mode"]), default=None,
-              help="argmax: the most probable components / cells; mode: density maxima (default: the run's).")
+@click.option("--predict", "mode", default=None,
+              help="A mode the run's head offers: argmax (the most probable components / cells), mode (density "
+                   "maxima), for softmax also centre / mean [default: the run's].")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image, one per line.")
 @click.option("--map", "map_path", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="Draw each image's predicted density with the top-k on a world map (PNG; with several "
@@ -58,7 +59,7 @@ def predict_cmd(run, images, top_k, mode, as_json, map_path, backbone_checkpoint
     for result in results:
         click.echo(json.dumps(result.to_dict()) if as_json else format_result(result))
     if map_path:
-        from geo.predict_map import write_maps
+        from geo.inference.maps import write_maps
 
         for path in write_maps(predictor.head, results, map_path):
             click.echo(f"wrote {path}", err=True)

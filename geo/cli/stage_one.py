@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from geo.cli import cli
+from geo.cli.group import cli
 
 
 # ---- stage one: manifest, extract (geo/pipeline) ----------------------------

@@ -42,11 +42,11 @@ from torch.utils.checkpoint import checkpoint
 
 from geo.errors import ConfigError
 from geo.geometry import normalize, vmf_log_density_pairwise, vmf_log_normalizer, xyz_to_latlon
-from geo.heads import Head, register_head
+from geo.heads.registry import register_head
+from geo.heads.base import CellHead, VmfMixture, matmul_dtype_of
 from geo.heads.mvmf_loss import mvmf_log_density_at
 
 MU_INITS = ("centre", "mean")
-PREDICT_MODES = ("argmax", "mode")
 
 
 def _log_vmf_operands(y: torch.Tensor, mu: torch.Tensor, log_kappa: torch.Tensor):
@@ -73,7 +73,7 @@ def _mixture_row_log_density_diff(logits: torch.Tensor, y: torch.Tensor, mu: tor
 
 
 @register_head("mvmf")
-class MvMFHead(Head):
+class MvMFHead(CellHead):
     """Mixture of von Mises-Fisher output layer over the cells of ``partition``.
 
     Args:
@@ -87,6 +87,9 @@ class MvMFHead(Head):
     """
 
     has_density = True
+    predict_modes = ("argmax", "mode")
+    sweep_options = {"kappa0": "k"}  # runs mvmf-c<C>-k<kappa0>
+    shared_components = True  # mu and kappa are parameters, the same for every input (drawn in reports)
     # Bound on the [rows, c]-sized temporaries of one chunk; an attribute, not an
     # option, because it changes memory use, not results.
     max_chunk_bytes: int = 256 * 2**20
@@ -104,6 +107,25 @@ class MvMFHead(Head):
         self.log_kappa = nn.Parameter(torch.full((self.n_cells,), float(kappa0)), requires_grad=bool(train_kappa))
         self.options = {"kappa0": float(kappa0), "train_mu": bool(train_mu), "train_kappa": bool(train_kappa),
                         "mu_init": mu_init, "matmul_dtype": self.matmul_dtype_name}
+
+    @classmethod
+    def options_from_config(cls, config: dict) -> dict:
+        return dict(kappa0=config["kappa0"], train_mu=config["train_mu"], train_kappa=config["train_kappa"],
+                    mu_init=config["mu_init"], matmul_dtype=matmul_dtype_of(config))
+
+    @classmethod
+    def parameter_count(cls, feature_dim: int, n_cells: int) -> int:
+        return super().parameter_count(feature_dim, n_cells) + 4 * n_cells  # + mu [c, 3], log kappa [c]
+
+    def vmf_mixture(self, output_row: torch.Tensor) -> VmfMixture:
+        """The row's mixture: log Gamma [c] from the logits [c], float64 means [c, 3] and log kappa [c]."""
+        with torch.no_grad():
+            return VmfMixture(torch.log_softmax(torch.as_tensor(output_row).detach().double().cpu(), dim=-1),
+                              self.mu().detach().double().cpu(), self.log_kappa.detach().double().cpu())
+
+    def initial_means_xyz(self, partition):
+        """The means before training (``mu_init``: the cells' centres or training-point means), ``[c, 3]``."""
+        return partition.centres_xyz if self.options["mu_init"] == "centre" else partition.means_xyz
 
     # ---- parameters in the dtype the vMF terms use ---------------------------
 
@@ -204,7 +226,8 @@ class MvMFHead(Head):
             index = torch.topk(logits.detach(), k, dim=-1).indices.cpu()
             return xyz_to_latlon(normalize(self.mu_raw.detach().cpu().to(torch.float64))[index])
         if mode != "mode":
-            raise ConfigError(f"predict mode for the mvmf head must be one of {', '.join(PREDICT_MODES)}, not {mode!r}")
+            raise ConfigError(f"predict mode for the mvmf head must be one of {', '.join(self.predict_modes)}, "
+                              f"not {mode!r}")
         n_starts = max(n_starts, 2 * k)
         # The search's temporaries are [rows, starts, components, 3] float64: chunk the rows.
         rows = max(1, self.max_chunk_bytes // (4 * 8 * 3 * n_starts * min(n_components, self.n_cells)))

@@ -32,14 +32,14 @@ import torch.nn.functional as F
 
 from geo.errors import ConfigError
 from geo.geometry import normalize, wrap_lon_deg, xyz_to_latlon
-from geo.heads import Head, register_head
+from geo.heads.registry import register_head
+from geo.heads.base import CellDensity, CellHead, matmul_dtype_of
 
 PREDICT_AT = ("centre", "mean")
-PREDICT_MODES = ("argmax", "mode", "centre", "mean")
 
 
 @register_head("softmax")
-class SoftmaxHead(Head):
+class SoftmaxHead(CellHead):
     """Cross-entropy over the cells of ``partition`` (PlaNet).
 
     Args:
@@ -51,6 +51,8 @@ class SoftmaxHead(Head):
     """
 
     has_density = True
+    # "centre" (PlaNet's) first: the default of a run; "argmax" places the top cell at predict_at.
+    predict_modes = ("centre", "mean", "argmax", "mode")
 
     def __init__(self, feature_dim: int, partition: Any, *, predict_at: str = "centre", matmul_dtype: Any = None):
         centres = torch.as_tensor(np.asarray(partition.centres_xyz), dtype=torch.float64)
@@ -69,6 +71,21 @@ class SoftmaxHead(Head):
         self.register_buffer("means_xyz", normalize(means).to(torch.float32))
         self.register_buffer("log_areas_sr", torch.log(areas).to(torch.float32))
         self.options = {"predict_at": predict_at, "matmul_dtype": self.matmul_dtype_name}
+
+    @classmethod
+    def options_from_config(cls, config: dict) -> dict:
+        predict = config.get("predict")
+        return dict(predict_at=predict if predict in PREDICT_AT else PREDICT_AT[0], matmul_dtype=matmul_dtype_of(config))
+
+    def row_targets(self, lat_deg, lon_deg) -> dict[str, torch.Tensor]:
+        """Each row's cell, assigned once for the whole dataset: the loss is then a plain cross-entropy."""
+        return {"target_cell": torch.from_numpy(np.asarray(self.partition.assign(lat_deg, lon_deg), np.int64))}
+
+    def cell_density(self, output_row: torch.Tensor) -> CellDensity:
+        """The row's cell probabilities ``[c]`` (float64 numpy) over the partition."""
+        with torch.no_grad():
+            log_p = torch.log_softmax(torch.as_tensor(output_row).detach().double().cpu(), dim=-1)
+        return CellDensity(np.exp(log_p.numpy()), self.partition)
 
     def cells_of(self, xyz: torch.Tensor) -> torch.Tensor:
         """Cell index ``int64 [n]`` of points ``xyz [n, 3]`` via ``partition.assign`` (on the CPU)."""
@@ -113,8 +130,8 @@ class SoftmaxHead(Head):
     def predict(self, logits: torch.Tensor, k: int = 1, mode: str = "argmax") -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k predicted locations ``(lat_deg [B, k], lon_deg [B, k])`` in degrees (see the module docstring)."""
         k = self._check_k(k)
-        if mode not in PREDICT_MODES:
-            raise ConfigError(f"predict mode for the softmax head must be one of {', '.join(PREDICT_MODES)}, "
+        if mode not in self.predict_modes:
+            raise ConfigError(f"predict mode for the softmax head must be one of {', '.join(self.predict_modes)}, "
                               f"not {mode!r}")
         score = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if mode == "mode":

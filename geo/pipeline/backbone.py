@@ -22,7 +22,7 @@ from torch import nn
 
 from geo.devices import resolve_device, resolve_precision
 from geo.errors import ConfigError, GeoError
-from geo.files import sha256_file
+from geo.files import atomic_write, sha256_file
 
 CHECKPOINT_FORMAT = "geo-backbone/1"
 
@@ -183,9 +183,8 @@ def save_backbone(model: Backbone, path: str | os.PathLike, **meta) -> str:
     payload = {"format": CHECKPOINT_FORMAT, "backbone": model.name, "feature_dim": model.feature_dim,
                "classes": list(model.classes), "init_weights": model.weights_source,
                "init_weights_sha256": model.weights_sha256, "model": state, **meta}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as handle:
+        torch.save(payload, handle)
     return sha256_file(path)
 
 

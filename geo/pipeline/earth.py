@@ -65,6 +65,7 @@ from scipy.spatial import cKDTree
 from tqdm import tqdm
 
 from geo.errors import GeoError
+from geo.files import atomic_write, atomic_write_text
 from geo.geometry import EARTH_RADIUS_KM, latlon_to_xyz, wrap_lon_deg
 
 FORMAT = "geo-earth/1"
@@ -384,9 +385,8 @@ def make_earth_dataset(out_dir: str | os.PathLike, *, n: int = 2000, size_px: in
     })
     counts = {s: int((split == c).sum()) for c, s in enumerate(SPLITS)}
     _write_json(out_dir / "earth.json", {**options, "status": "complete", "counts": counts})
-    tmp = out_dir / "manifest.parquet.tmp"
-    pq.write_table(table.replace_schema_metadata({"geo.earth": json.dumps(options)}), tmp)
-    os.replace(tmp, out_dir / "manifest.parquet")  # the manifest's arrival marks the dataset complete
+    with atomic_write(out_dir / "manifest.parquet") as handle:  # its arrival marks the dataset complete
+        pq.write_table(table.replace_schema_metadata({"geo.earth": json.dumps(options)}), handle)
     log(f"Wrote {n} patches (train {counts['train']}, val {counts['val']}, test {counts['test']}) "
         f"to {out_dir / 'manifest.parquet'}")
     return out_dir / "manifest.parquet"
@@ -394,6 +394,4 @@ def make_earth_dataset(out_dir: str | os.PathLike, *, n: int = 2000, size_px: in
 
 def _write_json(path: Path, obj: dict) -> None:
     """Write obj as JSON, atomically (a crash leaves the old file or the new one)."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")

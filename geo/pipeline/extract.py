@@ -24,7 +24,7 @@ from geo.cache.store import CacheWriter, FeatureCache
 from geo.errors import CacheError, ConfigError, GeoError
 from geo.pipeline import distributed
 from geo.devices import autocast
-from geo.files import sha256_file
+from geo.files import atomic_write_text, sha256_file
 from geo.pipeline.backbone import Backbone, Placement, create_backbone, placement, save_backbone
 from geo.pipeline.countries import country_codes
 from geo.pipeline.distributed import Dist, shard_range
@@ -278,9 +278,7 @@ def run_extract(manifest_path: str | os.PathLike, out: str | os.PathLike, config
                             precision=place.precision, world_size=dist.world_size, classes=classes,
                             lr=FinetuneConfig(lr=config.lr).resolved_lr(init["init_weights"]),
                             provenance=provenance, n_rows=n_rows, n_skipped=n_skipped, finetune_history=history)
-            tmp = config_path.with_name(config_path.name + ".tmp")
-            tmp.write_text(json.dumps(resolved, indent=2, default=str) + "\n")
-            os.replace(tmp, config_path)
+            atomic_write_text(config_path, json.dumps(resolved, indent=2, default=str) + "\n")
         return ExtractResult(out, ckpt_path, config_path, n_rows, n_skipped, history, dist.is_main)
     finally:
         distributed.shutdown()

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from geo.errors import ConfigError, GeoError
 from geo.devices import autocast
+from geo.files import atomic_write
 from geo.pipeline.backbone import Backbone, Placement
 from geo.pipeline.distributed import Dist, shard_range
 from geo.pipeline.images import ImageRows, collate_rows, eval_transform, train_transform
@@ -89,9 +90,8 @@ def evaluate_countries(model: Backbone, paths, labels: np.ndarray, place: Placem
 
 
 def _save_state(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # atomic: a kill leaves the previous epoch's state intact
+    with atomic_write(path) as handle:  # a kill leaves the previous epoch's state intact
+        torch.save(payload, handle)
 
 
 def finetune(model: Backbone, paths, labels: np.ndarray, split: np.ndarray, config: FinetuneConfig,

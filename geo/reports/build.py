@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from geo.files import atomic_write_text
 from geo.reports import claims as claims_mod
 from geo.reports import plots, tables
 from geo.reports.document import Image, Section, Table, Text, render_html, render_markdown, write_figures
@@ -165,9 +166,9 @@ def build_report(paths: Iterable[str | Path], out_dir: str | Path, *, fmt: str =
     files = list(tables.write_exports(runs, out_dir))
     if fmt in ("md", "both"):
         files += write_figures(sections, out_dir)
-        (out_dir / "report.md").write_text(render_markdown(TITLE, sections), encoding="utf-8")
+        atomic_write_text(out_dir / "report.md", render_markdown(TITLE, sections))
         files.append(out_dir / "report.md")
     if fmt in ("html", "both"):
-        (out_dir / "index.html").write_text(render_html(TITLE, sections), encoding="utf-8")
+        atomic_write_text(out_dir / "index.html", render_html(TITLE, sections))
         files.append(out_dir / "index.html")
     return ReportResult(out_dir, files, runs, skipped, notes)

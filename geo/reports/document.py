@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from geo.files import atomic_write_bytes
+
 
 @dataclass
 class Text:
@@ -121,6 +123,6 @@ def write_figures(sections: list[Section], out_dir: Path) -> list[Path]:
     for section in sections:
         for block in section.blocks:
             if isinstance(block, Image):
-                (figures / block.name).write_bytes(block.png)
+                atomic_write_bytes(figures / block.name, block.png)
                 written.append(figures / block.name)
     return written

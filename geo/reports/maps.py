@@ -1,16 +1,12 @@
 """Maps of a report: predicted densities for a few test images, the partition, the MvMF means.
 
-Heads are re-created from each run's ``checkpoint.pt`` (``geo.heads.train.build_head``,
+Heads are re-created from each run's ``checkpoint.pt`` (``geo.training.runs.load_head``,
 the selected weights) and fed the images' cached features
 (``FeatureCache.load_features``). Images are chosen from one reference run's
 ``predictions.parquet`` by its top-1 probability: the most and the least certain.
 
-What a density map shows: the probability mass of each 1° pixel (log10), because a
-component with κ = e^16 is ~2.5 km wide and its density sampled at pixel centres
-would be zero almost everywhere. For MvMF, components narrower than a pixel put
-their weight Γ_i in the pixel holding μ_i and the others are integrated as density x
-pixel area, over the ``MAX_COMPONENTS`` heaviest components; any other head is
-drawn as ``head.log_density`` x pixel area. Each drawn pixel is the maximum of its 5 x 5
+What a density map shows: the probability mass of each 1° pixel (log10,
+``geo.worldmap.density.pixel_log10_mass``, shared with ``geo predict --map``). Each drawn pixel is the maximum of its 5 x 5
 neighbourhood, so that single-pixel peaks stay visible at report size.
 """
 
@@ -25,12 +21,12 @@ import torch
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
-from geo.geometry import latlon_to_xyz, vmf_log_density_pairwise, xyz_to_latlon
+from geo.geometry import xyz_to_latlon
 from geo.reports.runs import Run, pick_one
-from geo.reports.world import draw_world, lat_lon_grid, pixel_index
+from geo.training import runs as run_files
+from geo.worldmap.density import N_LON, pixel_log10_mass
+from geo.worldmap.world import draw_world, lat_lon_grid, pixel_index
 
-N_LON = 360  # density maps: 360 x 180 pixels of 1°
-MAX_COMPONENTS = 1024  # heaviest MvMF components integrated per image; the rest weigh < the 1024th each
 DECADES = 6  # colour range of the density maps below each map's maximum
 
 
@@ -53,19 +49,12 @@ def load_run(run: Run) -> LoadedRun:
     """Re-create ``run``'s head and partition from checkpoint.pt; ValueError(reason) when it cannot."""
     import pyarrow.parquet as pq
 
-    from geo.heads import runs as run_files
-    from geo.heads.partition import Partition
-    from geo.heads.train import build_head
-
     for path in (run.checkpoint_path, run.predictions_path):
         if not path.exists():
             raise ValueError(f"{run.name}: no {path.name}")
     try:
-        checkpoint = run_files.load_checkpoint(run.checkpoint_path)
-        feature_dim = int(checkpoint["config"].get("cache_feature_dim") or run.config["cache_feature_dim"])
-        head = build_head(checkpoint["config"], checkpoint["partition"], feature_dim, torch.device("cpu"),
-                          saved=checkpoint).eval()
-        partition = Partition.from_state_dict(checkpoint["partition"])
+        loaded = run_files.load_head(run.path)
+        head, partition = loaded.head, loaded.partition
         table = pq.read_table(run.predictions_path)
     except Exception as err:  # a foreign or torn file: reported as a reason, never fatal to the report
         raise ValueError(f"{run.name}: cannot re-create the head ({type(err).__name__}: {err})") from None
@@ -104,31 +93,6 @@ def load_features(cache_path: str | Path, ids: list[str]) -> np.ndarray:
         features = np.empty((len(ids), cache.feature_dim), np.float32)
         features[order] = cache.load_features(wanted[order]).astype(np.float32)
     return features
-
-
-def pixel_log10_mass(head: torch.nn.Module, logits: torch.Tensor, n_lon: int = N_LON) -> np.ndarray:
-    """log10 of the predicted probability of each pixel, [n_lon/2, n_lon], for one image's logits [c]."""
-    lat, lon, area = lat_lon_grid(n_lon)
-    grid = torch.as_tensor(latlon_to_xyz(lat.ravel(), lon.ravel()))
-    with torch.no_grad():
-        if hasattr(head, "mu") and hasattr(head, "log_kappa"):  # a vMF mixture: see the module docstring
-            log_w = torch.log_softmax(logits.double(), dim=-1)
-            top = torch.topk(log_w, min(MAX_COMPONENTS, log_w.shape[0])).indices
-            log_w, mu, log_kappa = log_w[top], head.mu().double()[top], head.log_kappa.double()[top]
-            # Narrow: the component's angular s.d. 1/sqrt(κ) is under one pixel, too fine to sample.
-            narrow = log_kappa > -2 * math.log(math.radians(360 / n_lon))
-            mass = np.zeros(lat.size)
-            if (~narrow).any():
-                log_dens = torch.logsumexp(log_w[~narrow] + vmf_log_density_pairwise(
-                    grid, mu[~narrow], log_kappa[~narrow]), dim=-1)
-                mass += np.exp(log_dens.numpy()) * area.ravel()
-            if narrow.any():
-                mu_lat, mu_lon = xyz_to_latlon(mu[narrow].numpy())
-                np.add.at(mass, pixel_index(mu_lat, mu_lon, n_lon), np.exp(log_w[narrow].numpy()))
-            with np.errstate(divide="ignore"):
-                return np.log10(mass).reshape(lat.shape)
-        log_dens = head.log_density(logits[None].float(), grid.float())[0].double().numpy()
-        return ((log_dens + np.log(area.ravel())) / math.log(10)).reshape(lat.shape)
 
 
 def _max_filter(values: np.ndarray, radius: int = 2) -> np.ndarray:
@@ -191,10 +155,9 @@ def partition_figure(partition, n_lon: int = 720) -> Figure:
 def centres_figure(entry: LoadedRun) -> Figure:
     """MvMF means before training (cell centres or means, by mu_init) and after, coloured by log κ."""
     mu_init = entry.head.options.get("mu_init", "centre")
-    before = np.asarray(entry.partition.centres_xyz if mu_init == "centre" else entry.partition.means_xyz)
-    with torch.no_grad():
-        after = entry.head.mu().double().numpy()
-        log_kappa = entry.head.log_kappa.double().numpy()
+    before = np.asarray(entry.head.initial_means_xyz(entry.partition))
+    mixture = entry.head.vmf_mixture(torch.zeros(entry.head.max_k))  # the components do not depend on the input
+    after, log_kappa = mixture.mu_xyz.numpy(), mixture.log_kappa.numpy()
     lat0, lon0 = xyz_to_latlon(before)
     lat1, lon1 = xyz_to_latlon(after)
     fig = Figure(figsize=(10, 5.0), layout="constrained")
@@ -232,7 +195,7 @@ def make_maps(runs: list[Run], *, cache_path: str | Path | None = None, n_images
     if not loaded:
         return [], notes
     figures: list[tuple[str, Figure, str]] = []
-    mvmf = next((e for e in loaded if hasattr(e.head, "mu")), None)
+    mvmf = next((e for e in loaded if e.head.shared_components), None)
     reference = mvmf or loaded[0]
     figures.append(("partition.png", partition_figure(reference.partition),
                     f"Cells of the partition of {reference.run.name}, coloured by training images per cell."))

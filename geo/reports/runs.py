@@ -7,7 +7,7 @@ that is missing becomes ``None``; a directory that cannot be used (missing or
 corrupt required file, unknown format) becomes a :class:`SkippedRun` with the
 reason, so one bad directory never stops a report.
 
-A run directory holds (see ``geo.heads.train``)::
+A run directory holds (written by ``geo.training``; the format is ``geo.training.runs``)::
 
     config.json          every resolved option, "format": "geo-run/1", cache path + provenance
     metrics.jsonl        one JSON line per evaluation: step, epoch, train_loss, lr, val metrics
@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from geo.errors import GeoError
-from geo.heads.runs import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, METRICS_LOG_FILE,
+from geo.errors import ConfigError, GeoError
+from geo.heads import head_class
+from geo.training.runs import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, METRICS_LOG_FILE,
                             PREDICTIONS_FILE, RUN_FORMAT, read_jsonl)
 from geo.metrics import DISTANCE_SCALES_KM, accuracy_key
 
@@ -38,25 +39,10 @@ HIGHER_IS_BETTER = {**{k: True for k in ACC_KEYS}, "median_km": False, "mean_km"
                     "geoscore": True, "country_acc": True, "nll_nats": False}
 # Validation metric that picks one run among duplicates (never the test split); fit-head's default rule.
 SELECT_KEY = "geoscore"
-KAPPA_HEADS = ("mvmf",)  # heads whose config "kappa0" means something
 
 RUN_FILES = (CONFIG_FILE, METRICS_LOG_FILE, METRICS_FILE, CHECKPOINT_FILE, PREDICTIONS_FILE)
 
-# Where each field may live in config.json: the first key path found wins. Aliases absorb
-# renames in geo.heads.train without touching the rest of the reports.
-_CONFIG_FIELDS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "head": (("head",), ("head_name",)),
-    "n_cells": (("n_cells",), ("classes",), ("c",), ("partition", "n_cells")),
-    "kappa0": (("kappa0",), ("head_options", "kappa0"), ("options", "kappa0")),
-    "predict": (("predict",), ("predict_mode",), ("mode",)),
-    "seed": (("seed",),),
-    "lr": (("lr",),),
-    "cache_path": (("cache_path",), ("cache",)),
-    "cache_provenance": (("cache_provenance",), ("provenance",), ("cache", "provenance")),
-    "cache_sha256": (("cache_sha256",), ("cache_provenance", "sha256"), ("cache_id",)),
-}
-_STEP_FIELDS = {"step": ("step",), "epoch": ("epoch",), "train_loss": ("train_loss", "loss"),
-                "lr": ("lr",), "elapsed_s": ("elapsed_s",)}
+_STEP_FIELDS = ("step", "epoch", "train_loss", "lr", "elapsed_s")
 
 
 class ReportError(GeoError):
@@ -127,15 +113,12 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _lookup(mapping: dict, paths: Iterable[tuple[str, ...]]) -> Any:
-    """First value found along any of the key paths, else None."""
-    for path in paths:
-        node: Any = mapping
-        for key in path:
-            node = node.get(key) if isinstance(node, dict) else None
-        if node is not None:
-            return node
-    return None
+def _sweeps_kappa0(head: str) -> bool:
+    """Whether ``head`` declares kappa0 among its swept options (unknown heads: no)."""
+    try:
+        return "kappa0" in head_class(head).sweep_options
+    except ConfigError:
+        return False
 
 
 def _read_json(path: Path) -> Any:
@@ -151,7 +134,7 @@ def _read_json(path: Path) -> Any:
 def _read_history(path: Path, warnings: list[str]) -> list[dict]:
     """metrics.jsonl as dicts {step, epoch, train_loss, lr, elapsed_s, val: {metric: value}}.
 
-    Validation metrics may be nested under "val" or flattened as "val_<metric>" keys.
+    The trainer writes validation metrics flattened as "val_<metric>" keys.
     A torn last line (a killed run) is dropped by ``read_jsonl``.
     """
     if not path.exists():
@@ -161,23 +144,15 @@ def _read_history(path: Path, warnings: list[str]) -> list[dict]:
     for record in read_jsonl(path):
         if not isinstance(record, dict):
             continue
-        entry = {name: _lookup(record, [(k,) for k in keys]) for name, keys in _STEP_FIELDS.items()}
-        val = record.get("val") if isinstance(record.get("val"), dict) else {}
-        val = {**{k[4:]: v for k, v in record.items() if k.startswith("val_")}, **val}
-        entry["val"] = {k: v for k, v in val.items() if _finite(v)}
+        entry = {name: record.get(name) for name in _STEP_FIELDS}
+        entry["val"] = {k[4:]: v for k, v in record.items() if k.startswith("val_") and _finite(v)}
         history.append(entry)
     return history
 
 
 def _cache_identity(config: dict) -> tuple[str | None, str | None]:
-    """(cache_path, cache_id): the id is the recorded sha256, else a hash of the provenance."""
-    cache_path = _lookup(config, _CONFIG_FIELDS["cache_path"])
-    if isinstance(cache_path, dict):  # {"path": ..., "provenance": ...}
-        cache_path = cache_path.get("path")
-    sha = _lookup(config, _CONFIG_FIELDS["cache_sha256"])
-    if sha:
-        return cache_path, str(sha)
-    provenance = _lookup(config, _CONFIG_FIELDS["cache_provenance"])
+    """(cache_path, cache_id): the id is a hash of the cache's recorded provenance."""
+    cache_path, provenance = config.get("cache_path"), config.get("cache_provenance")
     if isinstance(provenance, dict) and provenance:
         # "created" differs between otherwise identical re-extractions; it does not change features.
         stable = {k: v for k, v in provenance.items() if k not in ("created",)}
@@ -206,7 +181,7 @@ def read_run(path: str | Path) -> Run:
     missing = [k for k in ACC_KEYS if not _finite(metrics.get(k))]
     if missing:
         raise ValueError(f"corrupt: metrics.json lacks {', '.join(missing)}")
-    head = _lookup(config, _CONFIG_FIELDS["head"])
+    head = config.get("head")
     if not head:
         raise ValueError("corrupt: config.json names no head")
 
@@ -218,14 +193,12 @@ def read_run(path: str | Path) -> Run:
     if not test_ci:
         warnings.append("metrics.json has no bootstrap intervals: claims about this run are inconclusive")
     cache_path, cache_id = _cache_identity(config)
-    n_cells = _lookup(config, _CONFIG_FIELDS["n_cells"])
-    kappa0 = _lookup(config, _CONFIG_FIELDS["kappa0"])
-    seed, lr = _lookup(config, _CONFIG_FIELDS["seed"]), _lookup(config, _CONFIG_FIELDS["lr"])
-    predict = _lookup(config, _CONFIG_FIELDS["predict"]) or final.get("predict")
+    n_cells, kappa0, seed, lr = (config.get(k) for k in ("n_cells", "kappa0", "seed", "lr"))
+    predict = config.get("predict") or final.get("predict")
     return Run(
         path=path, name=config.get("name") or path.name, config=config, head=str(head),
         n_cells=int(n_cells) if _finite(n_cells) else None,
-        kappa0=float(kappa0) if _finite(kappa0) and str(head) in KAPPA_HEADS else None,
+        kappa0=float(kappa0) if _finite(kappa0) and _sweeps_kappa0(str(head)) else None,
         predict=str(predict) if predict else None,
         seed=int(seed) if _finite(seed) else None, lr=float(lr) if _finite(lr) else None,
         cache_path=str(cache_path) if cache_path else None, cache_id=cache_id,

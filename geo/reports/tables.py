@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from geo.files import atomic_write
 from geo.reports.runs import ACC_KEYS, HIGHER_IS_BETTER, METRIC_KEYS, SCALES_KM, SELECT_KEY, Run
 
 CONVENTIONS = (
@@ -158,6 +159,8 @@ def write_exports(runs: list[Run], out_dir: Path) -> tuple[Path, Path]:
     schema = pa.schema([(name, column_type(name)) for name in (rows[0] if rows else ["run"])])
     table = pa.Table.from_pylist(rows, schema=schema)
     csv_path, parquet_path = Path(out_dir) / "table.csv", Path(out_dir) / "table.parquet"
-    pacsv.write_csv(table, csv_path)
-    pq.write_table(table, parquet_path)
+    with atomic_write(csv_path) as handle:
+        pacsv.write_csv(table, handle)
+    with atomic_write(parquet_path) as handle:
+        pq.write_table(table, handle)
     return csv_path, parquet_path

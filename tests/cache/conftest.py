@@ -1,7 +1,7 @@
 """Fixtures for the cache tests: a tiny valid cache and its input rows."""
 
 import pytest
-from cache_helpers import make_rows, write_cache
+from support.caches import make_rows, write_cache
 
 
 @pytest.fixture

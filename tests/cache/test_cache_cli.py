@@ -6,7 +6,7 @@ import shutil
 
 import h5py
 import numpy as np
-from cache_helpers import COUNTRIES, PROVENANCE, write_blocks
+from support.caches import COUNTRIES, PROVENANCE, write_blocks
 from click.testing import CliRunner
 
 from geo.cache.store import CacheWriter, cache_info, partial_path

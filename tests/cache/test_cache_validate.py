@@ -91,7 +91,7 @@ def test_feature_check_streams_in_row_blocks(cache_path, tmp_path, monkeypatch):
 
 
 def test_float32_values_beyond_float16_are_flagged(tmp_path):
-    from cache_helpers import make_rows, write_cache
+    from support.caches import make_rows, write_cache
     path = write_cache(tmp_path / "c.h5", make_rows(n=50), feature_dtype="float32")
     with h5py.File(path, "r+") as f:
         f["features"][17, 3] = 7e4

@@ -9,7 +9,7 @@ import textwrap
 import h5py
 import numpy as np
 import pytest
-from cache_helpers import COUNTRIES, PROVENANCE, assert_same_content, make_rows, write_blocks, write_cache
+from support.caches import COUNTRIES, PROVENANCE, assert_same_content, make_rows, write_blocks, write_cache
 
 from geo.cache.store import SCHEMA, SPLIT_NAMES, CacheWriter, FeatureCache, partial_path
 from geo.errors import CacheError, ConfigError

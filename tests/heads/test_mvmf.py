@@ -14,7 +14,7 @@ from scipy.stats import vonmises_fisher
 
 from geo.errors import ConfigError
 from geo.heads import create_head
-from sphere_grid import fibonacci_sphere
+from support.sphere import fibonacci_sphere, latlon_xyz
 
 
 def unit(v: np.ndarray) -> np.ndarray:
@@ -199,11 +199,6 @@ def test_log_density_grid_matches_reference_and_rows():
     np.testing.assert_allclose(head.log_density(logits, grid).detach().numpy(), dens, rtol=1e-12, atol=1e-8)
     np.testing.assert_allclose(np.diag(dens), head.log_density_at(logits, grid).detach().numpy(), rtol=1e-12,
                                atol=1e-8)
-
-
-def latlon_xyz(lat_deg, lon_deg):
-    lat, lon = np.radians(lat_deg), np.radians(lon_deg)
-    return np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=-1)
 
 
 def test_argmax_prediction_is_top_component_mean_in_degrees():

@@ -11,26 +11,11 @@ import torch
 
 from geo.errors import ConfigError
 from geo.heads import Head, create_head, list_heads, register_head
-from sphere_grid import fibonacci_sphere
+from support.sphere import CubePartition, fibonacci_sphere
 
 # Options that make each head's density resolvable by the quadrature grid (kappa = 50 for MvMF).
 TEST_OPTIONS = {"mvmf": {"kappa0": math.log(50.0)}}
 FEATURE_DIM = 8
-
-
-class CubePartition:
-    """Six cells = the cube faces +x, -x, +y, -y, +z, -z (area 4 pi / 6 each); a real tiling."""
-
-    centres_xyz = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], float)
-    means_xyz = centres_xyz
-    areas_sr = np.full(6, 4 * np.pi / 6)
-    n_cells = 6
-
-    def assign(self, lat_deg, lon_deg):
-        lat, lon = np.radians(np.asarray(lat_deg, float)), np.radians(np.asarray(lon_deg, float))
-        xyz = np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=-1)
-        axis = np.argmax(np.abs(xyz), axis=1)
-        return (2 * axis + (xyz[np.arange(len(xyz)), axis] < 0)).astype(np.int64)
 
 
 def make(name: str, **extra) -> Head:

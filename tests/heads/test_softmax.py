@@ -11,29 +11,8 @@ import torch.nn.functional as F
 
 from geo.errors import ConfigError
 from geo.heads import create_head
-from sphere_grid import fibonacci_sphere
-
-
-def latlon_xyz(lat_deg, lon_deg):
-    lat, lon = np.radians(lat_deg), np.radians(lon_deg)
-    return np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=-1)
-
-
-class CubePartition:
-    """Six cells = the cube faces +x, -x, +y, -y, +z, -z (area 4 pi / 6 each); a real tiling."""
-
-    def __init__(self):
-        self.centres_xyz = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], float)
-        self.means_xyz = self.centres_xyz.copy()
-        self.means_xyz[0] = [0.9, 0.1, np.sqrt(1 - 0.82)]  # a cell whose training mean is off-centre
-        self.areas_sr = np.full(6, 4 * np.pi / 6)
-        self.n_cells = 6
-
-    def assign(self, lat_deg, lon_deg):
-        xyz = latlon_xyz(np.asarray(lat_deg, float), np.asarray(lon_deg, float))
-        axis = np.argmax(np.abs(xyz), axis=1)
-        negative = xyz[np.arange(len(xyz)), axis] < 0
-        return (2 * axis + negative).astype(np.int64)
+from geo.sphere.partition import Partition
+from support.sphere import CubePartition, fibonacci_sphere, latlon_xyz
 
 
 class CapPartition:
@@ -56,7 +35,7 @@ def random_batch(seed=0, batch=32, d=8):
 
 
 def test_loss_equals_torch_cross_entropy():
-    part = CubePartition()
+    part = CubePartition(off_centre_mean=True)
     head = create_head("softmax", feature_dim=8, partition=part)
     x, lat, lon = random_batch()
     logits = head(x)
@@ -86,7 +65,7 @@ def test_log_density_is_probability_over_area():
     np.testing.assert_allclose(np.diag(grid.detach().numpy()), ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("partition", [CubePartition(), CapPartition()], ids=["cube", "cap"])
+@pytest.mark.parametrize("partition", [CubePartition(off_centre_mean=True), CapPartition()], ids=["cube", "cap"])
 def test_density_integrates_to_one(partition):
     head = create_head("softmax", feature_dim=8, partition=partition).double()
     x, _, _ = random_batch(2, batch=4)
@@ -97,16 +76,16 @@ def test_density_integrates_to_one(partition):
 
 
 def test_predict_centre_mean_and_density_mode():
-    head = create_head("softmax", feature_dim=2, partition=CubePartition())
+    head = create_head("softmax", feature_dim=2, partition=CubePartition(off_centre_mean=True))
     logits = torch.tensor([[3.0, 0.0, 1.0, 0.0, 2.0, 0.0]])
     lat, lon = head.predict(logits, k=3)  # PlaNet: cells +x, +z, +y at their centres
     np.testing.assert_allclose(lat.numpy(), [[0.0, 90.0, 0.0]], atol=1e-9)
     np.testing.assert_allclose(lon.numpy()[0, [0, 2]], [0.0, 90.0], atol=1e-9)
     lat_m, lon_m = head.predict(logits, k=1, mode="mean")
-    mean = CubePartition().means_xyz[0]
+    mean = CubePartition(off_centre_mean=True).means_xyz[0]
     assert lat_m.item() == pytest.approx(np.degrees(np.arcsin(mean[2])))
     assert lon_m.item() == pytest.approx(np.degrees(np.arctan2(mean[1], mean[0])))
-    at_mean = create_head("softmax", feature_dim=2, partition=CubePartition(), predict_at="mean")
+    at_mean = create_head("softmax", feature_dim=2, partition=CubePartition(off_centre_mean=True), predict_at="mean")
     assert at_mean.predict(logits)[0].item() == pytest.approx(lat_m.item())
     # unequal areas: the cap holds less probability but more per steradian
     cap = create_head("softmax", feature_dim=2, partition=CapPartition())
@@ -118,20 +97,19 @@ def test_predict_centre_mean_and_density_mode():
 
 
 def test_options_and_bad_input():
-    head = create_head("softmax", feature_dim=3, partition=CubePartition(), predict_at="mean")
+    head = create_head("softmax", feature_dim=3, partition=CubePartition(off_centre_mean=True), predict_at="mean")
     assert head.options == {"predict_at": "mean", "matmul_dtype": None}
     with pytest.raises(ConfigError, match="predict_at"):
-        create_head("softmax", feature_dim=3, partition=CubePartition(), predict_at="middle")
+        create_head("softmax", feature_dim=3, partition=CubePartition(off_centre_mean=True), predict_at="middle")
     with pytest.raises(ConfigError, match="k must be"):
         head.predict(torch.zeros(1, 6), k=7)
 
 
 def test_real_partition_cells_and_density():
-    partition_mod = pytest.importorskip("geo.heads.partition")
     rng = np.random.default_rng(3)
     lat = np.degrees(np.arcsin(rng.uniform(-1, 1, 2000)))
     lon = rng.uniform(-180, 180, 2000)
-    part = partition_mod.Partition.build(lat, lon, 20)
+    part = Partition.build(lat, lon, 20)
     head = create_head("softmax", feature_dim=4, partition=part).double()
     logits = head(torch.from_numpy(rng.normal(size=(3, 4))))
     y = torch.from_numpy(latlon_xyz(lat[:3], lon[:3]))

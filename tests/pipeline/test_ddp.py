@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _stage_one_data import write_dataset  # noqa: E402
+from support.images import write_dataset  # noqa: E402
 
 from geo.cache.store import FeatureCache  # noqa: E402
 from geo.pipeline.distributed import shard_range  # noqa: E402

@@ -13,6 +13,7 @@ from PIL import Image
 
 from geo.cli import cli
 from geo.pipeline import earth
+from support.sphere import haversine_km
 from geo.pipeline.earth import (
     EarthDataError, cut_patch, make_earth_dataset, patch_centre_latlon, plan_dataset, plan_windows,
 )
@@ -33,12 +34,6 @@ needs_geoclip = pytest.mark.skipif(not _installed("geoclip"), reason="pip instal
 def _formula(x, y, width, height):
     """DATA.md's pixel-centre formula, written out independently (lon not wrapped)."""
     return 90.0 - (y + 0.5) * 180.0 / height, -180.0 + (x + 0.5) * 360.0 / width
-
-
-def _haversine_km(lat1, lon1, lat2, lon2):
-    p1, p2, dl = np.radians(lat1), np.radians(lat2), np.radians(lon2 - lon1)
-    a = np.sin((p2 - p1) / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dl / 2) ** 2
-    return 2 * 6371.0088 * np.arcsin(np.sqrt(a))
 
 
 def _index_coded(width, height):
@@ -127,7 +122,7 @@ def test_marker_at_known_latlon_is_found_where_the_manifest_says(tmp_path):
         cu, cv = np.average(u, weights=patch[v, u]), np.average(v, weights=patch[v, u])
         lat_m = row["lat"] - ((cv + 0.5) / 24 - 0.5) * row["span_deg"]
         lon_m = row["lon"] + ((cu + 0.5) / 24 - 0.5) * row["span_deg"]
-        dist = _haversine_km(lat_m, lon_m, np.array([m[0] for m in markers]), np.array([m[1] for m in markers]))
+        dist = haversine_km(lat_m, lon_m, np.array([m[0] for m in markers]), np.array([m[1] for m in markers]))
         k = int(np.argmin(dist))
         pixel_km = 111.195 * max(180.0 / height, row["span_deg"] / 24)  # the coarser of source and patch pixel
         errors.append(dist[k] / pixel_km)
@@ -149,7 +144,7 @@ def _clustered_locations(seed=0, n_clusters=60, per_cluster=150):
 
 def _min_dist_to_train_km(lat, lon, split):
     train, held = split == 0, split > 0
-    d = _haversine_km(lat[held][:, None], lon[held][:, None], lat[train][None, :], lon[train][None, :])
+    d = haversine_km(lat[held][:, None], lon[held][:, None], lat[train][None, :], lon[train][None, :])
     return d.min()
 
 

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _stage_one_data import PLACES, write_dataset  # noqa: E402
+from support.images import PLACES, write_dataset  # noqa: E402
 
 from geo.cache.store import FeatureCache  # noqa: E402
 from geo.cli import cli  # noqa: E402

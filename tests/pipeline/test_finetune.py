@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _stage_one_data import write_dataset  # noqa: E402
+from support.images import write_dataset  # noqa: E402
 
 from geo.errors import ConfigError, GeoError  # noqa: E402
 from geo.pipeline.backbone import create_backbone, placement  # noqa: E402

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from geo.cli import cli
 from geo.reports.build import build_report
 from geo.reports.runs import ReportError
-from run_factory import PROVENANCE, base_config, write_run
+from support.runs import PROVENANCE, base_config, write_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SECTIONS = ("Runs", "Results (paper table 2 layout)", "Claims of the paper", "Accuracy against c",

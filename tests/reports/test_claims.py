@@ -7,7 +7,7 @@ import pytest
 from geo.reports.claims import (FAILS, HOLDS, INCONCLUSIVE, claim_kappa0_scales, claim_mvmf_beats_softmax,
                                 claim_mvmf_rises, claim_softmax_not_monotone, compare, evaluate_claims)
 from geo.reports.runs import find_runs
-from run_factory import write_run
+from support.runs import write_run
 
 
 def runs_of(tmp_path, specs):

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from geo.geometry import great_circle_km
-from geo.reports.world import lat_lon_grid, outlines, pixel_index
+from geo.worldmap.world import lat_lon_grid, outlines, pixel_index
 
-partition_mod = pytest.importorskip("geo.heads.partition", reason="maps need geo.heads.partition")
+from geo.sphere import partition as partition_mod
 
 
 def test_grid_areas_cover_the_sphere_and_pixels_round_trip():
@@ -39,7 +39,7 @@ def _partition(n_cells=40, seed=0):
 
 def test_pixel_probabilities_sum_to_one():
     from geo.heads import create_head
-    from geo.reports.maps import pixel_log10_mass
+    from geo.worldmap.density import pixel_log10_mass
 
     torch.manual_seed(0)
     partition = _partition()
@@ -79,7 +79,8 @@ def _tiny_cache(path, n=500, d=8, seed=0):
 
 @pytest.mark.slow
 def test_report_of_real_runs_has_maps(tmp_path):
-    from geo.heads.train import FitConfig, fit_head
+    from geo.training.config import FitConfig
+    from geo.training.fit import fit_head
     from geo.reports.build import build_report
 
     cache = _tiny_cache(tmp_path / "cache.h5")

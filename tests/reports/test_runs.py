@@ -9,11 +9,11 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from geo.heads import runs as run_files
+from geo.training import runs as run_files
 from geo.metrics import DISTANCE_SCALES_KM, summarize
 from geo.reports import tables
 from geo.reports.runs import SCALES_KM, ReportError, check_caches, find_runs, read_run
-from run_factory import PROVENANCE, base_config, write_run, write_summarized_run
+from support.runs import PROVENANCE, base_config, write_run, write_summarized_run
 
 
 def test_scales_are_the_metrics_scales():

@@ -1,6 +1,7 @@
 """``sweep``: train a grid of heads (head x c x kappa0 [x lr]) on one cache in one process.
 
 Every configuration gets its own run directory ``OUT/<head>-c<C>[-k<K>][-lr<LR>]``
+(c is the paper's symbol for ``n_cells``; ``-k`` is the tag MvMF declares for kappa0)
 in exactly the ``fit-head`` format, with the ``config.json`` that ``fit_head``
 writes for that configuration: ``geo fit-head`` on such a directory resumes or
 recognises it, and ``geo report OUT`` reads the whole sweep. ``OUT/sweep.json``
@@ -10,13 +11,13 @@ What the sweep shares (and ``fit_head`` one at a time cannot): the process,
 the cache (opened and validated once, the train split loaded once), one
 partition per c (used by every head with that c), and each batch of features,
 read and converted to a tensor once and fed to every head of a group
-(``geo.heads.trainer.train_together``). Each head keeps its own optimizer and
+(``geo.training.trainer.train_together``). Each head keeps its own optimizer and
 RNG state and is seeded as ``fit_head`` seeds it, so its weights and metrics
 are those ``fit_head`` gives with the same seed.
 
-Grid rules: softmax (and any head without kappa0) has no kappa0, so it gets
-one run per c (and lr), not one per kappa0; its config keeps the base kappa0,
-as ``fit-head`` would. The base config's batch_size, epochs, seed, device and
+Grid rules: a head varies only the options it declares in ``Head.sweep_options``
+(MvMF: kappa0). Softmax declares none, so it gets one run per c (and lr), not
+one per kappa0; its config keeps the base kappa0, as ``fit-head`` would. The base config's batch_size, epochs, seed, device and
 precision hold for every run, so every head sees the same batches.
 
 Memory: heads are trained together while their estimated memory (weights,
@@ -33,6 +34,7 @@ is finished and never retrained; the others resume from their checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -40,23 +42,31 @@ from typing import Callable, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from geo.cache.store import FeatureCache
 from geo.errors import ConfigError
 from geo.geometry import latlon_to_xyz
-from geo.heads import list_heads, runs
-from geo.heads.evaluate import CountryFn
-from geo.heads.train import _BYTES_PER_ROW_CELL, FitConfig, json_safe, resolve_config
+from geo.heads import head_class
+from geo.sphere.partition import Partition
+from geo.training import runs
+from geo.training.config import BYTES_PER_ROW_CELL, FitConfig, resolve_config
+from geo.training.evaluate import CountryFn
+from geo.training.trainer import HeadTrainer, split_rows, train_together
 
 SWEEP_FILE = "sweep.json"
 SWEEP_FORMAT = "geo-sweep/1"
-KAPPA0_HEADS = ("mvmf",)  # heads whose runs vary kappa0
 _COPIES_PER_PARAMETER = 5  # float32 weights, gradient, two AdamW moments, the best-so-far copy
 
 
-def run_name(head: str, n_cells: int, kappa0: float | None = None, lr: float | None = None) -> str:
-    """``mvmf-c1024-k16``, ``softmax-c64``; ``-lr0.001`` appended when the sweep varies lr."""
+def run_name(head: str, n_cells: int, varied: dict[str, float] | None = None, lr: float | None = None) -> str:
+    """``mvmf-c1024-k16``, ``softmax-c64``; ``-lr0.001`` appended when the sweep varies lr.
+
+    ``varied`` holds the values of the options the head declares in ``sweep_options``,
+    each written with the head's tag for it.
+    """
     name = f"{head}-c{n_cells}"
-    if kappa0 is not None:
-        name += f"-k{kappa0:g}"
+    tags = head_class(head).sweep_options
+    for option, value in (varied or {}).items():
+        name += f"-{tags[option]}{value:g}"
     if lr is not None:
         name += f"-lr{lr:g}"
     return name
@@ -75,43 +85,49 @@ def _unique(values: Iterable, option: str, kind=None) -> list:
     return out
 
 
-def sweep_grid(heads: Sequence[str], classes: Sequence[int], kappa0s: Sequence[float], base: FitConfig,
+def sweep_grid(heads: Sequence[str], n_cells: Sequence[int], kappa0s: Sequence[float], base: FitConfig,
                lrs: Sequence[float] | None = None) -> list[tuple[str, FitConfig]]:
-    """The runs of a sweep as ``(name, FitConfig)`` in grid order: head, then c, then kappa0, then lr."""
+    """The runs of a sweep as ``(name, FitConfig)`` in grid order: head, then c, then kappa0, then lr.
+
+    kappa0 is the one option a head may declare as swept today (``Head.sweep_options``);
+    heads that do not declare it get one run per (c, lr) with the base kappa0.
+    """
     heads = _unique(heads, "--head")
-    classes = _unique(classes, "--classes", int)
-    kappa0s = _unique(kappa0s, "--kappa0", float)
+    n_cells = _unique(n_cells, "--n-cells", int)
+    varied_values = {"kappa0": _unique(kappa0s, "--kappa0", float)}
     lrs = _unique(lrs if lrs is not None else [base.lr], "--lr", float)
-    for option, values in (("--head", heads), ("--classes", classes), ("--lr", lrs)):
+    for option, values in (("--head", heads), ("--n-cells", n_cells), ("--lr", lrs)):
         if not values:
             raise ConfigError(f"{option}: the list is empty; give at least one value")
-    unknown = [h for h in heads if h not in list_heads()]
-    if unknown:
-        raise ConfigError(f"unknown head {', '.join(map(repr, unknown))}; known heads: {', '.join(list_heads())}")
-    if not kappa0s and any(h in KAPPA0_HEADS for h in heads):
-        raise ConfigError(f"--kappa0: the list is empty; heads {', '.join(KAPPA0_HEADS)} need at least one value")
+    head_classes = {head: head_class(head) for head in heads}  # unknown heads: ConfigError naming the known ones
+    for option, values in varied_values.items():
+        users = [h for h, cls in head_classes.items() if option in cls.sweep_options]
+        if not values and users:
+            raise ConfigError(f"--{option}: the list is empty; heads {', '.join(users)} need at least one value")
     grid = []
-    for head in heads:
-        for c in classes:
-            for kappa0 in (kappa0s if head in KAPPA0_HEADS else [None]):
+    for head, cls in head_classes.items():
+        options = [o for o in varied_values if o in cls.sweep_options]
+        combos = [dict(zip(options, values)) for values in itertools.product(*(varied_values[o] for o in options))]
+        for c in n_cells:
+            for varied in combos:
                 for lr in lrs:
-                    config = dataclasses.replace(base, head=head, n_cells=c, lr=lr,
-                                                 kappa0=base.kappa0 if kappa0 is None else kappa0)
-                    grid.append((run_name(head, c, kappa0, lr if len(lrs) > 1 else None), config))
+                    config = dataclasses.replace(base, head=head, n_cells=c, lr=lr, **varied)
+                    grid.append((run_name(head, c, varied, lr if len(lrs) > 1 else None), config))
     return grid
 
 
 def estimate_memory_bytes(config: dict, feature_dim: int) -> tuple[int, int]:
     """(persistent, temporary) bytes of training the head of a resolved ``config``.
 
-    Persistent: ``_COPIES_PER_PARAMETER`` float32 copies of W [c, d], b [c] (and
-    for MvMF mu [c, 3], log kappa [c]), plus W's bf16 copy under bf16 precision.
+    Persistent: ``_COPIES_PER_PARAMETER`` float32 copies of the head's parameters
+    (``Head.parameter_count``: W [c, d], b [c], and for MvMF mu [c, 3], log kappa [c]),
+    plus W's bf16 copy under bf16 precision.
     Temporary: the ``[chunk_rows, c]`` tensors of one training chunk.
     """
     c, d = config["n_cells"], feature_dim
-    n_params = c * (d + 1) + (4 * c if config["head"] in KAPPA0_HEADS else 0)
+    n_params = head_class(config["head"]).parameter_count(d, c)
     persistent = 4 * n_params * _COPIES_PER_PARAMETER + (2 * c * d if config["precision"] == "bf16" else 0)
-    return persistent, config["chunk_rows"] * c * _BYTES_PER_ROW_CELL
+    return persistent, config["chunk_rows"] * c * BYTES_PER_ROW_CELL
 
 
 def schedule_groups(sizes: dict[str, tuple[int, int]], budget_bytes: int) -> list[list[str]]:
@@ -147,7 +163,7 @@ def sweep(
     out_dir: str | Path,
     *,
     heads: Sequence[str] = ("mvmf", "softmax"),
-    classes: Sequence[int] = (16, 64, 256, 1024, 4096),
+    n_cells: Sequence[int] = (16, 64, 256, 1024, 4096),
     kappa0s: Sequence[float] = (8.0, 12.0, 16.0),
     lrs: Sequence[float] | None = None,
     base_config: FitConfig | None = None,
@@ -160,7 +176,7 @@ def sweep(
     """Train every (head, c, kappa0, lr) of the grid on the cache at ``cache_path``; runs go to ``out_dir/NAME``.
 
     Args:
-        heads, classes, kappa0s: the grid (duplicates dropped); kappa0 applies to MvMF only.
+        heads, n_cells, kappa0s: the grid (duplicates dropped); kappa0 applies to heads that sweep it (MvMF).
         lrs: peak learning rates to sweep; None = ``base_config.lr`` only (and no ``-lr`` in names).
         base_config: every other option (``FitConfig``; its head, n_cells, kappa0 and lr are replaced).
         overwrite: retrain every run from scratch, replacing directories holding other configurations;
@@ -171,12 +187,8 @@ def sweep(
     Returns:
         ``{run name: final metrics}`` (``metrics.json`` of every run, in grid order).
     """
-    from geo.cache.store import FeatureCache
-    from geo.heads.partition import Partition
-    from geo.heads.trainer import HeadTrainer, split_rows, train_together
-
     base = base_config or FitConfig()
-    grid = sweep_grid(heads, classes, kappa0s, base, lrs)
+    grid = sweep_grid(heads, n_cells, kappa0s, base, lrs)
     budget_mb = default_budget_mb() if max_memory_mb is None else max_memory_mb
     if not budget_mb > 0:
         raise ConfigError(f"--max-memory-mb must be > 0, not {budget_mb}")
@@ -188,18 +200,18 @@ def sweep(
                    for name, config in grid}
         # Partitions once per c, before any directory is touched: an impossible c fails early.
         partitions = {}
-        for c in sorted({config["n_cells"] for config in configs.values()}):
+        for c in sorted({config["n_cells"] for config in configs.values() if head_class(config["head"]).uses_partition}):
             try:
                 partitions[c] = Partition.build(cache.lat_deg[rows["train"]], cache.lon_deg[rows["train"]], c)
             except ConfigError as err:
-                raise ConfigError(f"--classes {c}: {err}") from None
+                raise ConfigError(f"--n-cells {c}: {err}") from None
         # Directories holding other configurations are refused here, before anything is trained.
         resume = {name: runs.check_run_dir(out_dir / name, config, overwrite=overwrite)
                   for name, config in configs.items()}
         finished = {name for name in configs if (out_dir / name / runs.METRICS_FILE).exists()}
         sizes = {name: estimate_memory_bytes(config, cache.feature_dim) for name, config in configs.items()}
         groups = schedule_groups({n: s for n, s in sizes.items() if n not in finished}, int(budget_mb * 2**20))
-        _write_sweep_json(out_dir, cache_path, heads, classes, kappa0s, lrs, base, budget_mb, configs, sizes,
+        _write_sweep_json(out_dir, cache_path, heads, n_cells, kappa0s, lrs, base, budget_mb, configs, sizes,
                           groups, finished)
 
         target_xyz = torch.from_numpy(latlon_to_xyz(cache.lat_deg, cache.lon_deg).astype("float32"))
@@ -213,7 +225,7 @@ def sweep(
         for i, group in enumerate(groups):
             bar.set_description_str(f"sweep {len(configs)} heads, group {i + 1}/{len(groups)}", refresh=False)
             trainers = [HeadTrainer(cache, configs[name], out_dir / name, resume=resume[name],
-                                    partition=partitions[configs[name]["n_cells"]], target_xyz=target_xyz)
+                                    partition=partitions.get(configs[name]["n_cells"]), target_xyz=target_xyz)
                         for name in group]
             train_together(cache, trainers, bar=bar, callback=None if callback is None else
                            lambda t, step, loss: callback(t.out_dir.name, step, loss))
@@ -221,24 +233,24 @@ def sweep(
                 trainer.finish(country_fn=country_fn)
             del trainers, trainer  # free this group's weights and moments before the next group's
         bar.close()
-        _write_sweep_json(out_dir, cache_path, heads, classes, kappa0s, lrs, base, budget_mb, configs, sizes,
+        _write_sweep_json(out_dir, cache_path, heads, n_cells, kappa0s, lrs, base, budget_mb, configs, sizes,
                           groups, set(configs))
     return {name: runs.read_json(out_dir / name / runs.METRICS_FILE) for name in configs}
 
 
-def _write_sweep_json(out_dir: Path, cache_path, heads, classes, kappa0s, lrs, base: FitConfig, budget_mb: float,
+def _write_sweep_json(out_dir: Path, cache_path, heads, n_cells, kappa0s, lrs, base: FitConfig, budget_mb: float,
                       configs: dict, sizes: dict, groups: list[list[str]], finished: set[str]) -> None:
     mb = 2**20
-    runs.write_json(out_dir / SWEEP_FILE, json_safe({
+    runs.write_json(out_dir / SWEEP_FILE, runs.json_safe({
         "format": SWEEP_FORMAT,
         "cache_path": str(Path(cache_path).resolve()),
-        "grid": {"heads": list(heads), "classes": list(classes), "kappa0s": list(kappa0s),
+        "grid": {"heads": list(heads), "n_cells": list(n_cells), "kappa0s": list(kappa0s),
                  "lrs": list(lrs) if lrs is not None else [base.lr]},
         "base_config": {k: v for k, v in dataclasses.asdict(base).items()  # the grid sets the others
                         if k not in ("head", "n_cells", "kappa0", "lr")},
         "max_memory_mb": budget_mb,
         "runs": [{"name": name, "dir": name, "head": config["head"], "n_cells": config["n_cells"],
-                  "kappa0": config["kappa0"] if config["head"] in KAPPA0_HEADS else None, "lr": config["lr"],
+                  "kappa0": config["kappa0"] if "kappa0" in head_class(config["head"]).sweep_options else None, "lr": config["lr"],
                   "total_steps": config["total_steps"], "estimated_mb": round(sum(sizes[name]) / mb, 1),
                   "status": "finished" if name in finished else "to train"} for name, config in configs.items()],
         "groups": [{"runs": group, "estimated_mb": round((sum(sizes[n][0] for n in group)

@@ -1,4 +1,4 @@
-"""geo.heads.s2cells against s2sphere, the independent reference: ids bit for bit, centres, areas."""
+"""geo.sphere.s2cells against s2sphere, the independent reference: ids bit for bit, centres, areas."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import s2sphere
 from s2sphere import sphere
 
-from geo.heads import s2cells as sc
+from geo.sphere import s2cells as sc
 
 
 def _s2_leaf_ids(lat_deg: np.ndarray, lon_deg: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import integrate
 
-from geo.credible import _component_mass, _hav, cell_radii_km, mvmf_radii_km
+from geo.inference.credible import _component_mass, _hav, cell_radii_km, mvmf_radii_km
 from geo.geometry import EARTH_RADIUS_KM, latlon_to_xyz, normalize, vmf_radius_km
 
 
@@ -64,7 +64,7 @@ def test_mixture_radii_match_monte_carlo():
 
 def test_cells_uniform_on_the_sphere_give_the_cap_law():
     """p(cell) = area / 4 pi is the uniform law: mass in a cap of radius r is (1 - cos r) / 2."""
-    from geo.heads.partition import Partition
+    from geo.sphere.partition import Partition
 
     rng = np.random.default_rng(0)
     lat = np.degrees(np.arcsin(rng.uniform(-1, 1, 5000)))
@@ -77,7 +77,7 @@ def test_cells_uniform_on_the_sphere_give_the_cap_law():
 
 
 def test_one_cell_radius_is_within_the_cell():
-    from geo.heads.partition import Partition
+    from geo.sphere.partition import Partition
 
     rng = np.random.default_rng(0)
     partition = Partition.build(rng.uniform(-60, 60, 3000), rng.uniform(-180, 180, 3000), 100)

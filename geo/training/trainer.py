@@ -1,7 +1,7 @@
 """``HeadTrainer``: one head's training state; ``train_together``: the loop feeding one pass of batches to many.
 
-``fit_head`` (geo/heads/train.py) runs one trainer; ``geo sweep``
-(geo/heads/sweep.py) runs a group of them on one open cache, so that each
+``fit_head`` (geo/training/fit.py) runs one trainer; ``geo sweep``
+(geo/training/sweep.py) runs a group of them on one open cache, so that each
 batch of features is read and converted once and fed to every head. A trainer
 does exactly what a lone ``fit_head`` does with its configuration: it is seeded
 the same way before its head is built, keeps its own RNG state and optimizer,
@@ -11,7 +11,6 @@ evaluates and checkpoints at the same steps, and writes the same run files.
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from pathlib import Path
@@ -20,12 +19,65 @@ from typing import Callable
 import numpy as np
 import torch
 
-from geo.errors import CacheError, ConfigError
-from geo.geometry import latlon_to_xyz
-from geo.heads import runs
 from geo.devices import resolve_device
-from geo.heads.evaluate import CountryFn, evaluate_split, feature_dtype, features_to_tensor, score_and_write
-from geo.heads.train import TrainingError, build_head, json_safe, lr_at, make_optimizer, train_step
+from geo.errors import CacheError, ConfigError, GeoError
+from geo.geometry import latlon_to_xyz
+from geo.heads import Head, head_class
+from geo.sphere.partition import Partition
+from geo.training import runs
+from geo.training.evaluate import CountryFn, evaluate_split, feature_dtype, features_to_tensor, score_and_write
+
+
+class TrainingError(GeoError):
+    """Training diverged (a NaN or infinite loss)."""
+
+
+def lr_at(step: int, config: dict) -> float:
+    """Learning rate of 0-based ``step``: linear warm-up, then cosine down to lr * min_lr_fraction."""
+    lr, warm, total = config["lr"], config["warmup_steps"], config["total_steps"]
+    if step < warm:
+        return lr * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    floor = config["min_lr_fraction"]
+    return lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_optimizer(head: Head, config: dict) -> torch.optim.Optimizer:
+    """AdamW; weight decay only on the head's ``weight_decay_parameters`` (W), never on b, mu or log kappa."""
+    params = [p for p in head.parameters() if p.requires_grad]
+    decay = head.weight_decay_parameters()
+    rest = [p for p in params if all(p is not q for q in decay)]
+    groups = [{"params": decay, "weight_decay": config["weight_decay"]}, {"params": rest, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    try:  # the fused kernel: one pass over W's moments instead of ~10 (the optimizer is ~15 % of a step otherwise)
+        return torch.optim.AdamW(groups, lr=config["lr"], fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=config["lr"])
+
+
+def train_step(head, optimizer, features: torch.Tensor, targets: dict[str, torch.Tensor], chunk_rows: int
+               ) -> torch.Tensor:
+    """One optimizer step on a batch, chunked so [chunk, c] temporaries fit; returns the mean loss (0-d tensor).
+
+    ``targets`` are the keyword arguments of ``head.loss`` for the batch
+    (``target_xyz [B, 3]``, and the head's ``row_targets``, e.g. ``target_cell [B]``).
+
+    The gradient is the batch mean whatever the chunking (chunk losses are
+    weighted by their share of the batch). Features carry no gradient, so
+    backward computes only the weight gradient of W x, never the input's.
+    A non-finite loss returns before the optimizer step, leaving the weights as they were.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    batch = features.shape[0]
+    total = torch.zeros((), dtype=torch.float64, device=features.device)
+    for start in range(0, batch, chunk_rows):
+        x = features[start:start + chunk_rows]
+        loss = head.loss(head(x), **{k: t[start:start + chunk_rows] for k, t in targets.items()}) * (x.shape[0] / batch)
+        loss.backward()
+        total += loss.detach().double()
+    if torch.isfinite(total):
+        optimizer.step()
+    return total
 
 
 def _rng_state() -> dict:
@@ -65,25 +117,22 @@ class HeadTrainer:
 
     def __init__(self, cache, config: dict, out_dir: Path, *, resume: bool, partition=None,
                  target_xyz: torch.Tensor | None = None):
-        from geo.heads.partition import Partition
-
         self.cache, self.cfg, self.out_dir = cache, config, Path(out_dir)
         self.device = resolve_device(config["device"])
         self.checkpoint_path = self.out_dir / runs.CHECKPOINT_FILE
         saved = runs.load_checkpoint(self.checkpoint_path) if resume else None
         torch.manual_seed(config["seed"])  # W's Glorot initialisation
         if resume:
-            partition = Partition.from_state_dict(saved["partition"])
-        elif partition is None:
+            partition = Partition.from_state_dict(saved["partition"]) if saved["partition"] else None
+        elif partition is None and head_class(config["head"]).uses_partition:
             train = cache.split_rows("train")
             partition = Partition.build(cache.lat_deg[train], cache.lon_deg[train], config["n_cells"])
-        self.head = build_head(config, partition, cache.feature_dim, self.device)
+        self.head = runs.build_head(config, partition, cache.feature_dim, self.device)
         if resume:
             self.head.load_state_dict(saved["head_state"])
         else:  # written only now that the partition and head exist: bad options leave no run behind
-            runs.write_json(self.out_dir / runs.CONFIG_FILE,
-                            dict(config, head_options=json_safe(getattr(self.head, "options", {}))))
-        self.partition_state = partition.state_dict()
+            runs.write_json(self.out_dir / runs.CONFIG_FILE, config)
+        self.partition_state = partition.state_dict() if partition is not None else None
         self.optimizer = make_optimizer(self.head, config)
         self.state = dict(step=0, epoch=0, batch_in_epoch=0, elapsed_s=0.0, loss_sum=0.0, loss_count=0,
                           best={"step": None, "score": None, "metrics": None, "head_state": None})
@@ -99,10 +148,8 @@ class HeadTrainer:
         if target_xyz is None:
             target_xyz = torch.from_numpy(latlon_to_xyz(cache.lat_deg, cache.lon_deg).astype(np.float32))
         self.target_xyz = target_xyz
-        # Heads that classify cells (softmax) take each row's cell: assigned once here, not per batch.
-        self.target_cell = None
-        if "target_cell" in inspect.signature(self.head.loss).parameters:
-            self.target_cell = torch.from_numpy(np.asarray(partition.assign(cache.lat_deg, cache.lon_deg), np.int64))
+        # Per-row targets a head asks for (the softmax's cells): computed once here, not per batch.
+        self.row_targets = self.head.row_targets(cache.lat_deg, cache.lon_deg)
         self.x_dtype = feature_dtype(config["precision"])
         self.last_score: float | None = None  # the latest val score (for progress bars)
         self.head.train()
@@ -125,9 +172,8 @@ class HeadTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(state["step"], cfg)
         index = torch.from_numpy(rows)
-        targets = {"target_xyz": self.target_xyz[index].to(self.device)}
-        if self.target_cell is not None:
-            targets["target_cell"] = self.target_cell[index].to(self.device)
+        targets = {"target_xyz": self.target_xyz[index].to(self.device),
+                   **{name: t[index].to(self.device) for name, t in self.row_targets.items()}}
         loss = float(train_step(self.head, self.optimizer, x, targets, cfg["chunk_rows"]))
         self.rng = dict(self.rng, torch=torch.get_rng_state())
         if not math.isfinite(loss):

@@ -21,13 +21,13 @@ from geo.devices import resolve_device
 from geo.errors import ConfigError
 from geo.geometry import great_circle_km, latlon_to_xyz
 from geo.metrics import summarize
-from geo.heads import runs
+from geo.training import runs
+from geo.training.config import TOPK
 
 CountryFn = Callable[[np.ndarray, np.ndarray], Sequence[str]]
 """``(lat_deg [n], lon_deg [n]) -> ISO alpha-2 codes [n]`` (e.g. ``geo.pipeline.countries.country_codes``).
-Passed in by the caller because ``geo.heads`` never imports ``geo.pipeline``."""
+Passed in by the caller because ``geo.training`` never imports ``geo.pipeline``."""
 
-TOPK = 5
 
 
 @contextmanager
@@ -87,7 +87,7 @@ def evaluate_split(
     """
     rows_all = cache.split_rows(split)
     n = len(rows_all)
-    k = min(topk, head.n_cells) if topk else 0
+    k = min(topk, head.max_k) if topk else 0
     pred_lat = np.empty(n)
     pred_lon = np.empty(n)
     log_density = np.empty(n)
@@ -174,30 +174,28 @@ def evaluate_run(
         The metrics dict written to ``metrics.json``.
     """
     from geo.cache.store import FeatureCache  # lazy: keeps `geo --help` fast
-    from geo.heads import train as _train
 
     run_dir = Path(run_dir)
-    config = runs.read_config(run_dir)
-    checkpoint = runs.load_checkpoint(run_dir / runs.CHECKPOINT_FILE)
-    cache_path = Path(cache_path) if cache_path is not None else Path(config["cache_path"])
     dev = resolve_device(device or "auto")
+    loaded = runs.load_head(run_dir, dev)
+    config = loaded.config
+    cache_path = Path(cache_path) if cache_path is not None else Path(config["cache_path"])
     with FeatureCache(cache_path) as cache:
         if cache.feature_dim != config["cache_feature_dim"]:
             raise ConfigError(
                 f"{cache_path}: feature_dim {cache.feature_dim}, but run {run_dir} was trained on "
                 f"feature_dim {config['cache_feature_dim']}"
             )
-        diffs = runs.config_differences(config["cache_provenance"], _train.json_safe(cache.provenance))
+        diffs = runs.config_differences(config["cache_provenance"], runs.json_safe(cache.provenance))
         if diffs and not allow_other_provenance:
             raise ConfigError(
                 f"{cache_path}: provenance differs from the cache run {run_dir} was trained on "
                 f"({'; '.join(diffs)}); pass --allow-other-provenance to evaluate anyway"
             )
-        config = dict(config, predict=_train.check_predict(config["head"], predict or config["predict"]))
-        head = _train.build_head(config, checkpoint["partition"], cache.feature_dim, dev, saved=checkpoint)
-        return score_and_write(head, cache, split, config, run_dir, device=dev, n_bootstrap=n_bootstrap,
+        config = dict(config, predict=loaded.head.check_predict(predict or config["predict"]))
+        return score_and_write(loaded.head, cache, split, config, run_dir, device=dev, n_bootstrap=n_bootstrap,
                                country_fn=country_fn, progress=progress, cache_path=str(cache_path),
-                               selected_step=checkpoint["best"]["step"])
+                               selected_step=loaded.selected_step)
 
 
 def score_and_write(head, cache, split: str, config: dict, run_dir: Path, *, device: torch.device,

@@ -1,8 +1,8 @@
 """World maps of ``geo predict`` results: the predicted density with the top-k marked.
 
-Drawn with the report's map code (``geo.reports.maps.pixel_log10_mass``: the
-probability of each 1 deg pixel, log10, narrow MvMF components put in the pixel of
-their mean) on its world (``geo.reports.world.draw_world``), so a report and
+Drawn with the map code reports use (``geo.worldmap.density.pixel_log10_mass``: the
+probability of each 1 deg pixel, log10, narrow vMF components put in the pixel of
+their mean) on its world (``geo.worldmap.world.draw_world``), so a report and
 ``geo predict --map`` show densities the same way.
 """
 
@@ -14,14 +14,15 @@ from typing import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from geo.files import atomic_write
+from geo.worldmap.density import pixel_log10_mass
+from geo.worldmap.world import draw_world
+
 DECADES = 6  # colour range below the map's maximum
 
 
 def prediction_figure(head, result) -> Figure:
     """One world map for one ``PredictionResult`` (which must carry ``.logits [c]``)."""
-    from geo.reports.maps import pixel_log10_mass
-    from geo.reports.world import draw_world
-
     log_mass = pixel_log10_mass(head, result.logits.float())
     finite = np.isfinite(log_mass)
     top = log_mass[finite].max() if finite.any() else 0.0
@@ -54,6 +55,8 @@ def write_maps(head, results: Sequence, out: str | Path) -> list[Path]:
     for n, result in enumerate(good, start=1):
         suffix = out.suffix or ".png"
         path = out if len(good) == 1 else out.with_name(f"{out.stem}-{n:03d}-{Path(result.path).stem}{suffix}")
-        prediction_figure(head, result).savefig(path, dpi=110, bbox_inches="tight")
+        with atomic_write(path) as handle:
+            prediction_figure(head, result).savefig(handle, format=suffix.lstrip(".") or "png", dpi=110,
+                                                    bbox_inches="tight")
         written.append(path)
     return written

@@ -11,13 +11,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from fit_helpers import CITIES, make_location_cache
+from support.caches import CITIES, make_location_cache
 from geo.errors import CacheError, ConfigError
 from geo.geometry import latlon_to_xyz, xyz_to_latlon
-from geo.heads import list_heads, register_head
-from geo.heads.evaluate import evaluate_run
+from geo.heads import head_class, list_heads, register_head
+from geo.training.evaluate import evaluate_run
 from geo.heads.mvmf import MvMFHead
-from geo.heads.train import FitConfig, TrainingError, fit_head, lr_at, train_step
+from geo.training.config import FitConfig
+from geo.training.fit import fit_head
+from geo.training.trainer import TrainingError, lr_at, train_step
+from support.sphere import haversine_km
 
 # Small and fast: 32 cells, a few epochs of 256-row batches over ~2000 training rows.
 FAST = dict(n_cells=32, batch_size=256, epochs=4, lr=5e-2, precision="fp32", device="cpu")
@@ -28,13 +31,6 @@ def cache(tmp_path_factory):
     return make_location_cache(tmp_path_factory.mktemp("cache") / "loc.h5")
 
 
-def _haversine_km(lat1, lon1, lat2, lon2):
-    """Independent float64 reference for the great-circle distance (haversine, R = 6371.0088 km)."""
-    p1, p2, dl = np.radians(lat1), np.radians(lat2), np.radians(lon2 - lon1)
-    h = np.sin((p2 - p1) / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dl / 2) ** 2
-    return 2 * 6371.0088 * np.arcsin(np.sqrt(np.clip(h, 0, 1)))
-
-
 def _mean_baseline_acc750(cache_path) -> float:
     """acc@750km of predicting the normalised mean training location for every test image."""
     from geo.cache.store import FeatureCache
@@ -43,7 +39,7 @@ def _mean_baseline_acc750(cache_path) -> float:
         train, test = c.split_rows("train"), c.split_rows("test")
         mean = latlon_to_xyz(c.lat_deg[train], c.lon_deg[train]).mean(0)
         lat, lon = xyz_to_latlon(mean / np.linalg.norm(mean))
-        return float(np.mean(_haversine_km(c.lat_deg[test], c.lon_deg[test], lat, lon) <= 750))
+        return float(np.mean(haversine_km(c.lat_deg[test], c.lon_deg[test], lat, lon) <= 750))
 
 
 @pytest.mark.parametrize("head, options", [("mvmf", {}), ("softmax", {"n_cells": 128}), ("softmax", {"predict": "mean"})])
@@ -58,7 +54,7 @@ def test_heads_beat_the_mean_baseline(cache, tmp_path, head, options):
     table = pq.read_table(tmp_path / head / "predictions.parquet").to_pydict()
     assert list(table) == ["id", "lat", "lon", "pred_lat", "pred_lon", "dist_km", "topk_lat", "topk_lon",
                            "topk_prob", "log_density"]
-    dist = _haversine_km(*(np.array(table[k]) for k in ("lat", "lon", "pred_lat", "pred_lon")))
+    dist = haversine_km(*(np.array(table[k]) for k in ("lat", "lon", "pred_lat", "pred_lon")))
     np.testing.assert_allclose(table["dist_km"], dist, rtol=1e-9, atol=1e-6)
     assert np.mean(np.array(table["dist_km"]) <= 750) == pytest.approx(metrics["acc@750km"])
     probs = np.array(table["topk_prob"])
@@ -138,9 +134,7 @@ if _NAN_HEAD not in list_heads():
 
 
 def test_nan_loss_stops_with_step_ids_and_last_checkpoint(cache, tmp_path):
-    from geo.heads import _REGISTRY
-
-    _REGISTRY[_NAN_HEAD].calls = 0
+    head_class(_NAN_HEAD).calls = 0
     with pytest.raises(TrainingError) as err:
         fit_head(cache, FitConfig(head=_NAN_HEAD, eval_every=2, **FAST), tmp_path / "run", progress=False)
     message = str(err.value)
@@ -153,8 +147,8 @@ def test_bad_input_is_refused_with_a_clear_error(tmp_path, cache):
     no_val = make_location_cache(tmp_path / "noval.h5", n=400, splits=(0, 2))
     with pytest.raises(CacheError, match="needs a val split"):
         fit_head(no_val, FitConfig(**FAST), tmp_path / "a", progress=False)
-    with pytest.raises(ConfigError, match="--predict mode is not available for head 'softmax'"):
-        fit_head(cache, FitConfig(head="softmax", predict="mode", **FAST), tmp_path / "b", progress=False)
+    with pytest.raises(ConfigError, match="--predict centre is not available for head 'mvmf'"):
+        fit_head(cache, FitConfig(head="mvmf", predict="centre", **FAST), tmp_path / "b", progress=False)
     with pytest.raises(ConfigError, match="unknown head 'nope'.*mvmf.*softmax"):
         fit_head(cache, FitConfig(head="nope", **FAST), tmp_path / "c", progress=False)
     with pytest.raises(ConfigError):

@@ -1,4 +1,4 @@
-"""Synthetic run directories (format geo-run/1) written file by file, as geo.heads.train writes them."""
+"""Synthetic run directories (format geo-run/1) written file by file, as geo.training writes them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from geo.heads import runs as run_files
+from geo.training import runs as run_files
 from geo.metrics import DISTANCE_SCALES_KM, accuracy_key, summarize
 
 PROVENANCE = {"backbone": "wide_resnet50_2", "weights": "ab" * 32, "image_size": 224,

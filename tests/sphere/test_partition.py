@@ -1,4 +1,4 @@
-"""geo.heads.partition: the densest-first S2 partition, checked against a plain s2sphere implementation."""
+"""geo.sphere.partition: the densest-first S2 partition, checked against a plain s2sphere implementation."""
 
 import bisect
 import heapq
@@ -10,7 +10,7 @@ import s2sphere
 import torch
 
 from geo.errors import ConfigError
-from geo.heads.partition import Partition
+from geo.sphere.partition import Partition
 
 
 def _clustered(n: int, seed: int, k: int = 8) -> tuple[np.ndarray, np.ndarray]:

@@ -15,8 +15,13 @@ A run directory ``runs/NAME/`` holds
   pred_lat, pred_lon, dist_km, topk_lat, topk_lon, topk_prob (lists of k),
   log_density (nats per steradian at the true point; null without a density).
 
-Every file is written under a temporary name and renamed, so a killed run never
-leaves a half-written file under the final name.
+Every file is written under a temporary name and renamed (``geo.files.atomic_write``),
+so a killed run never leaves a half-written file under the final name.
+
+``build_head`` re-creates a run's head from its configuration (the head class
+says how: ``Head.options_from_config``; the options recorded as ``head_options``
+win when present) and ``load_head(run_dir)`` loads a finished run's selected
+head: the one way evaluate, reports and ``geo predict`` get a run's head.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +37,9 @@ import numpy as np
 import torch
 
 from geo.errors import ConfigError, GeoError
+from geo.files import atomic_write, atomic_write_bytes, temporary_path
+from geo.heads import Head, create_head, head_class
+from geo.sphere.partition import Partition
 
 RUN_FORMAT = "geo-run/1"
 CONFIG_FILE = "config.json"
@@ -48,7 +57,7 @@ class RunError(GeoError):
     """A run directory that is missing files or holds unreadable ones."""
 
 
-def _json_default(value: Any):
+def json_default(value: Any):
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (np.floating,)):
@@ -58,6 +67,11 @@ def _json_default(value: Any):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def json_safe(obj):
+    """``obj`` converted to plain JSON types (what config.json and the checkpoint store)."""
+    return json.loads(json.dumps(obj, default=json_default))
 
 
 def _clean_json(value: Any) -> Any:
@@ -71,19 +85,9 @@ def _clean_json(value: Any) -> Any:
     return value
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and an atomic rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, obj: dict) -> None:
     """Pretty JSON, atomically."""
-    text = json.dumps(_clean_json(obj), indent=2, sort_keys=False, default=_json_default)
+    text = json.dumps(_clean_json(obj), indent=2, sort_keys=False, default=json_default)
     atomic_write_bytes(Path(path), (text + "\n").encode())
 
 
@@ -99,7 +103,7 @@ def read_json(path: Path) -> dict:
 
 def append_jsonl(path: Path, obj: dict) -> None:
     """Append one JSON line (flushed and synced, so a kill loses at most this line)."""
-    line = json.dumps(_clean_json(obj), default=_json_default)
+    line = json.dumps(_clean_json(obj), default=json_default)
     with open(path, "a") as fh:
         fh.write(line + "\n")
         fh.flush()
@@ -126,7 +130,7 @@ def truncate_jsonl(path: Path, *, max_step: int) -> None:
     if not path.exists():
         return
     keep = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= max_step]
-    text = "".join(json.dumps(r, default=_json_default) + "\n" for r in keep)
+    text = "".join(json.dumps(r, default=json_default) + "\n" for r in keep)
     atomic_write_bytes(path, text.encode())
 
 
@@ -138,8 +142,8 @@ def config_differences(old: dict, new: dict) -> list[str]:
             continue
         a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
         # Compare through JSON so tuples/lists and ints/floats read back alike.
-        if json.dumps(_clean_json(a), sort_keys=True, default=_json_default) != json.dumps(
-            _clean_json(b), sort_keys=True, default=_json_default
+        if json.dumps(_clean_json(a), sort_keys=True, default=json_default) != json.dumps(
+            _clean_json(b), sort_keys=True, default=json_default
         ):
             diffs.append(f"{key}: {a!r} -> {b!r}")
     return diffs
@@ -147,10 +151,8 @@ def config_differences(old: dict, new: dict) -> list[str]:
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """``torch.save`` to a temporary file, then rename (never a torn checkpoint)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as handle:
+        torch.save(state, handle)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
@@ -192,7 +194,7 @@ def check_run_dir(run_dir: Path, config: dict, *, overwrite: bool) -> bool:
         clear_run_files(run_dir)
         return False
     old = read_json(config_path)
-    diffs = config_differences(old, _clean_json(json.loads(json.dumps(config, default=_json_default))))
+    diffs = config_differences(old, _clean_json(json.loads(json.dumps(config, default=json_default))))
     if diffs:
         raise ConfigError(
             f"{run_dir} holds a run with a different configuration ({len(diffs)} keys differ: "
@@ -205,7 +207,7 @@ def check_run_dir(run_dir: Path, config: dict, *, overwrite: bool) -> bool:
 def clear_run_files(run_dir: Path) -> None:
     """Delete the files a run writes (nothing else in the directory)."""
     for name in (CONFIG_FILE, METRICS_LOG_FILE, METRICS_FILE, CHECKPOINT_FILE, PREDICTIONS_FILE):
-        for p in (Path(run_dir) / name, Path(run_dir) / (name + ".tmp")):
+        for p in (Path(run_dir) / name, temporary_path(Path(run_dir) / name)):
             p.unlink(missing_ok=True)
 
 
@@ -246,8 +248,44 @@ def write_predictions(
             pa.array(np.asarray(log_density, np.float64)) if log_density is not None else pa.nulls(n, pa.float64())
         ),
     }
-    table = pa.table(columns)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as handle:
+        pq.write_table(pa.table(columns), handle)
+
+
+def build_head(config: dict, partition, feature_dim: int, device: torch.device | str = "cpu", *,
+               saved: dict | None = None) -> Head:
+    """The head of a run ``config`` (over ``partition``, a Partition or its state dict, for cell heads).
+
+    With ``saved`` (a checkpoint) it gets the selected (best-on-val) weights.
+    """
+    cls = head_class(config["head"])
+    options = config.get("head_options") or cls.options_from_config(config)
+    if isinstance(partition, dict):
+        partition = Partition.from_state_dict(partition)
+    head = create_head(config["head"], feature_dim=feature_dim, partition=partition, **options)
+    if saved is not None:
+        best = saved.get("best") or {}
+        head.load_state_dict(best.get("head_state") or saved["head_state"])
+    return head.to(device)
+
+
+@dataclass
+class RunHead:
+    """A run's selected head (eval mode) and what it was built from."""
+
+    head: Head
+    config: dict  # config.json
+    partition: Partition | None
+    selected_step: int | None  # the step whose weights were selected on val
+
+
+def load_head(run_dir: str | Path, device: torch.device | str = "cpu") -> RunHead:
+    """Load run ``run_dir``'s selected (best-on-val) head from ``config.json`` and ``checkpoint.pt``."""
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    partition = Partition.from_state_dict(checkpoint["partition"]) if checkpoint.get("partition") else None
+    merged = dict(checkpoint["config"], head_options=config.get("head_options") or checkpoint["config"].get(
+        "head_options"))
+    head = build_head(merged, partition, int(config["cache_feature_dim"]), device, saved=checkpoint).eval()
+    return RunHead(head, config, partition, (checkpoint.get("best") or {}).get("step"))

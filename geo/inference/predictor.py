@@ -30,11 +30,14 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from geo.errors import ConfigError, GeoError
+from geo.errors import GeoError
+from geo.files import sha256_file
 from geo.geometry import EARTH_RADIUS_KM, great_circle_km, latlon_to_xyz
+from geo.inference.credible import head_radii_km
+from geo.training import runs
+from geo.training.evaluate import feature_dtype
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-PREDICT_MODES = ("argmax", "mode")
 
 
 class BackboneError(GeoError):
@@ -109,12 +112,6 @@ def find_images(inputs: Sequence[str | os.PathLike], *, recursive: bool = False)
     return paths
 
 
-def _sha256(path: Path) -> str:
-    from geo.files import sha256_file
-
-    return sha256_file(path)
-
-
 def resolve_backbone_checkpoint(run_dir: Path, provenance: dict, override: str | os.PathLike | None) -> Path:
     """The backbone checkpoint of the run (``override`` or the recorded path), checked against the recorded sha256."""
     recorded_sha = provenance.get("weights")
@@ -136,7 +133,7 @@ def resolve_backbone_checkpoint(run_dir: Path, provenance: dict, override: str |
         path = Path(override)
         if not path.is_file():
             raise BackboneError(f"--backbone-checkpoint {path}: no such file")
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if actual != recorded_sha:
         raise BackboneError(f"backbone checkpoint {path} has sha256 {actual}, but run {run_dir} was trained on "
                             f"features of the checkpoint with sha256 {recorded_sha} "
@@ -152,7 +149,8 @@ class Predictor:
         run: a run directory written by ``geo fit-head``.
         backbone_checkpoint: use this file instead of the recorded checkpoint path (its
             sha256 must equal the recorded one).
-        mode: "argmax" or "mode" (None = the run's own when it is one of these, else argmax).
+        mode: one of the head's ``predict_modes`` (mvmf: argmax, mode; softmax: centre, mean,
+            argmax, mode); None = the run's own.
         device: "auto", "cpu", "cuda" ...; precision: "auto", "bf16" or "fp32" for the backbone.
     Attributes:
         timings: seconds spent so far in "decode" (read + transform), "backbone", "head"
@@ -161,9 +159,6 @@ class Predictor:
 
     def __init__(self, run: str | os.PathLike, *, backbone_checkpoint: str | os.PathLike | None = None,
                  mode: str | None = None, device: str = "auto", precision: str = "auto"):
-        from geo.heads import runs
-        from geo.heads import train as heads_train
-        from geo.heads.evaluate import feature_dtype
         from geo.pipeline.backbone import create_backbone, placement
         from geo.pipeline.images import describe_transform, eval_transform
 
@@ -180,16 +175,9 @@ class Predictor:
         if provenance.get("transform") and describe_transform(self.transform) != provenance["transform"]:
             warnings.warn(f"the evaluation transform differs from the one recorded in {self.run_dir}: "
                           f"{describe_transform(self.transform)!r} vs {provenance['transform']!r}", stacklevel=2)
-        if mode is not None and mode not in PREDICT_MODES:
-            raise ConfigError(f"--predict must be one of {', '.join(PREDICT_MODES)}, not {mode!r}")
-        run_mode = self.config.get("predict")
-        self.mode = mode or (run_mode if run_mode in PREDICT_MODES else "argmax")
-        # What head.predict is asked for: the softmax run's "centre"/"mean" is its argmax placed there.
-        self._head_mode = run_mode if self.mode == "argmax" and run_mode not in PREDICT_MODES else self.mode
-        checkpoint = runs.load_checkpoint(self.run_dir / runs.CHECKPOINT_FILE)
-        self.head = heads_train.build_head(checkpoint["config"], checkpoint["partition"],
-                                           int(self.config["cache_feature_dim"]), torch.device("cpu"),
-                                           saved=checkpoint).eval()
+        self.head = runs.load_head(self.run_dir).head
+        # The head says which modes it offers; the run's own mode is the default.
+        self.mode = self.head.check_predict(mode or self.config.get("predict"))
         self.feature_dtype = feature_dtype(self.config["precision"])
         self.timings = dict(decode=0.0, backbone=0.0, head=0.0, places=0.0, total=0.0)
 
@@ -210,15 +198,14 @@ class Predictor:
 
     def describe(self, path: str, logits: torch.Tensor, top_k: int) -> PredictionResult:
         """The result for one image's logits ``[c]`` (countries and places filled in by ``predict``)."""
-        from geo.credible import head_radii_km
-
         t0 = time.perf_counter()
-        k = max(1, min(int(top_k), self.head.n_cells))
+        k = max(1, min(int(top_k), self.head.max_k))
         row = logits[None]
         with torch.no_grad():
-            lat, lon = self.head.predict(row, k=k, mode=self._head_mode)
+            lat, lon = self.head.predict(row, k=k, mode=self.mode)
             lat, lon = lat[0].double().numpy(), lon[0].double().numpy()
-            probs = self.head.topk(row, k)[0][0].double().numpy() if self.mode == "argmax" else [None] * k
+            # Density maxima have no probability of their own; ranked components / cells do.
+            probs = self.head.topk(row, k)[0][0].double().numpy() if self.mode != "mode" else [None] * k
             xyz = torch.from_numpy(latlon_to_xyz(lat, lon))
             log_dens = self.head.log_density(row, xyz)[0].double().numpy()
         radii = head_radii_km(self.head, logits, xyz[0].numpy())

@@ -1,4 +1,4 @@
-"""geo.heads.sweep: a grid of heads in one process equals the same heads fitted one by one."""
+"""geo.training.sweep: a grid of heads in one process equals the same heads fitted one by one."""
 
 from __future__ import annotations
 
@@ -10,16 +10,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fit_helpers import make_location_cache
+from support.caches import make_location_cache
 from geo.cli import cli
 from geo.errors import ConfigError
 from geo.heads import create_head
-from geo.heads.sweep import estimate_memory_bytes, schedule_groups, sweep, sweep_grid
-from geo.heads.train import FitConfig, fit_head
+from geo.training.sweep import estimate_memory_bytes, schedule_groups, sweep, sweep_grid
+from geo.training.config import FitConfig
+from geo.training.fit import fit_head
 
 # Small and fast: 1050 train rows, 4 batches per epoch, 2 epochs, an evaluation every 3 steps.
 BASE = FitConfig(batch_size=300, epochs=2, lr=5e-2, precision="fp32", device="cpu", eval_every=3)
-GRID = dict(heads=["mvmf", "softmax"], classes=[24], kappa0s=[8.0, 12.0])
+GRID = dict(heads=["mvmf", "softmax"], n_cells=[24], kappa0s=[8.0, 12.0])
 NAMES = ["mvmf-c24-k8", "mvmf-c24-k12", "softmax-c24"]
 
 
@@ -146,8 +147,8 @@ def test_heads_resumed_from_different_checkpoints_catch_up_together(cache, whole
 
 def test_memory_estimate_counts_the_head_parameters(cache):
     from geo.cache.store import FeatureCache
-    from geo.heads.partition import Partition
-    from geo.heads.train import resolve_config
+    from geo.sphere.partition import Partition
+    from geo.training.config import resolve_config
 
     with FeatureCache(cache) as c:
         train = c.split_rows("train")
@@ -171,22 +172,22 @@ def test_groups_fit_the_budget_largest_first():
 
 def test_bad_input_is_refused_before_anything_is_written(cache, tmp_path):
     for grid, match in [(dict(heads=[]), "--head: the list is empty"),
-                        (dict(classes=[]), "--classes: the list is empty"),
+                        (dict(n_cells=[]), "--n-cells: the list is empty"),
                         (dict(heads=["mvmf"], kappa0s=[]), "--kappa0: the list is empty"),
                         (dict(heads=["mvmf", "vmf"]), "unknown head 'vmf'; known heads: .*mvmf.*softmax"),
-                        (dict(classes=[24, 10**6]), r"--classes 1000000: n_cells=1000000 is more than the \d+ train"),
-                        (dict(heads=["mvmf", "softmax"], classes=[3]), "--classes 3: .*at least 6")]:
+                        (dict(n_cells=[24, 10**6]), r"--n-cells 1000000: n_cells=1000000 is more than the \d+ train"),
+                        (dict(heads=["mvmf", "softmax"], n_cells=[3]), "--n-cells 3: .*at least 6")]:
         with pytest.raises(ConfigError, match=match):
             sweep(cache, tmp_path / "out", base_config=BASE, progress=False, **{**GRID, **grid})
     assert not (tmp_path / "out").exists()
     # a directory holding another configuration is refused, naming the difference
     sweep(cache, tmp_path / "out", base_config=dataclasses.replace(BASE, epochs=1), progress=False,
-          heads=["softmax"], classes=[24])
+          heads=["softmax"], n_cells=[24])
     with pytest.raises(ConfigError, match="softmax-c24 holds a run with a different configuration.*epochs: 1 -> 2"):
-        sweep(cache, tmp_path / "out", base_config=BASE, progress=False, heads=["softmax"], classes=[24])
+        sweep(cache, tmp_path / "out", base_config=BASE, progress=False, heads=["softmax"], n_cells=[24])
 
 
-CLI_ARGS = ["--classes", "24", "--batch-size", "256", "--epochs", "1", "--lr", "0.05", "--device", "cpu",
+CLI_ARGS = ["--n-cells", "24", "--batch-size", "256", "--epochs", "1", "--lr", "0.05", "--device", "cpu",
             "--precision", "fp32", "--quiet"]
 
 
@@ -206,7 +207,7 @@ def test_cli_sweep_prints_a_table_and_where_the_runs_are(cache, tmp_path):
 
     result = CliRunner().invoke(cli, ["sweep", str(cache), "--head", "mvmf,nope", *CLI_ARGS, "--out", str(out)])
     assert result.exit_code == 2 and "Error: unknown head 'nope'; known heads:" in result.output
-    result = CliRunner().invoke(cli, ["sweep", str(cache), "--classes", "16,x", "--out", str(out)])
+    result = CliRunner().invoke(cli, ["sweep", str(cache), "--n-cells", "16,x", "--out", str(out)])
     assert result.exit_code == 2 and "comma-separated list of int" in result.output
 
 

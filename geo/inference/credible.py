@@ -38,7 +38,8 @@ from typing import Sequence
 
 import numpy as np
 
-from geo.geometry import EARTH_RADIUS_KM
+from geo.geometry import EARTH_RADIUS_KM, angle_between_xyz
+from geo.sphere import s2cells
 
 MASSES = (0.5, 0.95)
 N_NODES = 48
@@ -56,8 +57,7 @@ def _hav(x):
 
 def _angle_rad(xyz: np.ndarray, p: np.ndarray) -> np.ndarray:
     """Great-circle angle between unit vectors ``xyz [n, 3]`` and ``p [3]`` (atan2 form, exact near 0)."""
-    cross = np.linalg.norm(np.cross(xyz, p[None, :]), axis=-1)
-    return np.arctan2(cross, xyz @ p)
+    return angle_between_xyz(xyz, p[None, :])
 
 
 def _vmf_cdf(theta: np.ndarray, kappa: np.ndarray) -> np.ndarray:
@@ -146,8 +146,6 @@ def _subcells(partition) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     hit = _SUBCELLS.get(id(partition))
     if hit is not None and hit[0]() is partition:
         return hit[1]
-    from geo.heads import s2cells
-
     ids, cells = np.asarray(partition.piece_ids, np.uint64), np.asarray(partition.piece_cells, np.int64)
     for _ in range(SUBDIVIDE):
         leaf = s2cells.cell_levels(ids) >= s2cells.MAX_LEVEL
@@ -180,16 +178,14 @@ def cell_radii_km(centre_xyz: np.ndarray, cell_probs: np.ndarray, partition,
     return dist[order][at] * EARTH_RADIUS_KM
 
 
-def head_radii_km(head, logits_row, centre_xyz: np.ndarray, masses: Sequence[float] = MASSES) -> np.ndarray | None:
-    """Radii (km) for one image's logits ``[c]`` under an MvMF or softmax head; None for other heads."""
-    import torch
-
-    with torch.no_grad():
-        log_w = torch.log_softmax(torch.as_tensor(logits_row).double(), dim=-1).cpu().numpy()
-        if hasattr(head, "mu") and hasattr(head, "log_kappa"):
-            mu = head.mu().detach().double().cpu().numpy()
-            log_kappa = head.log_kappa.detach().double().cpu().numpy()
-            return mvmf_radii_km(centre_xyz, log_w, mu, log_kappa, masses)[0]
-    if getattr(head, "partition", None) is not None and hasattr(head.partition, "piece_ids"):
-        return cell_radii_km(centre_xyz, np.exp(log_w), head.partition, masses)
+def head_radii_km(head, output_row, centre_xyz: np.ndarray, masses: Sequence[float] = MASSES) -> np.ndarray | None:
+    """Radii (km) for one image's head output (e.g. logits ``[c]``); None when the head's density is
+    neither a vMF mixture (``head.vmf_mixture``) nor constant on cells (``head.cell_density``)."""
+    mixture = head.vmf_mixture(output_row)
+    if mixture is not None:
+        return mvmf_radii_km(centre_xyz, np.asarray(mixture.log_weights), np.asarray(mixture.mu_xyz),
+                             np.asarray(mixture.log_kappa), masses)[0]
+    cells = head.cell_density(output_row)
+    if cells is not None and hasattr(cells.partition, "piece_ids"):
+        return cell_radii_km(centre_xyz, cells.probs, cells.partition, masses)
     return None

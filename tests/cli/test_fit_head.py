@@ -8,11 +8,11 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from fit_helpers import make_location_cache
+from support.caches import make_location_cache
 from geo.cli import cli
-from geo.heads.train import FitConfig
+from geo.training.config import FitConfig
 
-ARGS = ["--classes", "32", "--batch-size", "256", "--epochs", "2", "--lr", "0.05", "--device", "cpu",
+ARGS = ["--n-cells", "32", "--batch-size", "256", "--epochs", "2", "--lr", "0.05", "--device", "cpu",
         "--precision", "fp32", "--quiet"]
 
 
@@ -42,9 +42,10 @@ def test_fit_head_then_evaluate(cache, tmp_path):
 
 def test_user_errors_exit_2_with_a_message(cache, tmp_path):
     runner = CliRunner()
-    result = runner.invoke(cli, ["fit-head", cache, "--head", "softmax", "--predict", "mode", *ARGS,
+    # A mode the head does not offer (softmax offers "mode": its density is p(cell) / area, see test_softmax).
+    result = runner.invoke(cli, ["fit-head", cache, "--head", "mvmf", "--predict", "centre", *ARGS,
                                  "--out", str(tmp_path / "a")])
-    assert result.exit_code == 2 and "Error: --predict mode is not available for head 'softmax'" in result.output
+    assert result.exit_code == 2 and "Error: --predict centre is not available for head 'mvmf'" in result.output
     result = runner.invoke(cli, ["fit-head", cache, "--head", "vmf", *ARGS, "--out", str(tmp_path / "b")])
     assert result.exit_code == 2 and "known heads: mvmf, softmax" in result.output
     assert runner.invoke(cli, ["fit-head", cache, "--head", "softmax", *ARGS, "--out", str(tmp_path / "c")]

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from geo.errors import ConfigError
-from geo.heads import s2cells
-from geo.heads.s2cells import leaf_cell_ids  # also part of this module's contract
+from geo.sphere import s2cells
+from geo.sphere.s2cells import leaf_cell_ids  # also part of this module's contract
 
 _STATE_KEYS = ("cell_ids", "levels", "centres_xyz", "areas_sr", "means_xyz", "counts", "piece_ids", "piece_cells")
 _BIT_CAST_KEYS = ("cell_ids", "piece_ids")  # uint64 ids stored bit-cast as int64 tensors

@@ -30,7 +30,8 @@ def _write_image(path, colour, rng, size_px=40):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(run dir, image folder, manifest rows) of a tiny real pipeline run (~10 s on 2 CPU cores)."""
-    from geo.heads.train import FitConfig, fit_head
+    from geo.training.config import FitConfig
+    from geo.training.fit import fit_head
     from geo.pipeline.extract import ExtractConfig, run_extract
 
     root = tmp_path_factory.mktemp("predict")
@@ -146,7 +147,7 @@ def test_folder_text_output_and_compare_exif(trained):
 
 @pytest.mark.slow
 def test_backbone_checksum_mismatch_and_missing_checkpoint_refused(trained, tmp_path):
-    from geo.heads.runs import read_config
+    from geo.training.runs import read_config
 
     run, _, rows = trained
     recorded = read_config(run)["cache_provenance"]

@@ -1,0 +1,262 @@
+"""The Head contract, the shared linear layer of cell heads, and the low-precision product.
+
+Every output head is a ``torch.nn.Module`` subclass of :class:`Head`. The
+contract does not assume cells: a head may be built over a partition of the
+sphere (MvMF, softmax: ``uses_partition = True``) or not (regression,
+retrieval, input-dependent vMF mixtures).
+
+- ``forward(features [B, d]) -> output``: the head's own tensor (for cell heads
+  the logits ``[B, c]``, float32);
+- ``loss(output, target_xyz [B, 3], **targets) -> []``: mean over the batch, nats;
+  ``targets`` are the per-row tensors of ``row_targets`` (e.g. the softmax's cells);
+- ``log_density_at(output, target_xyz [B, 3]) -> [B]`` and
+  ``log_density(output, xyz [G, 3]) -> [B, G]``: log probability per steradian,
+  so every head's NLL at the true location is comparable (heads without a
+  density raise ``NotImplementedError``);
+- ``predict(output, k, mode) -> (lat_deg [B, k], lon_deg [B, k])`` float64 degrees,
+  and ``topk(output, k) -> (score [B, k], index [B, k])``, the probability of each of
+  the k best components / cells (what ``predictions.parquet`` stores as ``topk_prob``);
+- ``max_k``: the largest k ``predict`` and ``topk`` accept.
+
+Declared facts, read by training, sweeps, reports, credible radii and
+``geo predict`` instead of the head's name or attributes:
+
+- ``predict_modes``: the modes ``predict`` accepts; the first is the default;
+- ``has_density``: whether ``log_density`` is a normalised density;
+- ``sweep_options``: ``{option: run-name tag}``, the options a sweep may vary
+  (``{"kappa0": "k"}`` for MvMF: runs ``mvmf-c1024-k16``);
+- ``options_from_config(config)``: the keyword options of ``create_head`` from a
+  run's resolved configuration (``config.json``), i.e. how it is rebuilt;
+- ``vmf_mixture(output)`` / ``cell_density(output)``: the density in a form the
+  credible radii and maps integrate exactly (a vMF mixture, or a piecewise-constant
+  density over a partition's cells); None when the head's density is not of that form.
+
+``geo.heads`` holds models only: no training loop, no file I/O, and it never
+imports ``geo.pipeline`` or ``geo.training``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from geo.errors import ConfigError
+
+MATMUL_DTYPES = {None: None, "float32": None, "bfloat16": torch.bfloat16}
+
+
+def resolve_matmul_dtype(matmul_dtype: Any) -> torch.dtype | None:
+    """``None``/"float32" -> None (plain float32 matmul); torch.bfloat16/"bfloat16" -> torch.bfloat16."""
+    if isinstance(matmul_dtype, torch.dtype):
+        matmul_dtype = {torch.bfloat16: "bfloat16", torch.float32: "float32"}.get(matmul_dtype, str(matmul_dtype))
+    if matmul_dtype not in MATMUL_DTYPES:
+        raise ConfigError(f"matmul_dtype must be None, 'float32' or 'bfloat16', not {matmul_dtype!r}")
+    return MATMUL_DTYPES[matmul_dtype]
+
+
+def matmul_dtype_of(config: dict) -> str | None:
+    """The ``matmul_dtype`` option a run's ``precision`` implies: "bfloat16" under bf16, else None."""
+    return "bfloat16" if config.get("precision") == "bf16" else None
+
+
+@dataclass
+class VmfMixture:
+    """A density that is a mixture of vMF components, one row's worth (numpy, float64).
+
+    ``log_weights [K]`` (normalised: logsumexp = 0), ``mu_xyz [K, 3]`` unit means,
+    ``log_kappa [K]`` log concentrations.
+    """
+
+    log_weights: Any
+    mu_xyz: Any
+    log_kappa: Any
+
+
+@dataclass
+class CellDensity:
+    """A density constant on each cell of ``partition``: ``probs [c]`` the cells' probabilities."""
+
+    probs: Any
+    partition: Any
+
+
+class Head(nn.Module):
+    """Base of every output head: the declared facts and their defaults (see the module docstring)."""
+
+    name: ClassVar[str] = ""  # set by register_head
+    uses_partition: ClassVar[bool] = False
+    has_density: ClassVar[bool] = False
+    predict_modes: ClassVar[tuple[str, ...]] = ("argmax",)
+    sweep_options: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, feature_dim: int):
+        super().__init__()
+        if feature_dim < 1:
+            raise ConfigError(f"feature_dim must be >= 1 (got {feature_dim})")
+        self.feature_dim = int(feature_dim)
+        self.options: dict = {}  # JSON-able keyword options that re-create the head with create_head
+
+    @classmethod
+    def default_predict(cls) -> str:
+        return cls.predict_modes[0]
+
+    @classmethod
+    def check_predict(cls, predict: str | None) -> str:
+        """``predict`` (None = the default mode), refused with the modes this head offers."""
+        predict = predict or cls.default_predict()
+        if predict not in cls.predict_modes:
+            why = " (it has no density to maximise)" if predict == "mode" and not cls.has_density else ""
+            raise ConfigError(f"--predict {predict} is not available for head {cls.name!r}{why}; "
+                              f"choose one of: {', '.join(cls.predict_modes)}")
+        return predict
+
+    @classmethod
+    def options_from_config(cls, config: dict) -> dict:
+        """Keyword options of ``create_head`` from a run's resolved configuration (config.json)."""
+        return {}
+
+    @classmethod
+    def parameter_count(cls, feature_dim: int, n_cells: int) -> int:
+        """Trainable parameters of such a head (for the sweep's memory estimate)."""
+        return 0
+
+    @property
+    def max_k(self) -> int:
+        """The largest k that ``predict`` and ``topk`` accept."""
+        return 1
+
+    def row_targets(self, lat_deg, lon_deg) -> dict[str, torch.Tensor]:
+        """Per-row training targets beyond ``target_xyz``, computed once for a whole dataset.
+
+        ``lat_deg, lon_deg [n]`` (numpy degrees) -> ``{loss keyword: tensor [n]}``;
+        the trainer slices them per batch and passes them to ``loss``.
+        """
+        return {}
+
+    def weight_decay_parameters(self) -> list[nn.Parameter]:
+        """The parameters decoupled weight decay applies to (matrices acting on features)."""
+        return [p for p in self.parameters() if p.requires_grad and p.ndim >= 2 and p.shape[-1] == self.feature_dim]
+
+    def vmf_mixture(self, output_row: torch.Tensor) -> VmfMixture | None:
+        """One row's density as a vMF mixture, or None when it is not one."""
+        return None
+
+    def cell_density(self, output_row: torch.Tensor) -> CellDensity | None:
+        """One row's density as cell probabilities over a partition, or None when it is not one."""
+        return None
+
+    def _check_k(self, k: int) -> int:
+        if not 1 <= int(k) <= self.max_k:
+            raise ConfigError(f"k must be between 1 and {self.max_k} (this head's max_k), not {k}")
+        return int(k)
+
+
+class CellHead(Head):
+    """A head over the c cells of a partition with logits ``W x + b`` (MvMF, softmax).
+
+    ``forward(features [B, d]) -> logits [B, c]``; ``topk`` gives the k largest
+    softmax probabilities and their cell / component indices.
+    """
+
+    uses_partition = True
+
+    def __init__(self, feature_dim: int, n_cells: int, matmul_dtype: Any = None):
+        super().__init__(feature_dim)
+        if n_cells < 1:
+            raise ConfigError(f"feature_dim and the number of cells must be >= 1 (got {feature_dim}, {n_cells})")
+        self.n_cells = int(n_cells)
+        self.matmul_dtype = resolve_matmul_dtype(matmul_dtype)
+        self.linear = nn.Linear(self.feature_dim, self.n_cells)
+        # Glorot for W as in the paper (eq. 5 training starts there); zero bias = uniform mixing weights.
+        nn.init.xavier_uniform_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    @classmethod
+    def parameter_count(cls, feature_dim: int, n_cells: int) -> int:
+        return n_cells * (feature_dim + 1)
+
+    @property
+    def max_k(self) -> int:
+        return self.n_cells
+
+    @property
+    def matmul_dtype_name(self) -> str | None:
+        return None if self.matmul_dtype is None else "bfloat16"
+
+    def weight_decay_parameters(self) -> list[nn.Parameter]:
+        return [self.linear.weight] if self.linear.weight.requires_grad else []
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, c]`` (float32, or float64 for a float64 head) from features ``[B, d]`` of any float dtype.
+
+        With ``matmul_dtype=bfloat16`` only the products run in bf16 (inputs cast
+        explicitly, no autocast): W x in forward and the weight gradient in backward
+        (``LowPrecisionLinear``); the logits, the bias and all gradients are float32.
+        """
+        weight, bias = self.linear.weight, self.linear.bias
+        if self.matmul_dtype is None:
+            return F.linear(features.to(weight.dtype), weight, bias)
+        return LowPrecisionLinear.apply(features, weight, bias, self._low_precision_weight(weight))
+
+    def _low_precision_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """W cast to ``matmul_dtype``, written into a buffer kept between calls.
+
+        Recast on every call (the fused AdamW updates W without bumping its version
+        counter, so a cached copy could not tell it is stale), but into the same
+        memory: a fresh [c, d] tensor costs more in page faults than the cast itself.
+        A plain attribute, not a registered buffer: it is not part of the state.
+        """
+        cached = getattr(self, "_weight_cast", None)
+        if cached is None or cached.shape != weight.shape or cached.device != weight.device \
+                or cached.dtype != self.matmul_dtype:
+            cached = torch.empty(weight.shape, dtype=self.matmul_dtype, device=weight.device)
+            self._weight_cast = cached
+        with torch.no_grad():
+            return cached.copy_(weight)
+
+    def topk(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k largest softmax probabilities ``[B, k]`` and their cell/component indices ``[B, k]`` int64."""
+        k = self._check_k(k)
+        probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        return torch.topk(probs, k, dim=-1)
+
+
+class LowPrecisionLinear(torch.autograd.Function):
+    """``x [B, d] @ W.T + b`` with both products in a low precision (bf16) and float32 results.
+
+    Forward: ``x`` and ``weight_cast`` (W already in the low dtype) multiply in bf16
+    (fp32 accumulation inside oneDNN); the product is rounded once into a float32
+    tensor that the bias is added to. Backward: the weight gradient is one bf16
+    product ``grad.T @ x`` cast once to W's dtype; the input gradient is computed
+    only when ``x`` requires it (never in training: features are fixed), from a
+    private copy of the cast weight (the shared one is overwritten by the next call).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, weight_cast):
+        x_low = x.to(weight_cast.dtype)
+        product = F.linear(x_low, weight_cast)
+        out_dtype = torch.promote_types(weight.dtype, torch.float32)
+        out = torch.empty(product.shape, dtype=out_dtype, device=product.device).copy_(product)
+        out.add_(bias.to(out_dtype))
+        ctx.save_for_backward(x_low, weight_cast.clone() if ctx.needs_input_grad[0] else None)
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_low, weight_cast = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad_low = grad_out.to(x_low.dtype)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_low @ weight_cast).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad_low.T @ x_low).to(w_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum(0).to(b_dtype)
+        return grad_x, grad_w, grad_b, None

@@ -1,0 +1,1 @@
+"""Shared test helpers (imported as ``support.<module>``; tests/ is on the path)."""
