@@ -110,7 +110,7 @@ def main() -> None:
 
         for d in ("sweep", "one-by-one"):
             shutil.rmtree(work / d, ignore_errors=True)
-        t_sweep = geo("sweep", str(cache), "--head", ",".join(HEADS), "--classes", ",".join(map(str, CLASSES)),
+        t_sweep = geo("sweep", str(cache), "--head", ",".join(HEADS), "--n-cells", ",".join(map(str, CLASSES)),
                       "--kappa0", ",".join(f"{k:g}" for k in KAPPA0S), *common, "--out", str(work / "sweep"))
         print(f"geo sweep (1 process, {n_heads} heads):     {t_sweep:8.1f} s")
 
@@ -120,7 +120,7 @@ def main() -> None:
                 for kappa0 in (KAPPA0S if head == "mvmf" else [None]):
                     name = f"{head}-c{c}" + (f"-k{kappa0:g}" if kappa0 is not None else "")
                     extra = ["--kappa0", f"{kappa0:g}"] if kappa0 is not None else []
-                    t_alone += geo("fit-head", str(cache), "--head", head, "--classes", str(c), *extra, *common,
+                    t_alone += geo("fit-head", str(cache), "--head", head, "--n-cells", str(c), *extra, *common,
                                    "--out", str(work / "one-by-one" / name))
                     names.append(name)
         print(f"geo fit-head x {n_heads} (one after another): {t_alone:8.1f} s")

@@ -41,14 +41,6 @@ def geoscore(dist_km: np.ndarray) -> float:
     return float(np.mean(GEOSCORE_MAX * np.exp(-np.asarray(dist_km, dtype=np.float64) / GEOSCORE_SCALE_KM)))
 
 
-def country_accuracy(pred_codes: Sequence[str], true_codes: Sequence[str]) -> float:
-    """Fraction of rows whose predicted country code equals the true one (codes as strings)."""
-    pred, true = np.asarray(pred_codes), np.asarray(true_codes)
-    if pred.shape != true.shape:
-        raise ValueError(f"country arrays differ in shape: {pred.shape} vs {true.shape}")
-    return float(np.mean(pred == true))
-
-
 def mean_nll(log_density: np.ndarray) -> float:
     """Mean negative log-density (nats per steradian) of ``log_density`` [n]."""
     return float(-np.mean(np.asarray(log_density, dtype=np.float64)))
@@ -126,30 +118,3 @@ def summarize(
             key: [float(np.quantile(vals, alpha)), float(np.quantile(vals, 1.0 - alpha))] for key, vals in samples.items()
         }
     return result
-
-
-def bootstrap_ci(
-    statistic: Callable[..., float],
-    *arrays: np.ndarray,
-    n_resamples: int = 1000,
-    level: float = 0.95,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``statistic(*arrays)``, resampling rows jointly.
-
-    Args:
-        statistic: function of the arrays (each indexed by the same rows) -> float.
-        arrays: one or more arrays with the same first dimension n.
-    Returns:
-        (lo, hi) at the given coverage level.
-    """
-    n = len(arrays[0])
-    if any(len(a) != n for a in arrays):
-        raise ValueError("bootstrap arrays must share their first dimension")
-    rng = np.random.default_rng(seed)
-    values = np.empty(n_resamples)
-    for r in range(n_resamples):
-        idx = rng.integers(0, n, size=n)
-        values[r] = statistic(*(np.asarray(a)[idx] for a in arrays))
-    alpha = (1.0 - level) / 2.0
-    return float(np.quantile(values, alpha)), float(np.quantile(values, 1.0 - alpha))

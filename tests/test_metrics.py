@@ -24,9 +24,11 @@ def test_geoscore_hand_values():
 
 
 def test_country_accuracy_and_nll():
-    assert m.country_accuracy(["FR", "DE", "XX", "US"], ["FR", "FR", "XX", "MX"]) == 0.5
+    country = m.summarize(np.ones(4), pred_country=["FR", "DE", "XX", "US"], true_country=["FR", "FR", "XX", "MX"],
+                          n_bootstrap=0)["country_acc"]
+    assert country == 0.5
     with pytest.raises(ValueError):
-        m.country_accuracy(["FR"], ["FR", "DE"])
+        m.summarize(np.ones(1), pred_country=["FR"], true_country=["FR", "DE"])
     assert m.mean_nll(np.array([-1.0, -3.0, 2.0])) == pytest.approx(2 / 3)
 
 
@@ -65,7 +67,7 @@ def test_summarize_without_bootstrap_and_bad_input():
 def test_bootstrap_ci_of_mean_matches_normal_theory():
     rng = np.random.default_rng(1)
     x = rng.normal(10.0, 2.0, 2000)
-    lo, hi = m.bootstrap_ci(np.mean, x, n_resamples=1000)
+    lo, hi = m.summarize(x, n_bootstrap=1000)["ci"]["mean_km"]
     half = 1.96 * x.std() / math.sqrt(len(x))
     assert lo == pytest.approx(x.mean() - half, abs=0.3 * half)
     assert hi == pytest.approx(x.mean() + half, abs=0.3 * half)

@@ -12,7 +12,7 @@ Each image gets the top-k locations (``head.predict``: component means / cells f
 "argmax", density maxima for "mode"), their mixing weight or cell probability, the
 log-density there, the country (``geo.pipeline.countries``) and the nearest named
 place (``geo.places``), and the radii around the best guess holding 50 % and 95 % of
-the predicted probability (``geo.credible``). Only pixels are used: EXIF metadata is
+the predicted probability (``geo.inference.credible``). Only pixels are used: EXIF metadata is
 never read for the prediction (``compare_exif`` only measures the distance to it).
 Unreadable images come back with ``error`` set; the others are still predicted.
 """
@@ -34,6 +34,7 @@ from geo.errors import GeoError
 from geo.files import sha256_file
 from geo.geometry import EARTH_RADIUS_KM, great_circle_km, latlon_to_xyz
 from geo.inference.credible import head_radii_km
+from geo.pipeline.countries import country_codes, country_name
 from geo.training import runs
 from geo.training.evaluate import feature_dtype
 
@@ -249,7 +250,6 @@ class Predictor:
         return [r for r in results if r is not None]
 
     def _add_places(self, results: list[PredictionResult]) -> None:
-        from geo.pipeline.countries import country_codes
         from geo.places import nearest_places
 
         t0 = time.perf_counter()
@@ -302,8 +302,8 @@ def format_result(result: PredictionResult) -> str:
     lines = [result.path]
     for loc in result.locations:
         weight = f"p={loc.prob:.3f}" if loc.prob is not None else f"density {loc.density_per_km2:.3g}/km²"
-        lines.append(f"  {loc.rank}. {loc.lat_deg:9.4f} {loc.lon_deg:10.4f}  {weight:<12} {loc.country}  "
-                     f"near {loc.place} ({loc.place_dist_km:,.0f} km)")
+        lines.append(f"  {loc.rank}. {loc.lat_deg:9.4f} {loc.lon_deg:10.4f}  {weight:<12} {loc.country} "
+                     f"({country_name(loc.country)})  near {loc.place} ({loc.place_dist_km:,.0f} km)")
     if result.radius_50_km is not None:
         spread = f"  50 % of the probability within {result.radius_50_km:,.1f} km of the best guess, " \
                  f"95 % within {result.radius_95_km:,.1f} km"

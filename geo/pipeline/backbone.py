@@ -67,11 +67,6 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.forward_features(x))
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier by a freshly initialised one with ``num_classes`` outputs."""
-        self.classifier = nn.Linear(self.feature_dim, max(int(num_classes), 1)).to(
-            next(self.classifier.parameters()).device)
-
 
 def _strip_classifier(model: nn.Module, name: str) -> int:
     """Replace the last ``nn.Linear`` of ``model`` by Identity; return its in_features."""

@@ -141,11 +141,6 @@ def country_codes(lat_deg, lon_deg, *, coast_km: float = COAST_KM) -> np.ndarray
     return codes
 
 
-def all_country_codes() -> list[str]:
-    """Every code ``country_codes`` can return, sorted ("XX" included, "AQ" not)."""
-    return sorted(set(_gazetteer().codes.tolist()) | {NO_COUNTRY})
-
-
 def country_name(code: str) -> str:
     """English name of a code ("XX" -> "no country"); the code itself when unknown."""
     return _gazetteer().names.get(code, code)

@@ -48,14 +48,6 @@ class Dist:
         """True on every rank when ``flag`` is True on at least one rank."""
         return self.sum([float(flag)])[0] > 0
 
-    def broadcast_object(self, obj):
-        """``obj`` from rank 0, on every rank."""
-        if not self.enabled:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
 
 def init(device: torch.device) -> tuple[Dist, torch.device]:
     """Join the torchrun process group if there is one; return (Dist, this rank's device).

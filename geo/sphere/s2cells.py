@@ -194,12 +194,6 @@ def cell_levels(cell_ids) -> np.ndarray:
     return MAX_LEVEL - trailing_zeros // 2
 
 
-def parent_ids(cell_ids, level) -> np.ndarray:
-    """Ancestors at ``level`` (<= each cell's level) of cell ids: (id & -lsb) | lsb."""
-    new_lsb = lsb_for_level(level)
-    return (_as_ids(cell_ids) & (~new_lsb + np.uint64(1))) | new_lsb
-
-
 def child_ids(cell_ids) -> np.ndarray:
     """The four children uint64 [n, 4] of non-leaf cells, in Hilbert order (CellId.children())."""
     ids = _as_ids(cell_ids)
@@ -212,12 +206,6 @@ def range_min(cell_ids) -> np.ndarray:
     """Smallest leaf id inside each cell."""
     ids = _as_ids(cell_ids)
     return ids - (lsb(ids) - np.uint64(1))
-
-
-def range_max(cell_ids) -> np.ndarray:
-    """Largest leaf id inside each cell."""
-    ids = _as_ids(cell_ids)
-    return ids + (lsb(ids) - np.uint64(1))
 
 
 def face_cell_ids() -> np.ndarray:
