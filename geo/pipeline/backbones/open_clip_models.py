@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 from geo.errors import ConfigError
 from geo.files import sha256_file
 from geo.pipeline.backbones import Built, check_clip_features, group_by_regex, hub_file, require

@@ -95,9 +95,8 @@ def build(model: str, weights: str, *, image_size: int | None, clip_features: st
             net = timm.create_model(model, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
     except (RuntimeError, KeyError, ValueError) as err:
         raise WeightsError(f"--weights {weights} does not fit timm/{model}: {err}") from None
-    native = _native_preprocess(timm, net, model)
-    preprocess = native if image_size is None else Preprocess(
-        native_size, native.resize_size, native.interpolation, native.mean, native.std, native.crop).at_size(image_size)
+    native = _native_preprocess(timm, net, model)  # at img_size already where the model was built at it
+    preprocess = native if image_size is None else native.at_size(image_size)
     head = net.get_classifier()
     head_params = {id(p) for p in head.parameters()} if isinstance(head, torch.nn.Module) else set()
     names = [n for n, p in net.named_parameters() if id(p) not in head_params]
@@ -107,7 +106,7 @@ def build(model: str, weights: str, *, image_size: int | None, clip_features: st
         specs = matcher.get("blocks") or []
         specs = [specs] if isinstance(specs, str) else [s[0] for s in specs if s[1] is None or s[1][0] != 99999]
         groups = group_by_regex(names, matcher.get("stem"), specs)
-    with torch.no_grad():
-        dim = int(net.num_features if clip_features != "projected" else net.num_classes)
+    # Pre-logits width, or the CLIP projection's output width.
+    dim = int(net.num_classes if clip_features == "projected" else net.num_features)
     return Built(net, dim, preprocess, source, sha, groups, is_clip, clip_features,
                  {"image_size": preprocess.image_size}, native_size)
