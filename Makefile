@@ -13,7 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -e '.[test,demo]'
+	printf 'torch==2.14.1\ntorchvision==0.29.1\n' > $(VENV)/torch-pins.txt
+	# -c pins torch/torchvision: timm, open_clip_torch and transformers must not pull another torch.
+	$(PIP) install -q -e '.[test,demo,backbones]' -c $(VENV)/torch-pins.txt
 	# geoclip ships the MP-16 photo-location sample the demo draws from; its own
 	# dependencies (transformers ...) are not needed, hence --no-deps.
 	$(PIP) install -q --no-deps geoclip==1.3.0

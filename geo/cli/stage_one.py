@@ -49,14 +49,24 @@ def manifest_cmd(folder, out, val_fraction, test_fraction, recursive):
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="HDF5 feature cache to write (also OUT.config.json).")
 @click.option("--backbone", default="wide_resnet50_2", show_default=True,
-              help="Any torchvision classification model name.")
+              help="A torchvision classification model name, timm/<model> (any timm model), "
+                   "open_clip/<arch>:<pretrained tag> (an OpenCLIP image tower) or hf/<model id or folder> "
+                   "(a Hugging Face transformers image tower).")
 @click.option("--weights", default="none", show_default=True,
-              help="none (random init from --seed), imagenet (torchvision's cache/download), or a PATH.")
-@click.option("--image-size", default=224, show_default=True, type=int, help="Input side in pixels.")
+              help="none (random init from --seed), pretrained (the library's weights, from its cache or a "
+                   "download; 'imagenet' for torchvision too), or a PATH to a state_dict / geo checkpoint.")
+@click.option("--image-size", default=None, type=int,
+              help="Input side in pixels [default: the backbone's own preprocessing; 224 for torchvision]; "
+                   "another size than a timm/open_clip/hf model's own is warned about.")
+@click.option("--clip-features", default=None, type=click.Choice(["projected", "pre-projection"]),
+              help="CLIP image towers only: the projected image embedding [default] or the one before the projection.")
 @click.option("--finetune-epochs", default=1, show_default=True, type=int,
-              help="Epochs of country fine-tuning; 0 skips it.")
+              help="Epochs of country fine-tuning; 0 skips it (frozen features).")
+@click.option("--finetune-blocks", default=None, type=int,
+              help="Fine-tune only the last N blocks (transformer blocks, or stages of CNNs) and what follows "
+                   "them [default: the whole backbone].")
 @click.option("--lr", default=None, type=float,
-              help="Adam learning rate [default: 1e-5 with imagenet weights, else 1e-3].")
+              help="Adam learning rate [default: 1e-5 with imagenet/pretrained weights, else 1e-3].")
 @click.option("--batch-size", default=32, show_default=True, type=int)
 @click.option("--workers", default=None, type=int,
               help="DataLoader worker processes [default: half the CPUs, 1 to 8].")
@@ -67,8 +77,8 @@ def manifest_cmd(folder, out, val_fraction, test_fraction, recursive):
               help="Fine-tuning checkpoints [default: OUT's stem + .checkpoints/ beside OUT].")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache and fine-tuning state.")
-def extract_cmd(manifest, out, backbone, weights, image_size, finetune_epochs, lr, batch_size, workers,
-                device, precision, checkpoint_dir, seed, overwrite):
+def extract_cmd(manifest, out, backbone, weights, image_size, clip_features, finetune_epochs, finetune_blocks, lr,
+                batch_size, workers, device, precision, checkpoint_dir, seed, overwrite):
     """Fine-tune a backbone on country labels, then write every image's feature to a cache.
 
     The whole manifest is checked first. An interrupted run resumes when re-run with the
@@ -80,12 +90,16 @@ def extract_cmd(manifest, out, backbone, weights, image_size, finetune_epochs, l
     Example:
       geo extract manifest.parquet --out cache.h5 --weights imagenet --finetune-epochs 1
       geo extract manifest.csv --out tiny.h5 --backbone resnet18 --image-size 64 --finetune-epochs 0
+      geo extract manifest.parquet --out clip.h5 --backbone open_clip/ViT-L-14:openai --weights pretrained \\
+          --finetune-epochs 0
+      geo extract manifest.parquet --out dino.h5 --backbone timm/vit_large_patch14_reg4_dinov2.lvd142m \\
+          --weights pretrained --finetune-epochs 1 --finetune-blocks 4
       torchrun --nproc_per_node 2 -m geo extract manifest.csv --out cache.h5
     """
     from geo.pipeline.extract import ExtractConfig, run_extract
 
-    config = ExtractConfig(backbone=backbone, weights=weights, image_size=image_size,
-                           finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, workers=workers,
+    config = ExtractConfig(backbone=backbone, weights=weights, image_size=image_size, clip_features=clip_features,
+                           finetune_epochs=finetune_epochs, finetune_blocks=finetune_blocks, lr=lr, batch_size=batch_size, workers=workers,
                            device=device, precision=precision, checkpoint_dir=checkpoint_dir, seed=seed,
                            overwrite=overwrite)
     result = run_extract(manifest, out, config)

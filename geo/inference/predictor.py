@@ -160,8 +160,8 @@ class Predictor:
 
     def __init__(self, run: str | os.PathLike, *, backbone_checkpoint: str | os.PathLike | None = None,
                  mode: str | None = None, device: str = "auto", precision: str = "auto"):
-        from geo.pipeline.backbone import create_backbone, placement
-        from geo.pipeline.images import describe_transform, eval_transform
+        from geo.pipeline.backbone import backbone_eval_transform, create_backbone, placement
+        from geo.pipeline.images import describe_transform
 
         self.run_dir = Path(run)
         self.config = runs.read_config(self.run_dir)
@@ -172,7 +172,7 @@ class Predictor:
         if self.backbone.feature_dim != int(self.config["cache_feature_dim"]):
             raise BackboneError(f"{self.checkpoint_path}: {provenance['backbone']} gives {self.backbone.feature_dim}-d "
                                 f"features, run {self.run_dir} expects {self.config['cache_feature_dim']}")
-        self.transform = eval_transform(int(provenance["image_size"]))
+        self.transform = backbone_eval_transform(self.backbone, int(provenance["image_size"]))
         if provenance.get("transform") and describe_transform(self.transform) != provenance["transform"]:
             warnings.warn(f"the evaluation transform differs from the one recorded in {self.run_dir}: "
                           f"{describe_transform(self.transform)!r} vs {provenance['transform']!r}", stacklevel=2)

@@ -1,18 +1,29 @@
-"""The image backbone: any torchvision classifier, its weights, device and precision.
+"""The image backbone: a torchvision, timm, OpenCLIP or Hugging Face image model, its weights,
+its preprocessing, device and precision.
 
-``create_backbone`` builds a torchvision classification model by name, strips its
-final ``nn.Linear`` (so the trunk returns the pooled feature, 2048-d for
-``wide_resnet50_2``) and puts a fresh country classifier on top. Weights come from
-``"none"`` (random init from a seed), ``"imagenet"`` (torchvision's weights API:
-download where there is internet, else read ``$TORCH_HOME/hub/checkpoints``), or a
-file path (a torchvision state_dict, or a geo backbone checkpoint written by
-``save_backbone``). Every backbone records where its weights came from and their
-sha256, which the feature cache keeps as provenance.
+``create_backbone`` builds the model by name and puts a fresh country classifier on top
+of its pooled feature:
+
+- a torchvision classification model (``wide_resnet50_2``): its final ``nn.Linear`` is
+  stripped, so the trunk returns the pooled feature (2048-d for ``wide_resnet50_2``);
+- ``timm/<model>``, ``open_clip/<arch>[:<tag>]``, ``hf/<model id or folder>``: the
+  model's pooled image embedding, projected by default for CLIP towers
+  (``clip_features``); see ``geo/pipeline/backbones/``.
+
+Weights come from ``"none"`` (random init from a seed), ``"imagenet"`` / ``"pretrained"``
+(the library's own weights and cache: torchvision's ``$TORCH_HOME/hub/checkpoints``, the
+Hugging Face hub cache for the others; offline and not cached, a ``WeightsError`` names
+the file and the folder to put it in), or a file path (the library's state_dict, or a
+geo backbone checkpoint written by ``save_backbone``). Every backbone records where its
+weights came from and their sha256, which the feature cache keeps as provenance, and
+its own preprocessing (``Backbone.preprocess``), which extraction, fine-tuning and
+``geo predict`` use.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +34,7 @@ from torch import nn
 from geo.devices import resolve_device, resolve_precision
 from geo.errors import ConfigError, GeoError
 from geo.files import atomic_write, sha256_file
+from geo.pipeline.images import TORCHVISION_PREPROCESS, Preprocess
 
 CHECKPOINT_FORMAT = "geo-backbone/1"
 
@@ -31,16 +43,20 @@ class WeightsError(GeoError):
     """Backbone weights that cannot be found, downloaded or loaded."""
 
 
-
-
 class Backbone(nn.Module):
-    """A torchvision trunk with its classifier removed, plus a country classifier.
+    """An image trunk returning its pooled feature, plus a country classifier.
 
-    ``forward_features(x [B,3,H,W]) -> [B, feature_dim]`` is the pooled feature (the
-    input of the original classifier); ``forward(x) -> logits [B, num_classes]``.
+    ``forward_features(x [B,3,H,W]) -> [B, feature_dim]`` is the pooled feature (for
+    torchvision models the input of the original classifier; for CLIP towers the image
+    embedding, projected unless ``clip_features == "pre-projection"``);
+    ``forward(x) -> logits [B, num_classes]``.
     Attributes: ``name``, ``feature_dim``, ``num_classes``, ``weights_source``
-    ("none" | "imagenet" | a path), ``weights_sha256`` (of the weights file used, or
-    ``random-init-seed-S``), ``classes`` (country codes of the classifier outputs, if known).
+    ("none" | "imagenet" | "pretrained" | a path), ``weights_sha256`` (of the weights file
+    used, or ``random-init-seed-S``), ``classes`` (country codes of the classifier outputs,
+    if known), ``preprocess`` (the model's own preprocessing at the image size used),
+    ``clip_features`` (None for non-CLIP models), ``block_groups`` (trunk parameter names:
+    stem, block 1 .. block K; see ``freeze_all_but_last``), ``build_meta`` (what rebuilding
+    the trunk from a checkpoint needs).
     """
 
     def __init__(self, name: str, trunk: nn.Module, feature_dim: int, num_classes: int):
@@ -52,10 +68,20 @@ class Backbone(nn.Module):
         self.weights_source = "none"
         self.weights_sha256 = ""
         self.classes: list[str] = []
+        self.preprocess: Preprocess = TORCHVISION_PREPROCESS
+        self.clip_features: str | None = None
+        self.block_groups: list[list[str]] = []
+        self.build_meta: dict = {}
+        self._frozen_modules: list[str] = []
 
     @property
     def num_classes(self) -> int:
         return self.classifier.out_features
+
+    @property
+    def n_blocks(self) -> int:
+        """Blocks ``freeze_all_but_last`` counts (0: the model has no known block structure)."""
+        return max(len(self.block_groups) - 1, 0)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.trunk(x)
@@ -66,6 +92,33 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.forward_features(x))
+
+    def freeze_all_but_last(self, n_blocks: int) -> None:
+        """Train only the last ``n_blocks`` blocks, what follows them (final norm, pooling,
+        projection) and the classifier: the stem and earlier blocks get ``requires_grad=False``
+        and stay in eval mode in ``train()`` (their BatchNorm statistics and dropout do not change)."""
+        if self.n_blocks == 0:
+            raise ConfigError(f"--finetune-blocks: backbone {self.name} has no block structure geo knows; "
+                              "leave --finetune-blocks out to fine-tune all of it")
+        if not 1 <= n_blocks <= self.n_blocks:
+            raise ConfigError(f"--finetune-blocks {n_blocks}: backbone {self.name} has {self.n_blocks} blocks; "
+                              f"choose 1 to {self.n_blocks}")
+        frozen = {name for group in self.block_groups[: len(self.block_groups) - n_blocks] for name in group}
+        for name, param in self.trunk.named_parameters():
+            param.requires_grad_(name not in frozen)
+        # The outermost modules whose parameters are all frozen.
+        self._frozen_modules = []
+        for name, module in self.trunk.named_modules():
+            params = [n for n, _ in module.named_parameters(prefix=name)]
+            if params and all(n in frozen for n in params) and \
+                    not any(name.startswith(f + ".") for f in self._frozen_modules):
+                self._frozen_modules.append(name)
+
+    def train(self, mode: bool = True) -> "Backbone":
+        super().train(mode)
+        for name in self._frozen_modules:
+            self.trunk.get_submodule(name).eval()
+        return self
 
 
 def _strip_classifier(model: nn.Module, name: str) -> int:
@@ -118,42 +171,50 @@ def _load_file(path: Path) -> dict:
 
 
 def create_backbone(name: str = "wide_resnet50_2", weights: str = "none", num_classes: int = 1,
-                    *, seed: int = 0) -> Backbone:
+                    *, seed: int = 0, image_size: int | None = None, clip_features: str | None = None) -> Backbone:
     """Build backbone ``name`` with ``weights`` and a ``num_classes``-way country classifier.
 
-    weights: "none" (random init from ``seed``), "imagenet", or a path to a torchvision
-    state_dict or a geo backbone checkpoint (``CHECKPOINT_FORMAT``); from a geo
-    checkpoint the classifier is restored too when its size equals ``num_classes``.
-    Raises ConfigError for an unknown model name, WeightsError for weights problems.
+    name: a torchvision classification model, ``timm/<model>``, ``open_clip/<arch>[:<tag>]``
+    or ``hf/<model id or folder>``. weights: "none" (random init from ``seed``), "imagenet"
+    (torchvision) / "pretrained" (any family), or a path to the library's state_dict or a geo
+    backbone checkpoint (``CHECKPOINT_FORMAT``); from a geo checkpoint the classifier is
+    restored too when its size equals ``num_classes``, and the image size, CLIP feature choice
+    and preprocessing are the checkpoint's. image_size: crop side in pixels (None: the model's
+    own; another size than its own is warned about for timm/OpenCLIP/hf models).
+    clip_features: "projected" (the default for CLIP towers) or "pre-projection".
+    Raises ConfigError for an unknown model name or option, WeightsError for weights problems.
     """
-    if name not in torchvision.models.list_models(module=torchvision.models):
-        raise ConfigError(f"unknown --backbone {name!r}; torchvision classification models "
-                          f"include: {', '.join(sorted(torchvision.models.list_models(module=torchvision.models))[:12])} ...")
-    extra = {"aux_logits": False, "init_weights": True} if name in ("inception_v3", "googlenet") else {}
+    from geo.pipeline.backbones import Built, family_module, split_name
+
+    family, model_name = split_name(name)
+    geo_ckpt = None
+    if weights not in ("none", "imagenet", "pretrained"):
+        path = Path(weights).expanduser().resolve()
+        state = _load_file(path) if family == "torchvision" or path.suffix in (".pt", ".pth") else None
+        if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+            geo_ckpt = state
+            if geo_ckpt["backbone"] != name:
+                raise WeightsError(f"--weights {path} is a {geo_ckpt['backbone']} checkpoint, "
+                                   f"not {name}; pass --backbone {geo_ckpt['backbone']}")
+            build = dict(geo_ckpt.get("build") or {})
+            for option, value, saved in (("--image-size", image_size, build.get("image_size")),
+                                         ("--clip-features", clip_features, geo_ckpt.get("clip_features"))):
+                if value is not None and saved is not None and value != saved:
+                    raise WeightsError(f"{option} {value}: the checkpoint {path} was made with {saved}")
+            image_size = build.get("image_size", image_size)
+            clip_features = geo_ckpt.get("clip_features", clip_features)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # "none" must be reproducible from the seed alone
-        model = torchvision.models.get_model(name, weights=None, **extra)
-        source, sha, geo_ckpt = weights, f"random-init-seed-{seed}", None
-        if weights == "imagenet":
-            state, sha = _imagenet_state_dict(name)
-            model.load_state_dict({k: v for k, v in state.items() if not k.startswith("AuxLogits")},
-                                  strict=False)
-        elif weights != "none":
-            path = Path(weights).expanduser().resolve()
-            state = _load_file(path)
-            source, sha = str(path), sha256_file(path)
-            if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
-                geo_ckpt = state
-                if geo_ckpt["backbone"] != name:
-                    raise WeightsError(f"--weights {path} is a {geo_ckpt['backbone']} checkpoint, "
-                                       f"not {name}; pass --backbone {geo_ckpt['backbone']}")
-            else:
-                try:
-                    model.load_state_dict(state)
-                except (RuntimeError, AttributeError) as err:
-                    raise WeightsError(f"--weights {path} does not fit {name}: {err}") from None
-        feature_dim = _strip_classifier(model, name)
-        backbone = Backbone(name, model, feature_dim, num_classes)
+        if family == "torchvision":
+            built = _torchvision(name, "none" if geo_ckpt else weights, image_size, clip_features)
+        else:
+            built: Built = family_module(family).build(
+                model_name, "none" if geo_ckpt else weights, image_size=image_size, clip_features=clip_features,
+                meta=dict(geo_ckpt.get("build") or {}) if geo_ckpt else {})
+        backbone = Backbone(name, built.trunk, built.feature_dim, num_classes)
+    backbone.preprocess, backbone.clip_features = built.preprocess, built.clip_features
+    backbone.block_groups, backbone.build_meta = built.block_groups, dict(built.meta)
+    backbone.weights_source, backbone.weights_sha256 = built.weights_source, built.weights_sha256 or f"random-init-seed-{seed}"
     if geo_ckpt is not None:
         state = geo_ckpt["model"]
         trunk = {k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")}
@@ -162,8 +223,60 @@ def create_backbone(name: str = "wide_resnet50_2", weights: str = "none", num_cl
             backbone.classifier.load_state_dict({"weight": state["classifier.weight"],
                                                  "bias": state["classifier.bias"]})
             backbone.classes = list(geo_ckpt.get("classes", []))
-    backbone.weights_source, backbone.weights_sha256 = source, sha
+        if geo_ckpt.get("preprocess"):
+            backbone.preprocess = Preprocess.from_dict(geo_ckpt["preprocess"])
+        backbone.weights_source, backbone.weights_sha256 = str(Path(weights).expanduser().resolve()), \
+            sha256_file(Path(weights).expanduser().resolve())
+    elif family != "torchvision" and image_size is not None and built.native_image_size not in (None, image_size):
+        warnings.warn(f"--image-size {image_size} overrides the {built.native_image_size} px preprocessing of "
+                      f"{name}: {describe_preprocess(backbone.preprocess)}", UserWarning, stacklevel=2)
     return backbone
+
+
+def describe_preprocess(pre: Preprocess) -> str:
+    return (f"resize {pre.resize_size} ({pre.crop}, {pre.interpolation}) -> crop {pre.image_size}, "
+            f"mean {pre.mean}, std {pre.std}")
+
+
+def backbone_eval_transform(backbone: Backbone, image_size: int | None = None):
+    """The evaluation transform of ``backbone`` (PIL RGB -> float32 [3, S, S]): its own preprocessing,
+    at crop side ``image_size`` (None: its own). ``geo predict`` applies what extraction applied."""
+    pre = backbone.preprocess if image_size is None else backbone.preprocess.at_size(int(image_size))
+    return pre.eval_transform()
+
+
+def _torchvision(name: str, weights: str, image_size: int | None, clip_features: str | None):
+    """A torchvision classification model with its last nn.Linear stripped, as a ``Built``."""
+    from geo.pipeline.backbones import Built, check_clip_features, group_by_regex
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ConfigError(f"unknown --backbone {name!r}; torchvision classification models "
+                          f"include: {', '.join(sorted(torchvision.models.list_models(module=torchvision.models))[:12])} "
+                          "...; or timm/<model>, open_clip/<arch>:<tag>, hf/<model id>")
+    check_clip_features(name, False, clip_features)
+    extra = {"aux_logits": False, "init_weights": True} if name in ("inception_v3", "googlenet") else {}
+    model = torchvision.models.get_model(name, weights=None, **extra)
+    source, sha = weights, ""
+    if weights in ("imagenet", "pretrained"):
+        source = "imagenet"  # torchvision's pretrained weights are its ImageNet ones
+        state, sha = _imagenet_state_dict(name)
+        model.load_state_dict({k: v for k, v in state.items() if not k.startswith("AuxLogits")}, strict=False)
+    elif weights != "none":
+        path = Path(weights).expanduser().resolve()
+        state = _load_file(path)
+        source, sha = str(path), sha256_file(path)
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, AttributeError) as err:
+            raise WeightsError(f"--weights {path} does not fit {name}: {err}") from None
+    feature_dim = _strip_classifier(model, name)
+    names = [n for n, _ in model.named_parameters()]
+    # ResNets: conv1/bn1, then layer1..layer4; MobileNet/EfficientNet/VGG ...: features.N.
+    groups = group_by_regex(names, r"^(conv1|bn1)\.", [r"^layer(\d+)\."]) or \
+        group_by_regex(names, None, [r"^features\.(\d+)\."])
+    preprocess = TORCHVISION_PREPROCESS.at_size(image_size or TORCHVISION_PREPROCESS.image_size)
+    return Built(model, feature_dim, preprocess, source, sha, groups, False, None,
+                 {"image_size": preprocess.image_size})
 
 
 def save_backbone(model: Backbone, path: str | os.PathLike, **meta) -> str:
@@ -177,7 +290,9 @@ def save_backbone(model: Backbone, path: str | os.PathLike, **meta) -> str:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"format": CHECKPOINT_FORMAT, "backbone": model.name, "feature_dim": model.feature_dim,
                "classes": list(model.classes), "init_weights": model.weights_source,
-               "init_weights_sha256": model.weights_sha256, "model": state, **meta}
+               "init_weights_sha256": model.weights_sha256, "model": state,
+               "preprocess": model.preprocess.to_dict(), "clip_features": model.clip_features,
+               "build": model.build_meta, **meta}
     with atomic_write(path) as handle:
         torch.save(payload, handle)
     return sha256_file(path)

@@ -25,11 +25,13 @@ from geo.errors import CacheError, ConfigError, GeoError
 from geo.pipeline import distributed
 from geo.devices import autocast
 from geo.files import atomic_write_text, sha256_file
-from geo.pipeline.backbone import Backbone, Placement, create_backbone, placement, save_backbone
+from geo.pipeline.backbone import (Backbone, Placement, backbone_eval_transform, create_backbone, placement,
+                                   save_backbone)
 from geo.pipeline.countries import country_codes
+from geo.pipeline.backbones import split_name
 from geo.pipeline.distributed import Dist, shard_range
 from geo.pipeline.finetune import FinetuneConfig, finetune, image_loader
-from geo.pipeline.images import describe_transform, eval_transform
+from geo.pipeline.images import describe_transform
 from geo.pipeline.manifest import Manifest, read_manifest
 
 JOIN_BLOCK_ROWS = 4096
@@ -41,8 +43,10 @@ class ExtractConfig:
 
     backbone: str = "wide_resnet50_2"
     weights: str = "none"
-    image_size: int = 224
+    image_size: int | None = None  # None: the backbone's own (224 for torchvision models)
+    clip_features: str | None = None  # CLIP towers: "projected" (None = this) or "pre-projection"
     finetune_epochs: int = 1
+    finetune_blocks: int | None = None  # fine-tune only the last N blocks (None: all)
     lr: float | None = None
     batch_size: int = 32
     workers: int | None = None  # None: min(8, half the CPUs), at least 1 (decoding overlaps the forward)
@@ -97,19 +101,26 @@ def _prepare_backbone(manifest: Manifest, classes: list[str], labels: np.ndarray
                       place: Placement, ckpt_dir: Path, dist: Dist, stop_after_epochs) -> tuple[Backbone, Path, list, dict]:
     """Fine-tune (or reuse a finished fine-tune); return (model, checkpoint path, history,
     {"init_weights", "init_weights_sha256"})."""
-    ft = FinetuneConfig(epochs=config.finetune_epochs, lr=config.lr, batch_size=config.batch_size,
-                        workers=config.workers, image_size=config.image_size, seed=config.seed,
-                        max_failed_fraction=config.max_failed_fraction)
     ckpt_path = ckpt_dir / "backbone.pt"
     state_path = ckpt_dir / "finetune_state.pt"
-    model = create_backbone(config.backbone, config.weights, num_classes=len(classes), seed=config.seed)
+    model = create_backbone(config.backbone, config.weights, num_classes=len(classes), seed=config.seed,
+                            image_size=config.image_size, clip_features=config.clip_features)
     model.classes = list(classes)
+    if config.finetune_blocks is not None:
+        model.freeze_all_but_last(config.finetune_blocks)
+    image_size = model.preprocess.image_size
+    ft = FinetuneConfig(epochs=config.finetune_epochs, lr=config.lr, batch_size=config.batch_size,
+                        workers=config.workers, image_size=image_size, seed=config.seed,
+                        max_failed_fraction=config.max_failed_fraction)
     init = {"init_weights": model.weights_source, "init_weights_sha256": model.weights_sha256}
     identity = {"backbone": config.backbone, "init_weights_sha256": model.weights_sha256,
                 "manifest_sha256": manifest.sha256, "epochs": config.finetune_epochs,
                 "lr": ft.resolved_lr(model.weights_source), "batch_size": config.batch_size,
-                "image_size": config.image_size, "seed": config.seed, "precision": place.precision,
+                "image_size": image_size, "seed": config.seed, "precision": place.precision,
                 "classes": list(classes), "world_size": dist.world_size}
+    # Keys only the newer backbones have: identities of torchvision fine-tunes stay as they were.
+    identity.update({k: v for k, v in (("clip_features", model.clip_features),
+                                       ("finetune_blocks", config.finetune_blocks)) if v is not None})
     if dist.is_main and config.overwrite:
         for stale in (ckpt_path, state_path, state_path.with_suffix(".jsonl")):
             stale.unlink(missing_ok=True)
@@ -138,15 +149,16 @@ def _prepare_backbone(manifest: Manifest, classes: list[str], labels: np.ndarray
 
 
 def extract_rows(model: Backbone, manifest: Manifest, rows: range, country_index: np.ndarray,
-                 writer: CacheWriter, place: Placement, *, image_size: int, batch_size: int,
+                 writer: CacheWriter, place: Placement, *, image_size: int | None = None, batch_size: int,
                  workers: int, max_failed_fraction: float = 1.0, show_progress: bool = True,
                  fail_after_blocks: int | None = None) -> None:
     """Append features of manifest ``rows`` (contiguous, in order) to ``writer``, one block per
-    batch, resuming at ``writer.rows_done``. Features: float32 forward_features -> cache dtype.
+    batch, resuming at ``writer.rows_done``. Images: the backbone's own evaluation transform (at
+    crop side ``image_size``, None: its own). Features: float32 forward_features -> cache dtype.
     Stops with GeoError once more than ``max_failed_fraction`` of >= 64 rows failed to read."""
     start = rows.start + writer.rows_done
     todo = range(start, rows.stop)
-    loader = image_loader([manifest.paths[i] for i in todo], eval_transform(image_size),
+    loader = image_loader([manifest.paths[i] for i in todo], backbone_eval_transform(model, image_size),
                           batch_size=batch_size, workers=workers, pin_memory=place.device.type == "cuda")
     model.eval()
     n_seen = n_failed = blocks = 0
@@ -223,11 +235,14 @@ def run_extract(manifest_path: str | os.PathLike, out: str | os.PathLike, config
     out = Path(out).expanduser().resolve()
     if out.exists() and not config.overwrite:
         raise CacheError(f"{out} already exists; pass --overwrite to replace it")
-    if config.image_size < 16:
+    if config.image_size is not None and config.image_size < 16:
         raise ConfigError(f"--image-size {config.image_size}: use at least 16 pixels")
     config = replace(config, workers=default_workers() if config.workers is None else config.workers)
     if config.batch_size < 1 or config.finetune_epochs < 0 or config.workers < 0:
         raise ConfigError("--batch-size must be >= 1, --finetune-epochs and --workers >= 0")
+    if config.finetune_blocks is not None and config.finetune_blocks < 1:
+        raise ConfigError(f"--finetune-blocks {config.finetune_blocks}: fine-tune at least 1 block (or leave it out)")
+    split_name(config.backbone)  # a malformed --backbone fails before the manifest is read
     manifest = read_manifest(manifest_path)  # every problem row is reported before any training
     place = placement(config.device, config.precision)
     dist, device = distributed.init(place.device)
@@ -243,10 +258,14 @@ def run_extract(manifest_path: str | os.PathLike, out: str | os.PathLike, config
         provenance = {
             "backbone": config.backbone, "weights": sha256_file(ckpt_path),
             "checkpoint_path": str(ckpt_path), **init,
-            "finetune_epochs": int(config.finetune_epochs), "image_size": int(config.image_size),
-            "transform": describe_transform(eval_transform(config.image_size)),
+            "finetune_epochs": int(config.finetune_epochs), "image_size": int(model.preprocess.image_size),
+            "transform": describe_transform(backbone_eval_transform(model)),
             "manifest_sha256": manifest.sha256, "precision": place.precision,
         }
+        if model.clip_features is not None:  # projected and pre-projection features are not comparable
+            provenance["clip_features"] = model.clip_features
+        if config.finetune_blocks is not None:
+            provenance["finetune_blocks"] = int(config.finetune_blocks)
         n = len(manifest.ids)
         target = shard_path(out, dist.rank) if dist.enabled else out
         lo, hi = shard_range(n, dist.rank, dist.world_size)
@@ -255,7 +274,7 @@ def run_extract(manifest_path: str | os.PathLike, out: str | os.PathLike, config
                              provenance=provenance, feature_dtype=config.feature_dtype,
                              overwrite=config.overwrite) as writer:
                 extract_rows(model, manifest, range(lo, hi), country_index, writer, place,
-                             image_size=config.image_size, batch_size=config.batch_size,
+                             batch_size=config.batch_size,
                              workers=config.workers, show_progress=dist.is_main,
                              max_failed_fraction=config.max_failed_fraction if not dist.enabled else 1.0,
                              fail_after_blocks=_fail_after_blocks)
@@ -273,7 +292,8 @@ def run_extract(manifest_path: str | os.PathLike, out: str | os.PathLike, config
                            "(listed in /skipped); the cache is not usable for training")
         config_path = out.with_name(out.name + ".config.json")
         if dist.is_main:
-            resolved = dict(asdict(config), manifest=str(Path(manifest_path).resolve()), out=str(out),
+            resolved = dict(asdict(config), image_size=int(model.preprocess.image_size),
+                            clip_features=model.clip_features, manifest=str(Path(manifest_path).resolve()), out=str(out),
                             checkpoint_dir=str(ckpt_dir), checkpoint=str(ckpt_path), device=str(place.device),
                             precision=place.precision, world_size=dist.world_size, classes=classes,
                             lr=FinetuneConfig(lr=config.lr).resolved_lr(init["init_weights"]),

@@ -26,17 +26,19 @@ from tqdm.auto import tqdm
 from geo.errors import ConfigError, GeoError
 from geo.devices import autocast
 from geo.files import atomic_write
-from geo.pipeline.backbone import Backbone, Placement
+from geo.pipeline.backbone import Backbone, Placement, backbone_eval_transform
 from geo.pipeline.distributed import Dist, shard_range
-from geo.pipeline.images import ImageRows, collate_rows, eval_transform, train_transform
+from geo.pipeline.images import ImageRows, collate_rows
 
 STATE_FORMAT = "geo-finetune-state/1"
 
 
 @dataclass
 class FinetuneConfig:
-    """Options of the fine-tuning loop. ``lr=None`` -> 1e-5 from ImageNet weights (the
-    paper's), 1e-3 otherwise (from scratch a 1e-5 step barely moves the weights)."""
+    """Options of the fine-tuning loop. ``lr=None`` -> 1e-5 from pretrained weights (torchvision's
+    ImageNet ones, the paper's rate; and timm / OpenCLIP / hf "pretrained": pretrained ViTs and
+    CLIP towers are fine-tuned at 1e-5 with Adam(W), higher rates wreck their features), 1e-3
+    otherwise (from scratch a 1e-5 step barely moves the weights)."""
 
     epochs: int = 1
     lr: float | None = None
@@ -49,7 +51,7 @@ class FinetuneConfig:
     def resolved_lr(self, weights_source: str) -> float:
         if self.lr is not None:
             return float(self.lr)
-        return 1e-5 if weights_source == "imagenet" else 1e-3
+        return 1e-5 if weights_source in ("imagenet", "pretrained") else 1e-3
 
 
 @dataclass
@@ -76,7 +78,7 @@ def evaluate_countries(model: Backbone, paths, labels: np.ndarray, place: Placem
     was_training = model.training
     model.eval()
     correct = n_read = n_failed = 0
-    for index, images, failures in image_loader(paths, eval_transform(image_size),
+    for index, images, failures in image_loader(paths, backbone_eval_transform(model, image_size),
                                                 batch_size=batch_size, workers=workers):
         n_failed += len(failures)
         if len(index) == 0:
@@ -115,7 +117,8 @@ def finetune(model: Backbone, paths, labels: np.ndarray, split: np.ndarray, conf
                     lr=config.resolved_lr(model.weights_source), batch_size=config.batch_size,
                     image_size=config.image_size, seed=config.seed, world_size=dist.world_size,
                     lr_schedule="cosine-per-step")
-    optimizer = torch.optim.Adam(model.parameters(), lr=identity["lr"])
+    # Frozen blocks (--finetune-blocks) have requires_grad=False and no optimizer state.
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=identity["lr"])
     result, start_epoch = FinetuneResult(), 0
     if state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
@@ -143,7 +146,8 @@ def finetune(model: Backbone, paths, labels: np.ndarray, split: np.ndarray, conf
             sampler.set_epoch(epoch)
         else:
             sampler = RandomSampler(range(len(train_rows)), generator=generator)
-        loader = image_loader(train_paths, train_transform(config.image_size), sampler=sampler,
+        loader = image_loader(train_paths, model.preprocess.at_size(config.image_size).train_transform(),
+                              sampler=sampler,
                               batch_size=config.batch_size, workers=config.workers,
                               generator=generator, pin_memory=place.device.type == "cuda")
         model.train()

@@ -16,17 +16,25 @@ Pillow's 89,478,485) that raises ``ImageError``. Pillow's own hard stop at
 2 x ``PIL.Image.MAX_IMAGE_PIXELS`` still applies, so a ``max_pixels`` above
 that also needs ``PIL.Image.MAX_IMAGE_PIXELS`` raised.
 
-Transforms (torchvision, ImageNet mean/std):
-- train: RandomResizedCrop(size, scale=(0.25, 1)), horizontal flip, ColorJitter(0.2, 0.2, 0.2).
-  The crop scale is milder than ImageNet's 0.08 and hue is left alone: the
-  place is in the context and the colours (sky, soil, vegetation).
-- eval: Resize(round(size * 256 / 224)) of the short side, CenterCrop(size).
+Transforms: a ``Preprocess`` holds a backbone's own preprocessing (crop side,
+resize side, interpolation, mean/std, crop mode), as torchvision, timm, OpenCLIP
+or a Hugging Face image processor define it; torchvision models use ImageNet's
+(Resize 256 -> CenterCrop 224, bilinear, ImageNet mean/std).
+- train: RandomResizedCrop(size, scale=(0.25, 1)), horizontal flip, ColorJitter(0.2, 0.2, 0.2),
+  with the backbone's interpolation and mean/std. The crop scale is milder than
+  ImageNet's 0.08 and hue is left alone: the place is in the context and the
+  colours (sky, soil, vegetation).
+- eval: Resize of the short side (crop "center") or of both sides (crop "squash"),
+  CenterCrop(size), the backbone's mean/std. At another size than the backbone's
+  own (``Preprocess.at_size``) the resize/crop ratio is kept:
+  Resize(round(size * 256 / 224)) for torchvision models.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -114,27 +122,84 @@ def load_rgb(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PI
         raise ImageError(f"corrupt or truncated image: {err}") from None
 
 
-def _normalize() -> list:
-    return [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+CROP_MODES = ("center", "squash")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """A backbone's preprocessing: PIL RGB -> float32 [3, image_size, image_size], normalised.
+
+    image_size: side of the square crop fed to the model, pixels.
+    resize_size: side the image is resized to first: the short side (crop "center", aspect
+        kept) or both sides (crop "squash", aspect not kept); then CenterCrop(image_size).
+    interpolation: one of ``INTERPOLATIONS``; mean, std: per RGB channel, of [0, 1] pixels.
+    """
+
+    image_size: int
+    resize_size: int
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    crop: str = "center"
+
+    def __post_init__(self):
+        if self.interpolation not in INTERPOLATIONS or self.crop not in CROP_MODES:
+            raise GeoError(f"preprocessing {self}: interpolation must be one of {INTERPOLATIONS}, "
+                           f"crop one of {CROP_MODES}")
+        # Tuples of plain floats: reprs and JSON round trips stay identical.
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    def at_size(self, image_size: int) -> "Preprocess":
+        """The same preprocessing at crop side ``image_size``, keeping the resize/crop ratio."""
+        if int(image_size) == self.image_size:
+            return self
+        return replace(self, image_size=int(image_size),
+                       resize_size=round(int(image_size) * self.resize_size / self.image_size))
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(int(d["image_size"]), int(d["resize_size"]), str(d["interpolation"]),
+                   tuple(d["mean"]), tuple(d["std"]), str(d["crop"]))
+
+    def _mode(self) -> T.InterpolationMode:
+        return T.InterpolationMode(self.interpolation)
+
+    def _normalize(self) -> list:
+        return [T.ToTensor(), T.Normalize(self.mean, self.std)]
+
+    def eval_transform(self) -> T.Compose:
+        """Deterministic evaluation transform: PIL RGB -> float32 [3, image_size, image_size]."""
+        size = self.resize_size if self.crop == "center" else (self.resize_size, self.resize_size)
+        return T.Compose([T.Resize(size, interpolation=self._mode(), antialias=True),
+                          T.CenterCrop(self.image_size), *self._normalize()])
+
+    def train_transform(self) -> T.Compose:
+        """Training augmentation: PIL RGB -> float32 [3, image_size, image_size], normalised."""
+        return T.Compose([
+            T.RandomResizedCrop(self.image_size, scale=(0.25, 1.0), interpolation=self._mode(), antialias=True),
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
+            *self._normalize(),
+        ])
+
+
+# torchvision's ImageNet classifiers: Resize(256) -> CenterCrop(224), bilinear.
+TORCHVISION_PREPROCESS = Preprocess(224, 256)
 
 
 def train_transform(image_size: int) -> T.Compose:
-    """Training augmentation: PIL RGB -> float32 [3, image_size, image_size], normalised."""
-    return T.Compose([
-        T.RandomResizedCrop(image_size, scale=(0.25, 1.0), antialias=True),
-        T.RandomHorizontalFlip(),
-        T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
-        *_normalize(),
-    ])
+    """Training augmentation of torchvision models: PIL RGB -> float32 [3, image_size, image_size]."""
+    return TORCHVISION_PREPROCESS.at_size(image_size).train_transform()
 
 
 def eval_transform(image_size: int) -> T.Compose:
-    """Deterministic evaluation transform: PIL RGB -> float32 [3, image_size, image_size]."""
-    return T.Compose([
-        T.Resize(round(image_size * 256 / 224), antialias=True),
-        T.CenterCrop(image_size),
-        *_normalize(),
-    ])
+    """Evaluation transform of torchvision models: PIL RGB -> float32 [3, image_size, image_size]."""
+    return TORCHVISION_PREPROCESS.at_size(image_size).eval_transform()
 
 
 def describe_transform(transform: Callable) -> str:

@@ -1,4 +1,4 @@
-"""torchrun/DDP on CPU (gloo): two processes give the same cache rows as one."""
+"""torchrun/DDP on CPU (gloo): two processes give the same cache rows as one (torchvision and timm backbones)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def test_shards_are_contiguous_and_cover_every_row_once():
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_equal_one_process(tmp_path):
+@pytest.mark.parametrize("backbone", ["mobilenet_v3_small", "timm/vit_tiny_patch16_224"])
+def test_torchrun_two_processes_equal_one_process(tmp_path, backbone):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun is not installed next to this Python")
@@ -37,7 +38,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
     out = tmp_path / "ddp.h5"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "geo", "extract", str(manifest),
-           "--out", str(out), "--backbone", "mobilenet_v3_small", "--image-size", "32",
+           "--out", str(out), "--backbone", backbone, "--image-size", "32",
            "--finetune-epochs", "1", "--batch-size", "4", "--precision", "fp32", "--device", "cpu"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -48,7 +49,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
         assert ddp.validate() == []
         ckpt = ddp.provenance["checkpoint_path"]
         ref = run_extract(manifest, tmp_path / "one.h5",
-                          ExtractConfig(backbone="mobilenet_v3_small", weights=ckpt, image_size=32,
+                          ExtractConfig(backbone=backbone, weights=ckpt, image_size=32,
                                         finetune_epochs=0, batch_size=4, precision="fp32", device="cpu"))
         with FeatureCache(ref.cache_path) as one:
             assert ddp.ids.tolist() == one.ids.tolist() == [f"id{i:03d}" for i in range(13) if i not in (2, 9)]
