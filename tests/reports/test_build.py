@@ -138,3 +138,19 @@ def test_cli_report(tmp_path):
     assert result.exit_code == 2 and result.output.startswith("Error: runs were made on different feature caches")
     help_text = runner.invoke(cli, ["report", "--help"]).output
     assert "Example:" in help_text and "--allow-mixed-caches" in help_text
+
+
+def test_learning_curves_section_and_data_efficiency_claim(tmp_path):
+    for n, (acc_mvmf, acc_softmax) in zip((100, 1000), ((0.3, 0.1), (0.5, 0.3))):
+        write_run(tmp_path / "runs" / f"mvmf-c64-k16-f{n / 1000:g}", n_cells=64, acc=[acc_mvmf] * 5, n_train=n,
+                  train_fraction=n / 1000)
+        write_run(tmp_path / "runs" / f"softmax-c64-f{n / 1000:g}", head="softmax", n_cells=64, kappa0=None,
+                  acc=[acc_softmax] * 5, n_train=n, train_fraction=n / 1000)
+    result = build_report([tmp_path / "runs"], tmp_path / "out", n_maps=0)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Learning curves: accuracy and NLL against training-set size" in md
+    assert "](figures/learning_curves.png)" in md and (tmp_path / "out" / "figures" / "learning_curves.png").exists()
+    assert re.search(r"\*\*Claim 5\.\*\* The MvMF reaches a given accuracy with less training data .*"
+                     r"Verdict: \*\*holds\*\*", md)
+    assert "- n=100 (f=0.1) @25 km: mvmf (mvmf-c64-k16-f0.1) 30.0% [29.0, 31.0] vs softmax" in md
+    assert len(result.runs) == 4
