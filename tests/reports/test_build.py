@@ -154,3 +154,9 @@ def test_learning_curves_section_and_data_efficiency_claim(tmp_path):
                      r"Verdict: \*\*holds\*\*", md)
     assert "- n=100 (f=0.1) @25 km: mvmf (mvmf-c64-k16-f0.1) 30.0% [29.0, 31.0] vs softmax" in md
     assert len(result.runs) == 4
+    # the table tells the runs of one head apart by their training rows
+    assert "| head | c | κ0 | prediction | train rows |" in md and md.count("| 1,000 |") == 2
+    import pyarrow.parquet as pq
+    table = pq.read_table(tmp_path / "out" / "table.parquet").to_pylist()
+    assert sorted((r["run"], r["n_train"], r["train_fraction"]) for r in table)[:2] == [
+        ("mvmf-c64-k16-f0.1", 100, 0.1), ("mvmf-c64-k16-f1", 1000, 1.0)]
