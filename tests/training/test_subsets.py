@@ -77,3 +77,34 @@ def test_iter_batches_over_a_subset_serves_exactly_its_rows_once(cache_path, str
         for bad in (val[:3], subset[::-1], np.zeros(0, np.int64), np.append(subset, subset[-1])):
             with pytest.raises(CacheError, match="train"):
                 next(cache.iter_batches("train", 32, shuffle=False, rows=bad))
+
+
+def test_a_killed_run_on_a_fraction_resumes_like_an_uninterrupted_one(cache_path, tmp_path):
+    import json
+
+    import torch
+
+    from geo.training.config import FitConfig
+    from geo.training.fit import fit_head
+
+    config = FitConfig(head="softmax", n_cells=16, batch_size=64, epochs=2, lr=5e-2, precision="fp32", device="cpu",
+                       eval_every=2, train_fraction=0.5, seed=3)
+    whole = fit_head(cache_path, config, tmp_path / "whole", progress=False)
+
+    def kill_at_step_5(step, loss):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit_head(cache_path, config, tmp_path / "killed", progress=False, callback=kill_at_step_5)
+    resumed = fit_head(cache_path, config, tmp_path / "killed", progress=False)
+    strip = lambda m: {k: v for k, v in m.items() if not k.endswith("elapsed_s")}  # noqa: E731
+    assert strip(resumed) == strip(whole)
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("whole", "killed"))
+    for key, value in a["head_state"].items():
+        assert torch.equal(value, b["head_state"][key]), key
+    logs = [[strip(json.loads(line)) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("whole", "killed")]
+    recorded = json.loads((tmp_path / "whole" / "config.json").read_text())
+    assert recorded["n_train"] == round(0.5 * recorded["n_train_split"])
+    assert logs[0] == logs[1] and len(logs[0]) == recorded["total_steps"] // 2  # an evaluation every 2 steps
