@@ -84,7 +84,7 @@ def learning_curves(runs: list[Run]) -> Figure | str:
     keys = [ACC_KEYS[SCALES_KM.index(s)] for s in LEARNING_CURVE_SCALES_KM] + ["nll_nats"]
     fig = Figure(figsize=(3.2 * len(keys), 3.2))
     axes = fig.subplots(1, len(keys), sharex=True)
-    colors = {key: f"C{i % 10}" for i, key in enumerate(series)}  # one colour per head in every panel
+    colors = {key: f"C{i % 10}" for i, key in enumerate(series)}  # a line keeps its colour in every panel
     for ax, key in zip(axes, keys):
         for series_key, points in series.items():
             factor = 1 if key == "nll_nats" else 100
