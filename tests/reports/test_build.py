@@ -160,3 +160,17 @@ def test_learning_curves_section_and_data_efficiency_claim(tmp_path):
     table = pq.read_table(tmp_path / "out" / "table.parquet").to_pylist()
     assert sorted((r["run"], r["n_train"], r["train_fraction"]) for r in table)[:2] == [
         ("mvmf-c64-k16-f0.1", 100, 0.1), ("mvmf-c64-k16-f1", 1000, 1.0)]
+
+
+def test_kappa0_note_gives_the_half_mass_radius_of_each_kappa0(tmp_path):
+    from geo.reports.runs import find_runs
+    from geo.reports.tables import kappa0_note
+
+    write_run(tmp_path / "a", head="mvmf", kappa0=16.0)
+    write_run(tmp_path / "b", head="mvmf", kappa0=8.0)
+    write_run(tmp_path / "c", head="softmax", kappa0=None)
+    runs, _ = find_runs([tmp_path])
+    # kappa = e^16 holds half its mass within ~2.52 km (DESIGN.md); e^8: sqrt(2 ln 2 / e^8) rad = 137.4 km.
+    assert kappa0_note(runs) == ("Half of an initial MvMF component's mass lies within "
+                                 "(κ0 = 8: 137 km, κ0 = 16: 2.52 km).")
+    assert kappa0_note([r for r in runs if r.head == "softmax"]) == ""
