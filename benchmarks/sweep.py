@@ -8,17 +8,23 @@ Prints, in one run (measured side by side on the same machine):
   after another (what a user does without sweep), and the ratio (target >= 3x);
 - whether the two give the same test metrics (they should: same seeds, same batches);
 - the wall time of `geo report` over the 9 sweep runs (with density maps), and over 50
-  synthetic run directories (tests/reports/run_factory.py; no checkpoints, so no maps).
+  synthetic run directories (tests/support/runs.py; no checkpoints, so no maps).
+
+With ``--train-fraction 0.1,0.3,1`` (learning curves) every configuration is trained on each
+fraction of the train split, in the sweep and by separate `geo fit-head --train-fraction F`
+runs alike (9 x 3 = 27 heads; run names end in -fF).
 
 Usage:
     python benchmarks/sweep.py            # 20k train rows, 2 epochs
     python benchmarks/sweep.py --quick    # 5k train rows, 1 epoch
     python benchmarks/sweep.py --train-rows 50000 --epochs 3 --keep /tmp/bench
+    python benchmarks/sweep.py --quick --train-fraction 0.1,0.3,1
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import subprocess
@@ -72,9 +78,9 @@ def geo(*args: str) -> float:
 
 
 def make_report_runs(root: Path, n: int = 50) -> Path:
-    """``n`` synthetic finished runs (heads x c x kappa0 x seeds) written by tests/reports/run_factory.py."""
-    sys.path.insert(0, str(ROOT / "tests" / "reports"))
-    from run_factory import base_config, write_summarized_run
+    """``n`` synthetic finished runs (heads x c x kappa0 x seeds) written by tests/support/runs.py."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from support.runs import base_config, write_summarized_run
 
     configs = [(h, c, k) for c in (64, 256, 1024, 4096, 16384) for h, ks in (("mvmf", (8.0, 12.0, 16.0)),
                                                                              ("softmax", (None,))) for k in ks]
@@ -93,6 +99,8 @@ def main() -> None:
     parser.add_argument("--train-rows", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--train-fraction", default=None,
+                        help="Comma list of train fractions (learning curves), e.g. 0.1,0.3,1; default: the whole split.")
     parser.add_argument("--keep", type=Path, default=None, help="Work here and keep the files (default: a temp dir).")
     args = parser.parse_args()
     n_train = args.train_rows or (5000 if args.quick else 20000)
@@ -104,22 +112,27 @@ def main() -> None:
         cache = make_cache(work / "cache.h5", n_train=n_train)
         print(f"cache: {cache} ({n_train} train rows, d = 2048, float16), written in {time.perf_counter() - t0:.1f} s")
         common = ["--epochs", str(epochs), "--batch-size", str(args.batch_size), "--quiet"]
-        n_heads = len(CLASSES) * (len(KAPPA0S) + 1)
-        print(f"{n_heads} heads: mvmf x c {CLASSES} x kappa0 {KAPPA0S} + softmax x c {CLASSES}; "
-              f"{epochs} epoch(s) of batch {args.batch_size}")
+        fractions = [float(f) for f in args.train_fraction.split(",")] if args.train_fraction else [None]
+        n_heads = len(CLASSES) * (len(KAPPA0S) + 1) * len(fractions)
+        print(f"{n_heads} heads: mvmf x c {CLASSES} x kappa0 {KAPPA0S} + softmax x c {CLASSES}"
+              + (f", each on train fractions {fractions}" if args.train_fraction else "")
+              + f"; {epochs} epoch(s) of batch {args.batch_size}")
 
         for d in ("sweep", "one-by-one"):
             shutil.rmtree(work / d, ignore_errors=True)
         t_sweep = geo("sweep", str(cache), "--head", ",".join(HEADS), "--n-cells", ",".join(map(str, CLASSES)),
-                      "--kappa0", ",".join(f"{k:g}" for k in KAPPA0S), *common, "--out", str(work / "sweep"))
+                      "--kappa0", ",".join(f"{k:g}" for k in KAPPA0S), *common, "--out", str(work / "sweep"),
+                      *(["--train-fraction", args.train_fraction] if args.train_fraction else []))
         print(f"geo sweep (1 process, {n_heads} heads):     {t_sweep:8.1f} s")
 
         t_alone, names = 0.0, []
         for head in HEADS:
             for c in CLASSES:
-                for kappa0 in (KAPPA0S if head == "mvmf" else [None]):
-                    name = f"{head}-c{c}" + (f"-k{kappa0:g}" if kappa0 is not None else "")
-                    extra = ["--kappa0", f"{kappa0:g}"] if kappa0 is not None else []
+                for kappa0, fraction in itertools.product(KAPPA0S if head == "mvmf" else [None], fractions):
+                    name = (f"{head}-c{c}" + (f"-k{kappa0:g}" if kappa0 is not None else "")
+                            + (f"-f{fraction:g}" if len(fractions) > 1 else ""))
+                    extra = (["--kappa0", f"{kappa0:g}"] if kappa0 is not None else []) + (
+                        ["--train-fraction", f"{fraction:g}"] if fraction is not None else [])
                     t_alone += geo("fit-head", str(cache), "--head", head, "--n-cells", str(c), *extra, *common,
                                    "--out", str(work / "one-by-one" / name))
                     names.append(name)

@@ -171,26 +171,42 @@ class FeatureCache:
         """True when the split's float16 features fit memory_budget_bytes (the budget is per split)."""
         return self.split_rows(split).size * self.feature_dim * 2 <= self.memory_budget_bytes
 
-    def iter_batches(self, split: str, batch_size: int, *, shuffle: bool, seed: int = 0,
-                     epoch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def iter_batches(self, split: str, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
+                     rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (rows int64 [b], features float16 [b, d]) covering the split once.
 
-        Every batch has batch_size rows but the last. Deterministic given (seed, epoch).
+        Every batch has batch_size rows but the last. Deterministic given (seed, epoch, rows).
+        ``rows``: sorted file rows of a subset of the split to cover instead of the whole
+        split (a ``--train-fraction`` subset); the whole split's rows give the whole split's batches.
         """
         if batch_size < 1:
             raise CacheError(f"batch_size must be positive, got {batch_size}")
-        rows = self.split_rows(split)
+        split_rows = self.split_rows(split)
+        picked = self._positions(split, split_rows, rows)
+        rows = split_rows if picked is None else split_rows[picked]
         rng = np.random.default_rng([seed, epoch])
         if self.fits_in_memory(split):
-            if split not in self._in_memory:
-                self._in_memory[split] = self._read_sorted(rows)
+            if split not in self._in_memory:  # the whole split once, shared by every subset of it
+                self._in_memory[split] = self._read_sorted(split_rows)
             features = self._in_memory[split]
             order = rng.permutation(rows.size) if shuffle else np.arange(rows.size)
             for i in range(0, rows.size, batch_size):
                 take = order[i:i + batch_size]
-                yield rows[take], features[take]
+                yield rows[take], features[take if picked is None else picked[take]]
             return
         yield from self._stream(rows, batch_size, shuffle, rng)
+
+    def _positions(self, split: str, split_rows: np.ndarray, rows: np.ndarray | None) -> np.ndarray | None:
+        """Positions of ``rows`` (sorted, unique) in ``split_rows``; None for the whole split."""
+        if rows is None:
+            return None
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0 or np.any(np.diff(rows) <= 0):
+            raise CacheError(f"{self.path}: rows of a {split!r} subset must be non-empty, sorted and unique")
+        positions = np.searchsorted(split_rows, rows)
+        if positions[-1] >= split_rows.size or np.any(split_rows[np.minimum(positions, split_rows.size - 1)] != rows):
+            raise CacheError(f"{self.path}: the rows given are not all rows of the {split!r} split")
+        return None if rows.size == split_rows.size else positions
 
     def _stream(self, rows: np.ndarray, batch_size: int, shuffle: bool,
                 rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:

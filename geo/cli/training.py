@@ -84,15 +84,20 @@ def evaluate_cmd(run, cache_path, split, predict, allow_other_provenance, device
               help="Comma list of MvMF initial log kappa (heads that do not sweep it get one run per c).")
 @click.option("--lr", "lrs", default=str(fit_field("lr").default), show_default=True, callback=comma_list(float),
               help="Peak learning rate, or a comma list of them (then run names end in -lrLR).")
-@fit_options(skip=("head", "n_cells", "kappa0", "lr", "max_memory_mb"))
+@click.option("--train-fraction", "train_fractions", default=str(fit_field("train_fraction").default),
+              show_default=True, callback=comma_list(float),
+              help="Fraction of the train split, or a comma list of them for learning curves: every head is "
+                   "trained on each (nested random subsets; run names end in -fF).")
+@fit_options(skip=("head", "n_cells", "kappa0", "lr", "train_fraction", "max_memory_mb"))
 @click.option("--max-memory-mb", default=None, type=click.IntRange(min=1),
               help="Memory for the heads trained together; more are trained in groups [default: half the free RAM].")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=str),
               help="Sweep directory: one run directory per configuration, and sweep.json.")
 @click.option("--overwrite", is_flag=True, help="Retrain every run from scratch, replacing other configurations.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def sweep_cmd(cache, heads, n_cells_list, kappa0s, lrs, max_memory_mb, out, overwrite, quiet, **options):
-    """Train every head x classes x kappa0 (x lr) on one cache in one process; one run directory each.
+def sweep_cmd(cache, heads, n_cells_list, kappa0s, lrs, train_fractions, max_memory_mb, out, overwrite, quiet,
+              **options):
+    """Train every head x classes x kappa0 (x lr x train fraction) on one cache in one process; one run each.
 
     Each batch of features is read once and fed to every head; partitions are built
     once per c. Runs are written as OUT/<head>-c<C>[-k<K>] in the fit-head format
@@ -104,14 +109,18 @@ def sweep_cmd(cache, heads, n_cells_list, kappa0s, lrs, max_memory_mb, out, over
     Example:
       geo sweep cache.h5 --head mvmf,softmax --n-cells 256,1024,4096 --kappa0 8,12,16 --out runs/sweep1
       geo sweep cache.h5 --head mvmf --n-cells 1024 --kappa0 16 --lr 1e-3,3e-3 --epochs 5 --out runs/lr
+      geo sweep cache.h5 --head mvmf,softmax --n-cells 1024 --train-fraction 0.1,0.3,1 --out runs/curves
       geo report runs/sweep1 --out report/
     """
     from geo.training.config import FitConfig
     from geo.training.sweep import format_sweep_table, sweep
 
-    base = FitConfig(lr=lrs[0] if len(lrs) == 1 else FitConfig.lr, **options)
+    base = FitConfig(lr=lrs[0] if len(lrs) == 1 else FitConfig.lr,
+                     train_fraction=train_fractions[0] if len(train_fractions) == 1 else FitConfig.train_fraction,
+                     **options)
     results = sweep(cache, out, heads=heads, n_cells=n_cells_list, kappa0s=kappa0s, lrs=lrs if len(lrs) != 1 else None,
-                    base_config=base, overwrite=overwrite, progress=not quiet, country_fn=_country_fn(),
+                    train_fractions=train_fractions if len(train_fractions) != 1 else None, base_config=base,
+                    overwrite=overwrite, progress=not quiet, country_fn=_country_fn(),
                     max_memory_mb=max_memory_mb)
     click.echo(format_sweep_table(results))
     click.echo(f"wrote {len(results)} runs under {out}/ (and {out}/sweep.json); compare them with "

@@ -3,7 +3,8 @@
 The report reads only run directories (and, for the density maps, the feature
 cache). Sections: the runs read and skipped, the table in the paper's table-2
 layout, the claims with computed verdicts, accuracy against c (fig. 7) and κ0
-(fig. 6), training curves (fig. 3), maps (figs. 1, 2, 5). Runs made on different
+(fig. 6), learning curves (accuracy and NLL against training-set size), training
+curves (fig. 3), maps (figs. 1, 2, 5). Runs made on different
 caches are refused unless ``allow_mixed_caches``; then the table labels them and
 claims and figures are made per cache.
 """
@@ -87,7 +88,7 @@ def claims_section(runs: list[Run], labels: dict[str, str]) -> Section:
     for group, members in _groups(runs, labels):
         if group:
             blocks.append(Text(f"**On {group}:**"))
-        for claim in claims_mod.evaluate_claims(members):
+        for claim in claims_mod.evaluate_claims(members) + claims_mod.learning_curve_claims(members):
             text = f"**Claim {claim.number}.** {claim.statement} Verdict: **{claim.verdict}**."
             if claim.details:
                 text += "\n\n" + "\n".join(f"- {line}" for line in claim.details)
@@ -96,20 +97,26 @@ def claims_section(runs: list[Run], labels: dict[str, str]) -> Section:
 
 
 def figures_sections(runs: list[Run], labels: dict[str, str]) -> list[Section]:
-    by_c, by_kappa, curves = (Section("Accuracy against c (paper fig. 7)"),
-                              Section("Accuracy against κ0 (paper fig. 6)"),
-                              Section("Training curves (paper fig. 3)"))
+    by_c, by_kappa, by_size, curves = (Section("Accuracy against c (paper fig. 7)"),
+                                       Section("Accuracy against κ0 (paper fig. 6)"),
+                                       Section("Learning curves: accuracy and NLL against training-set size"),
+                                       Section("Training curves (paper fig. 3)"))
     for group, members in _groups(runs, labels):
         by_c.blocks += _figure("accuracy_vs_c.png", plots.accuracy_vs_cells(members),
                                "Test accuracy (%, ≤ X km) against the number of cells c (log2 axis); bands are "
                                "bootstrap 95 % intervals; one line per head, κ0 and prediction mode.", group)
         by_kappa.blocks += _figure("accuracy_vs_kappa0.png", plots.accuracy_vs_kappa0(members),
                                    "MvMF test accuracy (%) against κ0 (initial log κ); one line per c.", group)
+        by_size.blocks += _figure("learning_curves.png", plots.learning_curves(members),
+                                  "Test accuracy (%, ≤ X km) and NLL against the number of training rows (log "
+                                  "axis; nested random subsets of the train split, geo sweep --train-fraction); "
+                                  "bands are bootstrap 95 % intervals; one line per head, c, κ0 and prediction "
+                                  "mode. Claim 5 reads these curves.", group)
         curves.blocks += _figure("training_curves.png", plots.training_curves(members),
                                  "Training loss and validation accuracy @ 750 km against step for each run, and "
                                  "the last validation NLL against accuracy (does a lower loss mean better "
                                  "geolocation?).", group)
-    return [by_c, by_kappa, curves]
+    return [by_c, by_kappa, by_size, curves]
 
 
 def maps_section(runs: list[Run], labels: dict[str, str], cache_path, n_maps: int) -> tuple[Section, list[str]]:

@@ -10,6 +10,9 @@ from geo.reports.tables import format_cells
 HOLDS, FAILS, INCONCLUSIVE = "holds", "fails", "inconclusive"
 FINE_SCALES_KM, COARSE_SCALES_KM = (1, 25), (2500,)
 MVMF, SOFTMAX = "mvmf", "softmax"
+# Retrieval (nearest neighbours in feature space, Im2GPS-style): claim 5 compares it when runs of it exist.
+KNN = "knn"
+DATA_SCALES_KM = (25, 200, 750, 2500)  # the scales of claim 5 (1 km is near 0 on small training sets)
 METHOD = (
     "How verdicts are computed: two accuracies are called different only when their bootstrap 95 % "
     "intervals do not overlap (a conservative test); overlapping intervals make a comparison inconclusive. "
@@ -17,7 +20,11 @@ METHOD = (
     "fails if any sub-case fails, holds if all hold, otherwise inconclusive; claim 2, which says a drop "
     "exists, holds if any sub-case shows one. Among several runs of one setting (seeds, learning rates), "
     "the one with the best validation GeoScore is used. A claim the runs cannot test is "
-    "\"not tested: needs ...\"."
+    "\"not tested: needs ...\". Claim 5 (data efficiency) compares heads at each training-set size both "
+    "were trained on (`geo sweep --train-fraction`), each head's best run on validation at that size: as "
+    "accuracy rises with data, \"reaches every accuracy with less data\" is the same as \"its learning curve "
+    "lies above\", so a sub-case (competitor, size, scale) holds when the MvMF's interval lies above the "
+    "other's and fails when it lies below."
 )
 
 
@@ -105,22 +112,24 @@ def claim_softmax_not_monotone(runs: list[Run]) -> Claim:
 
 def claim_mvmf_beats_softmax(runs: list[Run]) -> Claim:
     statement = "MvMF beats softmax at every distance scale at equal c."
-    by_c: dict[int, dict[str, list[Run]]] = {}
+    # Equal c and equal training data (runs on a --train-fraction subset are compared among themselves).
+    by_c: dict[tuple[int, float], dict[str, list[Run]]] = {}
     for run in runs:
         if run.head in (MVMF, SOFTMAX) and run.n_cells is not None:
-            by_c.setdefault(run.n_cells, {}).setdefault(run.head, []).append(run)
-    common = sorted(c for c, heads in by_c.items() if len(heads) == 2)
+            by_c.setdefault((run.n_cells, run.train_fraction), {}).setdefault(run.head, []).append(run)
+    common = sorted(key for key, heads in by_c.items() if len(heads) == 2)
     if not common:
         return Claim(3, statement, "not tested: needs mvmf and softmax runs with a common c")
     verdicts, details = [], []
-    for c in common:
+    for c, fraction in common:
         # Among several runs per head (κ0, prediction modes, seeds), the best on validation.
-        mvmf, softmax = pick_one(by_c[c][MVMF]), pick_one(by_c[c][SOFTMAX])
+        mvmf, softmax = pick_one(by_c[c, fraction][MVMF]), pick_one(by_c[c, fraction][SOFTMAX])
+        on = f" f={fraction:g}" if fraction != 1.0 else ""
         for acc_key, scale in zip(ACC_KEYS, SCALES_KM):
             outcome = compare(mvmf, softmax, acc_key)
             verdict = {"higher": HOLDS, "lower": FAILS, "overlap": INCONCLUSIVE}[outcome]
             verdicts.append(verdict)
-            details.append(f"c={format_cells(c)} @{scale} km: mvmf ({mvmf.name}) {_acc(mvmf, acc_key)} vs "
+            details.append(f"c={format_cells(c)}{on} @{scale} km: mvmf ({mvmf.name}) {_acc(mvmf, acc_key)} vs "
                            f"softmax ({softmax.name}) {_acc(softmax, acc_key)}: {verdict}")
     return Claim(3, statement, _combine_all(verdicts), details)
 
@@ -144,7 +153,54 @@ def claim_kappa0_scales(runs: list[Run]) -> Claim:
     return Claim(4, statement, _combine_all(verdicts), details)
 
 
+def _by_size(runs: list[Run], head: str) -> dict[int, Run]:
+    """{train rows: the best-on-validation run of ``head`` trained on that many rows}."""
+    sizes: dict[int, list[Run]] = {}
+    for run in runs:
+        if run.head == head and run.n_train is not None:
+            sizes.setdefault(run.n_train, []).append(run)
+    return {n: pick_one(members) for n, members in sorted(sizes.items())}
+
+
+def _size_text(n_train: int, run: Run) -> str:
+    return f"n={n_train:,}" + (f" (f={run.train_fraction:g})" if run.train_fraction != 1.0 else "")
+
+
+def claim_mvmf_data_efficient(runs: list[Run]) -> Claim:
+    statement = ("The MvMF reaches a given accuracy with less training data than classification (softmax) and "
+                 "retrieval (knn): at every training-set size both were trained on, its accuracy is higher at "
+                 f"{', '.join(map(str, DATA_SCALES_KM[:-1]))} and {DATA_SCALES_KM[-1]} km.")
+    mvmf = _by_size(runs, MVMF)
+    common = {head: [n for n in _by_size(runs, head) if n in mvmf] for head in (SOFTMAX, KNN)}
+    if len(common[SOFTMAX]) < 2:
+        return Claim(5, statement, "not tested: needs mvmf and softmax runs on ≥ 2 common training-set sizes "
+                                   "(geo sweep --train-fraction)")
+    verdicts, details = [], []
+    if len(common[KNN]) < 2:
+        details.append(f"retrieval ({KNN}): not tested, no {KNN} runs on ≥ 2 of the MvMF's training-set sizes; "
+                       "the verdict compares with softmax only")
+    for head in (SOFTMAX, KNN):
+        if len(common[head]) < 2:
+            continue
+        other = _by_size(runs, head)
+        for n in common[head]:
+            for scale in DATA_SCALES_KM:
+                acc_key = ACC_KEYS[SCALES_KM.index(scale)]
+                verdict = {"higher": HOLDS, "lower": FAILS, "overlap": INCONCLUSIVE}[
+                    compare(mvmf[n], other[n], acc_key)]
+                verdicts.append(verdict)
+                details.append(f"{_size_text(n, mvmf[n])} @{scale} km: mvmf ({mvmf[n].name}) "
+                               f"{_acc(mvmf[n], acc_key)} vs {head} ({other[n].name}) {_acc(other[n], acc_key)}: "
+                               f"{verdict}")
+    return Claim(5, statement, _combine_all(verdicts), details)
+
+
 def evaluate_claims(runs: list[Run]) -> list[Claim]:
-    """All four claims on ``runs`` (which should share one feature cache)."""
+    """The four claims of the paper's experiments (table 2, figs. 6 and 7) on ``runs`` (one feature cache)."""
     return [claim_mvmf_rises(runs), claim_softmax_not_monotone(runs),
             claim_mvmf_beats_softmax(runs), claim_kappa0_scales(runs)]
+
+
+def learning_curve_claims(runs: list[Run]) -> list[Claim]:
+    """The claims read from learning curves (runs on several training-set sizes): claim 5, data efficiency."""
+    return [claim_mvmf_data_efficient(runs)]

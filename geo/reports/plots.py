@@ -1,4 +1,4 @@
-"""Figures of a report (matplotlib, Agg): accuracy vs c, accuracy vs κ0, training curves.
+"""Figures of a report (matplotlib, Agg): accuracy vs c, accuracy vs κ0, learning curves, training curves.
 
 Each function returns a ``matplotlib.figure.Figure``, or a string saying why the
 runs cannot make that figure. Accuracies are drawn in percent with their bootstrap
@@ -17,6 +17,7 @@ from matplotlib.figure import Figure  # noqa: E402  (after choosing the backend)
 from geo.reports.runs import ACC_KEYS, SCALES_KM, Run, group_series, series_label  # noqa: E402
 
 MAX_LEGEND_ENTRIES = 12
+LEARNING_CURVE_SCALES_KM = (25, 200, 750, 2500)
 
 
 def figure_png(fig: Figure, dpi: int = 90) -> bytes:
@@ -34,13 +35,7 @@ def _accuracy_panels(runs: list[Run], vary: str, xlabel: str, log2_x: bool) -> F
     axes = fig.subplots(1, len(SCALES_KM), sharex=True)
     for ax, acc_key, scale in zip(axes, ACC_KEYS, SCALES_KM):
         for key, points in series.items():
-            xs = [x for x, _ in points]
-            ys = [100 * run.metric(acc_key) for _, run in points]
-            line, = ax.plot(xs, ys, marker="o", label=series_label(key, vary))
-            cis = [run.ci(acc_key) for _, run in points]
-            if all(ci is not None for ci in cis):
-                ax.fill_between(xs, [100 * lo for lo, _ in cis], [100 * hi for _, hi in cis],
-                                color=line.get_color(), alpha=0.15, linewidth=0)
+            _line_with_band(ax, points, acc_key, 100, series_label(key, vary))
         if log2_x:
             ax.set_xscale("log", base=2)
         ax.set_title(f"accuracy @ {scale} km")
@@ -53,6 +48,19 @@ def _accuracy_panels(runs: list[Run], vary: str, xlabel: str, log2_x: bool) -> F
     return fig
 
 
+def _line_with_band(ax, points: list[tuple[float, Run]], key: str, factor: float, label: str, color=None):
+    """``key`` (times ``factor``) against x, with the bootstrap interval band when every point has one."""
+    points = [(x, run) for x, run in points if run.metric(key) is not None]
+    if not points:
+        return
+    xs = [x for x, _ in points]
+    line, = ax.plot(xs, [factor * run.metric(key) for _, run in points], marker="o", label=label, color=color)
+    cis = [run.ci(key) for _, run in points]
+    if all(ci is not None for ci in cis):
+        ax.fill_between(xs, [factor * lo for lo, _ in cis], [factor * hi for _, hi in cis],
+                        color=line.get_color(), alpha=0.15, linewidth=0)
+
+
 def accuracy_vs_cells(runs: list[Run]) -> Figure | str:
     """Test accuracy against the number of cells c (log2 axis), one panel per scale (paper fig. 7)."""
     return _accuracy_panels(runs, "n_cells", "c (cells / components)", log2_x=True)
@@ -61,6 +69,38 @@ def accuracy_vs_cells(runs: list[Run]) -> Figure | str:
 def accuracy_vs_kappa0(runs: list[Run]) -> Figure | str:
     """Test accuracy against κ0 (initial log κ), one panel per scale, MvMF runs only (paper fig. 6)."""
     return _accuracy_panels([r for r in runs if r.kappa0 is not None], "kappa0", "κ0 (log κ at init)", log2_x=False)
+
+
+def learning_curves(runs: list[Run]) -> Figure | str:
+    """Test accuracy @ 25/200/750/2500 km and NLL against the number of training rows (log axis), per head.
+
+    One line per head configuration (head, c, κ0, prediction mode) trained on ≥ 2 training-set
+    sizes (``geo sweep --train-fraction``), with bootstrap 95 % interval bands; the NLL panel
+    shows the heads that have a density.
+    """
+    series = {k: s for k, s in group_series(runs, "n_train").items() if len(s) >= 2}
+    if not series:
+        return "needs runs of one head on ≥ 2 training-set sizes (geo sweep --train-fraction 0.1,0.3,1)"
+    keys = [ACC_KEYS[SCALES_KM.index(s)] for s in LEARNING_CURVE_SCALES_KM] + ["nll_nats"]
+    fig = Figure(figsize=(3.2 * len(keys), 3.2))
+    axes = fig.subplots(1, len(keys), sharex=True)
+    colors = {key: f"C{i % 10}" for i, key in enumerate(series)}  # a line keeps its colour in every panel
+    for ax, key in zip(axes, keys):
+        for series_key, points in series.items():
+            factor = 1 if key == "nll_nats" else 100
+            _line_with_band(ax, points, key, factor, series_label(series_key, "n_train"), colors[series_key])
+        ax.set_xscale("log")
+        ax.set_xlabel("training rows")
+        ax.grid(alpha=0.3)
+        if key == "nll_nats":
+            ax.set(title="NLL (nats/sr, lower is better)", ylabel="NLL (nats/sr)")
+        else:
+            ax.set_title(f"accuracy @ {LEARNING_CURVE_SCALES_KM[keys.index(key)]} km")
+    axes[0].set_ylabel("accuracy (%)")
+    if len(series) <= MAX_LEGEND_ENTRIES:
+        axes[0].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
 
 
 def training_curves(runs: list[Run]) -> Figure | str:

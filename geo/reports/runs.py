@@ -83,6 +83,8 @@ class Run:
     warnings: list[str] = field(default_factory=list)
     split: str | None = None  # the split metrics.json was computed on ("test" normally)
     cache_label: str | None = None  # set by check_caches when mixed caches are allowed
+    train_fraction: float = 1.0  # the fraction of the train split the run trained on (--train-fraction)
+    n_train: int | None = None  # train rows the run trained on (config.json's n_train)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -193,7 +195,8 @@ def read_run(path: str | Path) -> Run:
     if not test_ci:
         warnings.append("metrics.json has no bootstrap intervals: claims about this run are inconclusive")
     cache_path, cache_id = _cache_identity(config)
-    n_cells, kappa0, seed, lr = (config.get(k) for k in ("n_cells", "kappa0", "seed", "lr"))
+    n_cells, kappa0, seed, lr, n_train = (config.get(k) for k in ("n_cells", "kappa0", "seed", "lr", "n_train"))
+    fraction = config.get("train_fraction", 1.0)  # runs made before --train-fraction trained on everything
     predict = config.get("predict") or final.get("predict")
     return Run(
         path=path, name=config.get("name") or path.name, config=config, head=str(head),
@@ -204,6 +207,8 @@ def read_run(path: str | Path) -> Run:
         cache_path=str(cache_path) if cache_path else None, cache_id=cache_id,
         test=test, test_ci=test_ci, history=_read_history(path / METRICS_LOG_FILE, warnings),
         warnings=warnings, split=final.get("split"),
+        train_fraction=float(fraction) if _finite(fraction) else 1.0,
+        n_train=int(n_train) if _finite(n_train) else None,
     )
 
 
@@ -291,14 +296,21 @@ def pick_one(runs: list[Run]) -> Run:
     return max(by_name, key=lambda r: r.best_val() if r.best_val() is not None else -math.inf)
 
 
+# The fields held fixed along a series of group_series, per varied field.
+SERIES_FIXED = {"n_cells": ("head", "kappa0", "predict", "train_fraction"),
+                "kappa0": ("head", "n_cells", "predict", "train_fraction"),
+                "n_train": ("head", "n_cells", "kappa0", "predict")}
+
+
 def group_series(runs: list[Run], vary: str) -> dict[tuple, list[tuple[float, Run]]]:
     """Runs grouped into series along one field, the others fixed.
 
-    ``vary`` is "n_cells" (series key: head, kappa0, predict) or "kappa0" (key: head, n_cells,
-    predict). Each series is [(x, run)] sorted by x; duplicates at one x (other seeds, learning
-    rates) are resolved by ``pick_one``. Runs without a value for ``vary`` are left out.
+    ``vary`` is "n_cells" (series key: head, kappa0, predict, train fraction), "kappa0" (key:
+    head, n_cells, predict, train fraction) or "n_train" (learning curves; key: head, n_cells,
+    kappa0, predict). Each series is [(x, run)] sorted by x; duplicates at one x (other seeds,
+    learning rates) are resolved by ``pick_one``. Runs without a value for ``vary`` are left out.
     """
-    fixed = {"n_cells": ("head", "kappa0", "predict"), "kappa0": ("head", "n_cells", "predict")}[vary]
+    fixed = SERIES_FIXED[vary]
     cells: dict[tuple, dict[float, list[Run]]] = {}
     for run in runs:
         x = getattr(run, vary)
@@ -316,11 +328,23 @@ def _none_first(values: tuple) -> tuple:
 
 
 def series_label(key: tuple, vary: str) -> str:
-    """Legend text of a series key from ``group_series``."""
-    if vary == "n_cells":
-        head, kappa0, predict = key
-        parts = [head] + ([f"κ0={kappa0:g}"] if kappa0 is not None else [])
-    else:
-        head, n_cells, predict = key
-        parts = [head, f"c={n_cells}"]
-    return " ".join(parts + ([predict] if predict else []))
+    """Legend text of a series key from ``group_series`` (a train fraction only when it is not 1)."""
+    fields = dict(zip(SERIES_FIXED[vary], key))
+    parts = [fields["head"]]
+    if "n_cells" in fields and _uses_cells(fields["head"]):
+        parts.append(f"c={fields['n_cells']}")
+    if fields.get("kappa0") is not None:
+        parts.append(f"κ0={fields['kappa0']:g}")
+    if fields.get("predict"):
+        parts.append(fields["predict"])
+    if fields.get("train_fraction", 1.0) != 1.0:
+        parts.append(f"f={fields['train_fraction']:g}")
+    return " ".join(parts)
+
+
+def _uses_cells(head: str) -> bool:
+    """Whether ``head`` is built over a partition's cells (unknown heads: yes, c is then shown)."""
+    try:
+        return head_class(head).uses_partition
+    except ConfigError:
+        return True

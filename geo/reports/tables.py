@@ -1,6 +1,7 @@
 """The results table in the paper's table-2 layout, as Markdown, HTML, CSV and Parquet.
 
-One row per run: head, c, κ0, prediction mode, accuracy at 1/25/200/750/2500 km
+One row per run: head, c, κ0, prediction mode (the training rows when runs differ in
+them: learning curves), accuracy at 1/25/200/750/2500 km
 (percent, with the bootstrap 95 % interval), median km, GeoScore, country accuracy,
 NLL (nats per steradian, heads with a density only). The best value of each column
 is marked (bold); ties are all marked.
@@ -96,12 +97,16 @@ def _cell_text(run: Run, column: Column) -> str:
 def _rows(runs: list[Run]) -> tuple[list[str], list[list[tuple[str, bool]]]]:
     """Header and rows of (text, is_best) cells, shared by the Markdown and HTML renderers."""
     mixed = any(r.cache_label for r in runs)
-    header = ["head", "c", "κ0", "prediction"] + (["cache"] if mixed else []) + [c.title for c in COLUMNS]
+    sized = len({r.n_train for r in runs}) > 1  # learning curves: runs on several training-set sizes
+    header = (["head", "c", "κ0", "prediction"] + (["train rows"] if sized else []) + (["cache"] if mixed else [])
+              + [c.title for c in COLUMNS])
     best = best_values(runs)
     rows = []
     for run in runs:
         cells = [(run.head, False), (format_cells(run.n_cells), False),
                  ("–" if run.kappa0 is None else f"{run.kappa0:g}", False), (run.predict or "?", False)]
+        if sized:
+            cells.append(("?" if run.n_train is None else f"{run.n_train:,}", False))
         if mixed:
             cells.append((run.cache_label or "?", False))
         for column in COLUMNS:
@@ -140,6 +145,7 @@ def records(runs: list[Run]) -> list[dict]:
     for run in runs:
         record = {"run": run.name, "path": str(run.path), "head": run.head, "n_cells": run.n_cells,
                   "kappa0": run.kappa0, "predict": run.predict, "seed": run.seed, "lr": run.lr,
+                  "train_fraction": run.train_fraction, "n_train": run.n_train,
                   "cache": run.cache_path, "cache_id": run.cache_id, "cache_label": run.cache_label}
         for key in METRIC_KEYS:
             ci = run.ci(key)
@@ -152,7 +158,7 @@ def records(runs: list[Run]) -> list[dict]:
 
 
 _STRING_COLUMNS = {"run", "path", "head", "predict", "cache", "cache_id", "cache_label", "split"}
-_INT_COLUMNS = {"n_cells", "seed"}
+_INT_COLUMNS = {"n_cells", "seed", "n_train"}
 
 
 def write_exports(runs: list[Run], out_dir: Path) -> tuple[Path, Path]:

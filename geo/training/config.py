@@ -25,6 +25,7 @@ from pathlib import Path
 
 from geo.version import __version__
 from geo.errors import ConfigError
+from geo.training.subsets import check_fraction, subset_size
 
 # Metrics where smaller is better (for model selection); all others: larger is better.
 LOWER_IS_BETTER = ("nll_nats", "median_km", "mean_km")
@@ -60,6 +61,8 @@ class FitConfig:
     batch_size: int = _option(1024, "Rows per step (use 8192+ on a GPU, with a larger --lr).")
     lr: float = _option(1e-3, "Peak learning rate (AdamW).")
     epochs: int = _option(10, "Passes over the train split.")
+    train_fraction: float = _option(1.0, "Train on this fraction of the train split (a seeded random subset; "
+                                         "subsets of one seed are nested); val and test stay whole.")
     warmup_fraction: float = _option(0.05, "Fraction of steps of linear warm-up; cosine decay after.")
     min_lr_fraction: float = _option(0.01, "The cosine decays to lr times this.")
     weight_decay: float = _option(0.0, "Decoupled weight decay on the matrices acting on features (W); 0 = Adam.")
@@ -86,12 +89,19 @@ def check_options(config: FitConfig) -> None:
             raise ConfigError(f"{name} must be >= 1, not {getattr(config, name)}")
     if config.eval_every < 0 or config.lr <= 0 or not 0 <= config.warmup_fraction < 1:
         raise ConfigError("eval_every must be >= 0, lr > 0 and warmup_fraction in [0, 1)")
+    check_fraction(config.train_fraction)
     if config.mu_init not in ("centre", "mean"):
         raise ConfigError(f"--mu-init must be centre or mean, not {config.mu_init!r}")
 
 
 def resolve_config(config: FitConfig, cache, cache_path: Path, n_train: int, n_val: int) -> dict:
-    """``config`` with every automatic choice made, plus what the run was built from (config.json)."""
+    """``config`` with every automatic choice made, plus what the run was built from (config.json).
+
+    ``n_train`` and ``n_val`` are the rows of the cache's train and val splits. A run on a
+    ``train_fraction`` of the train split records the rows it trains on as ``n_train``, the
+    split's rows as ``n_train_split`` and the seed that drew the subset as ``train_subset_seed``
+    (``geo.training.subsets``).
+    """
     # Imported here, not at the top: the CLI reads FitConfig to build its options, and
     # `geo --help` should not wait for torch.
     from geo.devices import resolve_device, resolve_precision
@@ -103,6 +113,7 @@ def resolve_config(config: FitConfig, cache, cache_path: Path, n_train: int, n_v
     check_options(config)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
+    n_train_split, n_train = n_train, subset_size(n_train, config.train_fraction)
     steps_per_epoch = -(-n_train // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     chunk_rows = max(1, min(config.batch_size, config.max_memory_mb * 2**20 // (config.n_cells * BYTES_PER_ROW_CELL)))
@@ -113,7 +124,8 @@ def resolve_config(config: FitConfig, cache, cache_path: Path, n_train: int, n_v
         else "max", optimizer="adamw", lr_schedule="linear-warmup-cosine",
         warmup_steps=int(round(config.warmup_fraction * total_steps)), steps_per_epoch=steps_per_epoch,
         total_steps=total_steps, chunk_rows=chunk_rows, eval_batch_size=chunk_rows, topk=TOPK,
-        n_train=n_train, n_val=n_val, cache_path=str(Path(cache_path).resolve()),
+        train_fraction=float(config.train_fraction), n_train=n_train, n_train_split=n_train_split, train_subset_seed=config.seed, n_val=n_val,
+        cache_path=str(Path(cache_path).resolve()),
         cache_feature_dim=cache.feature_dim, cache_n_rows=cache.n_rows, cache_provenance=cache.provenance,
     )
     resolved["head_options"] = cls.options_from_config(resolved)

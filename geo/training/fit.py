@@ -4,7 +4,9 @@
 ``train_together``, the loop that ``geo sweep`` drives with many trainers at
 once. What it does: build the partition from the train split's locations
 (for heads over cells), create the head, AdamW with linear warm-up and cosine
-decay, a pass over ``cache.iter_batches("train")`` per epoch, an evaluation on
+decay, a pass over ``cache.iter_batches("train")`` per epoch (over the run's
+nested random subset with ``train_fraction`` < 1, ``geo.training.subsets``;
+the partition then comes from the subset's locations), an evaluation on
 the val split every ``eval_every`` steps (a line in ``metrics.jsonl`` and a
 checkpoint each time), and at the end the selected (best-on-val) model is
 scored on the test split (``metrics.json``, ``predictions.parquet``). A run

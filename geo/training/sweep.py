@@ -1,7 +1,8 @@
-"""``sweep``: train a grid of heads (head x c x kappa0 [x lr]) on one cache in one process.
+"""``sweep``: train a grid of heads (head x c x kappa0 [x lr] [x train fraction]) on one cache in one process.
 
-Every configuration gets its own run directory ``OUT/<head>-c<C>[-k<K>][-lr<LR>]``
-(c is the paper's symbol for ``n_cells``; ``-k`` is the tag MvMF declares for kappa0)
+Every configuration gets its own run directory ``OUT/<head>-c<C>[-k<K>][-lr<LR>][-f<F>]``
+(c is the paper's symbol for ``n_cells``; ``-k`` is the tag MvMF declares for kappa0;
+``-f`` appears when the sweep varies ``train_fraction``, for learning curves)
 in exactly the ``fit-head`` format, with the ``config.json`` that ``fit_head``
 writes for that configuration: ``geo fit-head`` on such a directory resumes or
 recognises it, and ``geo report OUT`` reads the whole sweep. ``OUT/sweep.json``
@@ -19,6 +20,12 @@ Grid rules: a head varies only the options it declares in ``Head.sweep_options``
 (MvMF: kappa0). Softmax declares none, so it gets one run per c (and lr), not
 one per kappa0; its config keeps the base kappa0, as ``fit-head`` would. The base config's batch_size, epochs, seed, device and
 precision hold for every run, so every head sees the same batches.
+
+Learning curves: with several ``train_fractions`` every configuration is trained
+on each fraction of the train split (nested subsets: ``geo.training.subsets``).
+Heads on different subsets see different batches, so the heads of one fraction
+form their own groups (and get partitions built from that subset's locations);
+within a fraction, each batch is still read once and fed to every head.
 
 Memory: heads are trained together while their estimated memory (weights,
 gradient, two AdamW moments and the best-so-far copy per head, plus the
@@ -50,15 +57,18 @@ from geo.sphere.partition import Partition
 from geo.training import runs
 from geo.training.config import BYTES_PER_ROW_CELL, FitConfig, resolve_config
 from geo.training.evaluate import CountryFn
-from geo.training.trainer import HeadTrainer, split_rows, train_together
+from geo.training.subsets import check_fraction
+from geo.training.trainer import HeadTrainer, split_rows, train_rows, train_together
 
 SWEEP_FILE = "sweep.json"
 SWEEP_FORMAT = "geo-sweep/1"
 _COPIES_PER_PARAMETER = 5  # float32 weights, gradient, two AdamW moments, the best-so-far copy
 
 
-def run_name(head: str, n_cells: int, varied: dict[str, float] | None = None, lr: float | None = None) -> str:
-    """``mvmf-c1024-k16``, ``softmax-c64``; ``-lr0.001`` appended when the sweep varies lr.
+def run_name(head: str, n_cells: int, varied: dict[str, float] | None = None, lr: float | None = None,
+             train_fraction: float | None = None) -> str:
+    """``mvmf-c1024-k16``, ``softmax-c64``; ``-lr0.001`` appended when the sweep varies lr, then
+    ``-f0.1`` when it varies the train fraction.
 
     ``varied`` holds the values of the options the head declares in ``sweep_options``,
     each written with the head's tag for it.
@@ -69,6 +79,8 @@ def run_name(head: str, n_cells: int, varied: dict[str, float] | None = None, lr
         name += f"-{tags[option]}{value:g}"
     if lr is not None:
         name += f"-lr{lr:g}"
+    if train_fraction is not None:
+        name += f"-f{train_fraction:g}"
     return name
 
 
@@ -86,8 +98,9 @@ def _unique(values: Iterable, option: str, kind=None) -> list:
 
 
 def sweep_grid(heads: Sequence[str], n_cells: Sequence[int], kappa0s: Sequence[float], base: FitConfig,
-               lrs: Sequence[float] | None = None) -> list[tuple[str, FitConfig]]:
-    """The runs of a sweep as ``(name, FitConfig)`` in grid order: head, then c, then kappa0, then lr.
+               lrs: Sequence[float] | None = None, train_fractions: Sequence[float] | None = None
+               ) -> list[tuple[str, FitConfig]]:
+    """The runs of a sweep as ``(name, FitConfig)`` in grid order: head, c, kappa0, lr, then train fraction.
 
     kappa0 is the one option a head may declare as swept today (``Head.sweep_options``);
     heads that do not declare it get one run per (c, lr) with the base kappa0.
@@ -96,7 +109,12 @@ def sweep_grid(heads: Sequence[str], n_cells: Sequence[int], kappa0s: Sequence[f
     n_cells = _unique(n_cells, "--n-cells", int)
     varied_values = {"kappa0": _unique(kappa0s, "--kappa0", float)}
     lrs = _unique(lrs if lrs is not None else [base.lr], "--lr", float)
-    for option, values in (("--head", heads), ("--n-cells", n_cells), ("--lr", lrs)):
+    fractions = _unique(train_fractions if train_fractions is not None else [base.train_fraction],
+                        "--train-fraction", float)
+    for fraction in fractions:
+        check_fraction(fraction)
+    for option, values in (("--head", heads), ("--n-cells", n_cells), ("--lr", lrs),
+                           ("--train-fraction", fractions)):
         if not values:
             raise ConfigError(f"{option}: the list is empty; give at least one value")
     head_classes = {head: head_class(head) for head in heads}  # unknown heads: ConfigError naming the known ones
@@ -110,9 +128,11 @@ def sweep_grid(heads: Sequence[str], n_cells: Sequence[int], kappa0s: Sequence[f
         combos = [dict(zip(options, values)) for values in itertools.product(*(varied_values[o] for o in options))]
         for c in n_cells:
             for varied in combos:
-                for lr in lrs:
-                    config = dataclasses.replace(base, head=head, n_cells=c, lr=lr, **varied)
-                    grid.append((run_name(head, c, varied, lr if len(lrs) > 1 else None), config))
+                for lr, fraction in itertools.product(lrs, fractions):
+                    config = dataclasses.replace(base, head=head, n_cells=c, lr=lr, train_fraction=fraction,
+                                                 **varied)
+                    grid.append((run_name(head, c, varied, lr if len(lrs) > 1 else None,
+                                          fraction if len(fractions) > 1 else None), config))
     return grid
 
 
@@ -166,6 +186,7 @@ def sweep(
     n_cells: Sequence[int] = (16, 64, 256, 1024, 4096),
     kappa0s: Sequence[float] = (8.0, 12.0, 16.0),
     lrs: Sequence[float] | None = None,
+    train_fractions: Sequence[float] | None = None,
     base_config: FitConfig | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -173,12 +194,16 @@ def sweep(
     max_memory_mb: float | None = None,
     callback: Callable[[str, int, float], None] | None = None,
 ) -> dict[str, dict]:
-    """Train every (head, c, kappa0, lr) of the grid on the cache at ``cache_path``; runs go to ``out_dir/NAME``.
+    """Train every (head, c, kappa0, lr, train fraction) of the grid on the cache at ``cache_path``; runs go to
+    ``out_dir/NAME``.
 
     Args:
         heads, n_cells, kappa0s: the grid (duplicates dropped); kappa0 applies to heads that sweep it (MvMF).
         lrs: peak learning rates to sweep; None = ``base_config.lr`` only (and no ``-lr`` in names).
-        base_config: every other option (``FitConfig``; its head, n_cells, kappa0 and lr are replaced).
+        train_fractions: fractions of the train split to train every configuration on (learning
+            curves; nested subsets); None = ``base_config.train_fraction`` only (and no ``-f`` in names).
+        base_config: every other option (``FitConfig``; its head, n_cells, kappa0, lr and
+            train_fraction are replaced).
         overwrite: retrain every run from scratch, replacing directories holding other configurations;
             without it such a directory raises ``ConfigError`` before anything is trained.
         country_fn: predicted (lat_deg, lon_deg) -> ISO codes, for the final country accuracy.
@@ -188,7 +213,10 @@ def sweep(
         ``{run name: final metrics}`` (``metrics.json`` of every run, in grid order).
     """
     base = base_config or FitConfig()
-    grid = sweep_grid(heads, n_cells, kappa0s, base, lrs)
+    grid = sweep_grid(heads, n_cells, kappa0s, base, lrs, train_fractions)
+    grid_record = {"heads": list(heads), "n_cells": list(n_cells), "kappa0s": list(kappa0s),
+                   "lrs": list(lrs) if lrs is not None else [base.lr],
+                   "train_fractions": list(train_fractions) if train_fractions is not None else [base.train_fraction]}
     budget_mb = default_budget_mb() if max_memory_mb is None else max_memory_mb
     if not budget_mb > 0:
         raise ConfigError(f"--max-memory-mb must be > 0, not {budget_mb}")
@@ -198,21 +226,28 @@ def sweep(
         n_train = len(rows["train"])
         configs = {name: resolve_config(config, cache, Path(cache_path), n_train, len(rows["val"]))
                    for name, config in grid}
-        # Partitions once per c, before any directory is touched: an impossible c fails early.
+        # Partitions once per (train fraction, c), from the rows that fraction trains on, before
+        # any directory is touched: an impossible c fails early.
         partitions = {}
-        for c in sorted({config["n_cells"] for config in configs.values() if head_class(config["head"]).uses_partition}):
+        for fraction, c in sorted({(config["train_fraction"], config["n_cells"]) for config in configs.values()
+                                   if head_class(config["head"]).uses_partition}):
+            train = train_rows(cache, {"train_fraction": fraction, "seed": base.seed})
             try:
-                partitions[c] = Partition.build(cache.lat_deg[rows["train"]], cache.lon_deg[rows["train"]], c)
+                partitions[fraction, c] = Partition.build(cache.lat_deg[train], cache.lon_deg[train], c)
             except ConfigError as err:
-                raise ConfigError(f"--n-cells {c}: {err}") from None
+                with_fraction = f" with --train-fraction {fraction:g}" if fraction != 1 else ""
+                raise ConfigError(f"--n-cells {c}{with_fraction}: {err}") from None
         # Directories holding other configurations are refused here, before anything is trained.
         resume = {name: runs.check_run_dir(out_dir / name, config, overwrite=overwrite)
                   for name, config in configs.items()}
         finished = {name for name in configs if (out_dir / name / runs.METRICS_FILE).exists()}
         sizes = {name: estimate_memory_bytes(config, cache.feature_dim) for name, config in configs.items()}
-        groups = schedule_groups({n: s for n, s in sizes.items() if n not in finished}, int(budget_mb * 2**20))
-        _write_sweep_json(out_dir, cache_path, heads, n_cells, kappa0s, lrs, base, budget_mb, configs, sizes,
-                          groups, finished)
+        # Heads on different train subsets see different batches: groups never mix fractions.
+        groups = [group for fraction in dict.fromkeys(config["train_fraction"] for config in configs.values())
+                  for group in schedule_groups({n: s for n, s in sizes.items() if n not in finished
+                                                and configs[n]["train_fraction"] == fraction},
+                                               int(budget_mb * 2**20))]
+        _write_sweep_json(out_dir, cache_path, grid_record, base, budget_mb, configs, sizes, groups, finished)
 
         target_xyz = torch.from_numpy(latlon_to_xyz(cache.lat_deg, cache.lon_deg).astype("float32"))
         total = sum(config["total_steps"] for config in configs.values())
@@ -225,7 +260,9 @@ def sweep(
         for i, group in enumerate(groups):
             bar.set_description_str(f"sweep {len(configs)} heads, group {i + 1}/{len(groups)}", refresh=False)
             trainers = [HeadTrainer(cache, configs[name], out_dir / name, resume=resume[name],
-                                    partition=partitions.get(configs[name]["n_cells"]), target_xyz=target_xyz)
+                                    partition=partitions.get((configs[name]["train_fraction"],
+                                                              configs[name]["n_cells"])),
+                                    target_xyz=target_xyz)
                         for name in group]
             train_together(cache, trainers, bar=bar, callback=None if callback is None else
                            lambda t, step, loss: callback(t.out_dir.name, step, loss))
@@ -233,24 +270,23 @@ def sweep(
                 trainer.finish(country_fn=country_fn)
             del trainers, trainer  # free this group's weights and moments before the next group's
         bar.close()
-        _write_sweep_json(out_dir, cache_path, heads, n_cells, kappa0s, lrs, base, budget_mb, configs, sizes,
-                          groups, set(configs))
+        _write_sweep_json(out_dir, cache_path, grid_record, base, budget_mb, configs, sizes, groups, set(configs))
     return {name: runs.read_json(out_dir / name / runs.METRICS_FILE) for name in configs}
 
 
-def _write_sweep_json(out_dir: Path, cache_path, heads, n_cells, kappa0s, lrs, base: FitConfig, budget_mb: float,
+def _write_sweep_json(out_dir: Path, cache_path, grid: dict, base: FitConfig, budget_mb: float,
                       configs: dict, sizes: dict, groups: list[list[str]], finished: set[str]) -> None:
     mb = 2**20
     runs.write_json(out_dir / SWEEP_FILE, runs.json_safe({
         "format": SWEEP_FORMAT,
         "cache_path": str(Path(cache_path).resolve()),
-        "grid": {"heads": list(heads), "n_cells": list(n_cells), "kappa0s": list(kappa0s),
-                 "lrs": list(lrs) if lrs is not None else [base.lr]},
+        "grid": grid,
         "base_config": {k: v for k, v in dataclasses.asdict(base).items()  # the grid sets the others
-                        if k not in ("head", "n_cells", "kappa0", "lr")},
+                        if k not in ("head", "n_cells", "kappa0", "lr", "train_fraction")},
         "max_memory_mb": budget_mb,
         "runs": [{"name": name, "dir": name, "head": config["head"], "n_cells": config["n_cells"],
                   "kappa0": config["kappa0"] if "kappa0" in head_class(config["head"]).sweep_options else None, "lr": config["lr"],
+                  "train_fraction": config["train_fraction"], "n_train": config["n_train"],
                   "total_steps": config["total_steps"], "estimated_mb": round(sum(sizes[name]) / mb, 1),
                   "status": "finished" if name in finished else "to train"} for name, config in configs.items()],
         "groups": [{"runs": group, "estimated_mb": round((sum(sizes[n][0] for n in group)

@@ -26,6 +26,7 @@ from geo.heads import Head, head_class
 from geo.sphere.partition import Partition
 from geo.training import runs
 from geo.training.evaluate import CountryFn, evaluate_split, feature_dtype, features_to_tensor, score_and_write
+from geo.training.subsets import train_subset
 
 
 class TrainingError(GeoError):
@@ -101,13 +102,20 @@ def split_rows(cache) -> dict[str, np.ndarray]:
     return rows_by_split
 
 
+def train_rows(cache, config: dict) -> np.ndarray:
+    """The sorted cache rows a run trains on: its ``train_fraction`` subset of the train split (all by default)."""
+    return train_subset(cache.split_rows("train"), config.get("train_fraction", 1.0), config["seed"])
+
+
 class HeadTrainer:
     """One head's training state on an open cache: head, optimizer, targets, step counters, best model.
 
     Created from a resolved config (``resolve_config``) for a run directory that
     ``runs.check_run_dir`` has prepared: ``resume`` loads the checkpoint there;
     otherwise the head is seeded with ``config["seed"]`` and built over
-    ``partition`` (built from the train split when None) and ``config.json`` is written.
+    ``partition`` (built from the rows it trains on when None) and ``config.json`` is written.
+    It trains on ``train_rows`` (``train_rows(cache, config)``: its ``train_fraction`` of the
+    train split), and so does the partition it builds.
     The trainer keeps its own torch RNG state, so several trainers can share a
     process and each still draws what a lone ``fit_head`` would.
 
@@ -121,11 +129,12 @@ class HeadTrainer:
         self.device = resolve_device(config["device"])
         self.checkpoint_path = self.out_dir / runs.CHECKPOINT_FILE
         saved = runs.load_checkpoint(self.checkpoint_path) if resume else None
+        self.train_rows = train_rows(cache, config)
         torch.manual_seed(config["seed"])  # W's Glorot initialisation
         if resume:
             partition = Partition.from_state_dict(saved["partition"]) if saved["partition"] else None
         elif partition is None and head_class(config["head"]).uses_partition:
-            train = cache.split_rows("train")
+            train = self.train_rows
             partition = Partition.build(cache.lat_deg[train], cache.lon_deg[train], config["n_cells"])
         self.head = runs.build_head(config, partition, cache.feature_dim, self.device)
         if resume:
@@ -249,21 +258,25 @@ def train_together(cache, trainers: list[HeadTrainer], *, bar=None,
 
     Each batch is read and converted to a tensor once and fed to every trainer
     whose next position it is (trainers resumed from different checkpoints catch
-    up in turn). All trainers must share batch_size, seed, device and precision,
-    so that the data order, a function of (seed, epoch), is the one each would see alone.
+    up in turn). All trainers must share batch_size, seed, device, precision and
+    train_fraction, so that the data order, a function of (seed, epoch) and the
+    train rows, is the one each would see alone.
     ``callback(trainer, step, loss)`` runs after every step of every trainer.
     """
     todo = [t for t in trainers if not t.done]
     if not todo:
         return
-    shared = {(t.cfg["batch_size"], t.cfg["seed"], t.cfg["device"], t.cfg["precision"]) for t in todo}
+    shared = {(t.cfg["batch_size"], t.cfg["seed"], t.cfg["device"], t.cfg["precision"],
+               t.cfg.get("train_fraction", 1.0)) for t in todo}
     if len(shared) != 1:
-        raise ConfigError(f"heads trained together must share batch_size, seed, device and precision; got {shared}")
+        raise ConfigError("heads trained together must share batch_size, seed, device, precision and "
+                          f"train_fraction; got {shared}")
     cfg = todo[0].cfg
     epoch = min(t.state["epoch"] for t in todo)
     while any(not t.done for t in todo):
         for i, (rows, features) in enumerate(cache.iter_batches("train", cfg["batch_size"], shuffle=True,
-                                                                seed=cfg["seed"], epoch=epoch)):
+                                                                seed=cfg["seed"], epoch=epoch,
+                                                                rows=todo[0].train_rows)):
             ready = [t for t in todo if not t.done and t.position == (epoch, i)]
             if not ready:
                 if all(t.done or t.state["epoch"] > epoch for t in todo):

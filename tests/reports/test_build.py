@@ -140,6 +140,28 @@ def test_cli_report(tmp_path):
     assert "Example:" in help_text and "--allow-mixed-caches" in help_text
 
 
+def test_learning_curves_section_and_data_efficiency_claim(tmp_path):
+    for n, (acc_mvmf, acc_softmax) in zip((100, 1000), ((0.3, 0.1), (0.5, 0.3))):
+        write_run(tmp_path / "runs" / f"mvmf-c64-k16-f{n / 1000:g}", n_cells=64, acc=[acc_mvmf] * 5, n_train=n,
+                  train_fraction=n / 1000)
+        write_run(tmp_path / "runs" / f"softmax-c64-f{n / 1000:g}", head="softmax", n_cells=64, kappa0=None,
+                  acc=[acc_softmax] * 5, n_train=n, train_fraction=n / 1000)
+    result = build_report([tmp_path / "runs"], tmp_path / "out", n_maps=0)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Learning curves: accuracy and NLL against training-set size" in md
+    assert "](figures/learning_curves.png)" in md and (tmp_path / "out" / "figures" / "learning_curves.png").exists()
+    assert re.search(r"\*\*Claim 5\.\*\* The MvMF reaches a given accuracy with less training data .*"
+                     r"Verdict: \*\*holds\*\*", md)
+    assert "- n=100 (f=0.1) @25 km: mvmf (mvmf-c64-k16-f0.1) 30.0% [29.0, 31.0] vs softmax" in md
+    assert len(result.runs) == 4
+    # the table tells the runs of one head apart by their training rows
+    assert "| head | c | κ0 | prediction | train rows |" in md and md.count("| 1,000 |") == 2
+    import pyarrow.parquet as pq
+    table = pq.read_table(tmp_path / "out" / "table.parquet").to_pylist()
+    assert sorted((r["run"], r["n_train"], r["train_fraction"]) for r in table)[:2] == [
+        ("mvmf-c64-k16-f0.1", 100, 0.1), ("mvmf-c64-k16-f1", 1000, 1.0)]
+
+
 def test_kappa0_note_gives_the_half_mass_radius_of_each_kappa0(tmp_path):
     from geo.reports.runs import find_runs
     from geo.reports.tables import kappa0_note

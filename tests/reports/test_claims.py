@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from geo.reports.claims import (FAILS, HOLDS, INCONCLUSIVE, claim_kappa0_scales, claim_mvmf_beats_softmax,
-                                claim_mvmf_rises, claim_softmax_not_monotone, compare, evaluate_claims)
+                                claim_mvmf_data_efficient, claim_mvmf_rises, claim_softmax_not_monotone, compare,
+                                evaluate_claims, learning_curve_claims)
 from geo.reports.runs import find_runs
 from support.runs import write_run
 
@@ -112,3 +113,94 @@ def test_every_claim_has_a_verdict(tmp_path, n_runs):
     claims = evaluate_claims(runs_of(tmp_path, specs))
     assert [c.number for c in claims] == [1, 2, 3, 4]
     assert all(c.verdict in (HOLDS, FAILS, INCONCLUSIVE) or c.verdict.startswith("not tested: needs") for c in claims)
+
+
+# ---- claim 5: data efficiency, from learning curves (runs on several training-set sizes) -------------------
+
+def curve_runs(tmp_path, specs):
+    """specs: (head, n_train, acc at the five scales, half width[, val geoscore]) -> Runs read back from disk."""
+    for i, (head, n_train, acc, half, *val) in enumerate(specs):
+        write_run(tmp_path / f"{head}-n{n_train}-{i}", head=head, n_cells=64, kappa0=16.0 if head == "mvmf" else None,
+                  acc=acc, half_width=half, n_train=n_train, train_fraction=n_train / 1000,
+                  val_geoscore=val[0] if val else None)
+    runs, skipped = find_runs([tmp_path])
+    assert not skipped
+    return runs
+
+
+def test_data_efficiency_holds_when_the_mvmf_curve_lies_above_softmax_at_every_size_and_scale(tmp_path):
+    runs = curve_runs(tmp_path, [("mvmf", 100, [0.3] * 5, 0.01), ("mvmf", 1000, [0.5] * 5, 0.01),
+                                 ("softmax", 100, [0.1] * 5, 0.01), ("softmax", 1000, [0.3] * 5, 0.01)])
+    claim = claim_mvmf_data_efficient(runs)
+    assert claim.number == 5 and claim.verdict == HOLDS
+    assert claim.details[0].startswith("retrieval (knn): not tested")  # no knn runs: softmax only, said so
+    assert len(claim.details) == 1 + 2 * 4  # two sizes x @25, @200, @750, @2500 km
+    assert ("n=100 (f=0.1) @750 km: mvmf (mvmf-n100-0) 30.0% [29.0, 31.0] vs softmax (softmax-n100-2) "
+            "10.0% [9.0, 11.0]: holds") in claim.details
+    assert not any("@1 km" in d for d in claim.details)
+    # the learning-curve claims are reported after the paper's four
+    assert [c.number for c in learning_curve_claims(runs)] == [5]
+
+
+def test_data_efficiency_fails_where_a_competitor_reaches_an_accuracy_with_less_data(tmp_path):
+    # softmax at 100 rows is significantly above the MvMF at 100 rows at 2500 km: it reaches 40 % with less data
+    runs = curve_runs(tmp_path, [("mvmf", 100, [0.3, 0.3, 0.3, 0.3, 0.3], 0.01), ("mvmf", 1000, [0.5] * 5, 0.01),
+                                 ("softmax", 100, [0.1, 0.1, 0.1, 0.1, 0.4], 0.01),
+                                 ("softmax", 1000, [0.3] * 5, 0.01)])
+    claim = claim_mvmf_data_efficient(runs)
+    assert claim.verdict == FAILS
+    assert [d for d in claim.details if d.endswith("fails")] == [
+        "n=100 (f=0.1) @2500 km: mvmf (mvmf-n100-0) 30.0% [29.0, 31.0] vs softmax (softmax-n100-2) "
+        "40.0% [39.0, 41.0]: fails"]
+
+
+def test_data_efficiency_compares_with_knn_when_present(tmp_path):
+    base = [("mvmf", 100, [0.3] * 5, 0.01), ("mvmf", 1000, [0.5] * 5, 0.01),
+            ("softmax", 100, [0.1] * 5, 0.01), ("softmax", 1000, [0.3] * 5, 0.01)]
+    worse = curve_runs(tmp_path / "a", base + [("knn", 100, [0.2] * 5, 0.01), ("knn", 1000, [0.25] * 5, 0.01)])
+    claim = claim_mvmf_data_efficient(worse)
+    assert claim.verdict == HOLDS and len(claim.details) == 2 * 2 * 4  # (softmax, knn) x 2 sizes x 4 scales
+    assert sum(" vs knn (knn-n1000-" in d for d in claim.details) == 4
+    better_at_large_n = curve_runs(tmp_path / "b", base + [("knn", 100, [0.2] * 5, 0.01),
+                                                           ("knn", 1000, [0.7] * 5, 0.01)])
+    assert claim_mvmf_data_efficient(better_at_large_n).verdict == FAILS
+
+
+def test_data_efficiency_inconclusive_when_intervals_overlap(tmp_path):
+    runs = curve_runs(tmp_path, [("mvmf", 100, [0.3] * 5, 0.1), ("mvmf", 1000, [0.5] * 5, 0.01),
+                                 ("softmax", 100, [0.25] * 5, 0.1), ("softmax", 1000, [0.3] * 5, 0.01)])
+    claim = claim_mvmf_data_efficient(runs)
+    assert claim.verdict == INCONCLUSIVE
+    assert sum(d.endswith("inconclusive") for d in claim.details) == 4 and sum(d.endswith("holds")
+                                                                               for d in claim.details) == 4
+
+
+def test_data_efficiency_not_tested_without_several_sizes_or_the_compared_heads(tmp_path):
+    one_size = curve_runs(tmp_path / "a", [("mvmf", 1000, [0.5] * 5, 0.01), ("softmax", 1000, [0.3] * 5, 0.01)])
+    no_softmax = curve_runs(tmp_path / "b", [("mvmf", 100, [0.3] * 5, 0.01), ("mvmf", 1000, [0.5] * 5, 0.01),
+                                             ("knn", 100, [0.1] * 5, 0.01), ("knn", 1000, [0.3] * 5, 0.01)])
+    other_sizes = curve_runs(tmp_path / "c", [("mvmf", 100, [0.3] * 5, 0.01), ("mvmf", 1000, [0.5] * 5, 0.01),
+                                              ("softmax", 300, [0.1] * 5, 0.01), ("softmax", 1000, [0.3] * 5, 0.01)])
+    plain = runs_of(tmp_path / "d", [("mvmf", 64, 16, [0.4] * 5, 0.01), ("softmax", 64, None, [0.2] * 5, 0.01)])
+    for runs in (one_size, no_softmax, other_sizes, plain):
+        claim = claim_mvmf_data_efficient(runs)
+        assert claim.verdict == ("not tested: needs mvmf and softmax runs on ≥ 2 common training-set sizes "
+                                 "(geo sweep --train-fraction)") and not claim.details
+
+
+def test_data_efficiency_picks_each_heads_best_run_on_validation_at_each_size(tmp_path):
+    # two MvMF runs at 100 rows (say two values of c): the worse-on-test one is better on validation
+    runs = curve_runs(tmp_path, [("mvmf", 100, [0.05] * 5, 0.01, 4000.0), ("mvmf", 100, [0.9] * 5, 0.01, 100.0),
+                                 ("mvmf", 1000, [0.5] * 5, 0.01), ("softmax", 100, [0.1] * 5, 0.01),
+                                 ("softmax", 1000, [0.3] * 5, 0.01)])
+    claim = claim_mvmf_data_efficient(runs)
+    assert claim.verdict == FAILS
+    assert all("mvmf (mvmf-n100-0)" in d for d in claim.details if d.startswith("n=100 "))
+
+
+def test_claims_on_c_compare_runs_on_the_same_training_data(tmp_path):
+    # full-data MvMF beats full-data softmax; a 10 % MvMF run at the same c must not stand in for it
+    runs = curve_runs(tmp_path, [("mvmf", 1000, [0.5] * 5, 0.01, 100.0), ("mvmf", 100, [0.1] * 5, 0.01, 4000.0),
+                                 ("softmax", 1000, [0.3] * 5, 0.01)])
+    claim = claim_mvmf_beats_softmax(runs)
+    assert claim.verdict == HOLDS and all("mvmf (mvmf-n1000-0)" in d for d in claim.details)

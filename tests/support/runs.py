@@ -27,17 +27,24 @@ def base_config(head: str, n_cells: int, kappa0: float | None, *, cache_path="/d
 
 def write_run(run_dir: Path, *, head: str = "mvmf", n_cells: int = 64, kappa0: float | None = 16.0,
               acc: dict | list | None = None, half_width: float = 0.01, nll: float | None = 5.0,
-              history_steps: int = 3, config: dict | None = None, val_geoscore: float | None = None) -> Path:
-    """A finished run whose test accuracies are ``acc`` (fractions per scale) with intervals acc ± half_width."""
+              history_steps: int = 3, config: dict | None = None, val_geoscore: float | None = None,
+              n_train: int | None = None, train_fraction: float | None = None) -> Path:
+    """A finished run whose test accuracies are ``acc`` (fractions per scale) with intervals acc ± half_width.
+
+    ``n_train`` / ``train_fraction``: recorded in config.json as ``geo sweep --train-fraction`` does
+    (a learning-curve run trained on ``n_train`` rows); nll is then written for every head.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config = config or base_config(head, n_cells, kappa0)
+    if n_train is not None:
+        config = dict(config, n_train=n_train, train_fraction=1.0 if train_fraction is None else train_fraction)
     if isinstance(acc, (list, tuple)):
         acc = dict(zip(DISTANCE_SCALES_KM, acc))
     acc = acc or {s: min(1.0, 0.05 + 0.15 * i) for i, s in enumerate(DISTANCE_SCALES_KM)}
     metrics = {"n": 500, **{accuracy_key(s): a for s, a in acc.items()},
                "median_km": 900.0, "mean_km": 1800.0, "geoscore": 2500.0, "country_acc": 0.3}
-    if nll is not None and head == "mvmf":
+    if nll is not None and (head == "mvmf" or n_train is not None):
         metrics["nll_nats"] = nll
     metrics["ci"] = {k: [v - half_width * (1 if k.startswith("acc") else 50),
                          v + half_width * (1 if k.startswith("acc") else 50)]

@@ -218,3 +218,100 @@ def test_cli_sweep_defaults_are_the_fit_head_defaults():
             assert param.default == fit[param.name], param.name
     result = CliRunner().invoke(cli, ["sweep", "--help"])
     assert result.exit_code == 0 and "Example:" in result.output
+
+
+# ---- learning curves: --train-fraction -------------------------------------------------------------------
+
+def test_the_grid_tags_train_fractions_only_when_the_sweep_varies_them():
+    grid = sweep_grid(["mvmf", "softmax"], [16], [8], BASE, train_fractions=[0.1, 1])
+    assert [(name, c.train_fraction) for name, c in grid] == [
+        ("mvmf-c16-k8-f0.1", 0.1), ("mvmf-c16-k8-f1", 1.0), ("softmax-c16-f0.1", 0.1), ("softmax-c16-f1", 1.0)]
+    grid = sweep_grid(["softmax"], [16], [8], BASE, train_fractions=[0.5])
+    assert [(name, c.train_fraction) for name, c in grid] == [("softmax-c16", 0.5)]
+    for bad, match in [([], "--train-fraction: the list is empty"), ([0.5, 0], r"--train-fraction must be in \(0, 1\]")]:
+        with pytest.raises(ConfigError, match=match):
+            sweep_grid(["softmax"], [16], [8], BASE, train_fractions=bad)
+
+
+def test_learning_curve_sweep_trains_each_fraction_on_its_nested_subset_like_fit_head(cache, whole, tmp_path,
+                                                                                     monkeypatch):
+    from geo.cache.store import FeatureCache
+    from geo.sphere.partition import Partition
+    from geo.training.subsets import train_subset
+    from geo.training.trainer import HeadTrainer
+
+    seen: dict[str, set] = {}
+    step = HeadTrainer.step
+
+    def recording_step(self, rows, x):
+        seen.setdefault(self.out_dir.name, set()).update(rows.tolist())
+        return step(self, rows, x)
+
+    monkeypatch.setattr(HeadTrainer, "step", recording_step)
+    out = tmp_path / "curves"
+    results = sweep(cache, out, base_config=BASE, progress=False, heads=["mvmf", "softmax"], n_cells=[24],
+                    kappa0s=[12.0], train_fractions=[0.4, 1.0])
+    names = ["mvmf-c24-k12-f0.4", "mvmf-c24-k12-f1", "softmax-c24-f0.4", "softmax-c24-f1"]
+    assert list(results) == names
+    with FeatureCache(cache) as c:
+        train = c.split_rows("train")
+        subset = train_subset(train, 0.4, BASE.seed)
+        lat, lon = c.lat_deg[subset], c.lon_deg[subset]
+    for name in names:
+        config = json.loads((out / name / "config.json").read_text())
+        rows = subset if name.endswith("f0.4") else train
+        assert seen[name] == set(rows.tolist())  # every batch from the run's subset, the whole subset seen
+        assert (config["train_fraction"], config["n_train"], config["n_train_split"], config["train_subset_seed"]) \
+            == (0.4 if name.endswith("f0.4") else 1.0, rows.size, train.size, BASE.seed)
+        assert config["steps_per_epoch"] == -(-rows.size // BASE.batch_size)
+    assert round(0.4 * train.size) == subset.size and set(subset.tolist()) < set(train.tolist())
+    # the partition of a fraction is built from the locations of its rows only
+    partition = torch.load(out / "mvmf-c24-k12-f0.4" / "checkpoint.pt", weights_only=True)["partition"]
+    for key, value in Partition.build(lat, lon, 24).state_dict().items():
+        assert torch.equal(torch.as_tensor(partition[key]), torch.as_tensor(value)), key
+    # heads of one fraction are trained together, never with another fraction's
+    groups = [g["runs"] for g in json.loads((out / "sweep.json").read_text())["groups"]]
+    assert groups == [["mvmf-c24-k12-f0.4", "softmax-c24-f0.4"], ["mvmf-c24-k12-f1", "softmax-c24-f1"]]
+    # a fraction's run is what fit-head gives with that fraction; fraction 1 is the plain run
+    monkeypatch.setattr(HeadTrainer, "step", step)
+    alone = fit_head(cache, dataclasses.replace(BASE, head="mvmf", n_cells=24, kappa0=12.0, train_fraction=0.4),
+                     tmp_path / "alone", progress=False)
+    assert _strip(alone) == _strip(results["mvmf-c24-k12-f0.4"])
+    _assert_same_run(tmp_path / "alone", out / "mvmf-c24-k12-f0.4")
+    _assert_same_run(out / "mvmf-c24-k12-f1", whole[0] / "mvmf-c24-k12")
+
+
+def test_heads_on_different_fractions_are_not_trained_together(cache, tmp_path):
+    from geo.cache.store import FeatureCache
+    from geo.training.config import resolve_config
+    from geo.training.trainer import HeadTrainer, train_together
+
+    with FeatureCache(cache) as c:
+        n_train, n_val = len(c.split_rows("train")), len(c.split_rows("val"))
+        for f in (0.5, 1.0):
+            (tmp_path / str(f)).mkdir()
+        trainers = [HeadTrainer(c, resolve_config(dataclasses.replace(BASE, head="softmax", n_cells=24,
+                                                                      train_fraction=f), c, cache, n_train, n_val),
+                                tmp_path / str(f), resume=False) for f in (0.5, 1.0)]
+        with pytest.raises(ConfigError, match="must share batch_size, seed, device, precision and train_fraction"):
+            train_together(c, trainers)
+
+
+def test_cli_train_fraction(cache, tmp_path):
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(cli, ["sweep", str(cache), "--head", "softmax", "--train-fraction", "0.5,1",
+                                      *CLI_ARGS, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for name, fraction in (("softmax-c24-f0.5", 0.5), ("softmax-c24-f1", 1.0)):
+        assert name in result.output
+        assert json.loads((out / name / "config.json").read_text())["train_fraction"] == fraction
+    result = CliRunner().invoke(cli, ["fit-head", str(cache), "--head", "softmax", "--train-fraction", "0.25",
+                                      *CLI_ARGS, "--out", str(tmp_path / "one")])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "one" / "config.json").read_text())
+    assert config["train_fraction"] == 0.25 and config["n_train"] == round(0.25 * config["n_train_split"])
+    for command in ("fit-head", "sweep"):
+        result = CliRunner().invoke(cli, [command, str(cache), "--train-fraction", "1.5", *CLI_ARGS,
+                                          "--out", str(tmp_path / "bad")])
+        assert result.exit_code == 2 and "Error: --train-fraction must be in (0, 1], not 1.5" in result.output
+    assert not (tmp_path / "bad").exists()
