@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -48,7 +49,7 @@ from geo.geometry import latlon_to_xyz
 from geo.heads import head_class
 from geo.sphere.partition import Partition
 from geo.training import runs
-from geo.training.config import BYTES_PER_ROW_CELL, FitConfig, resolve_config
+from geo.training.config import BYTES_PER_ROW_CELL, FitConfig, few_steps_warning, resolve_config
 from geo.training.evaluate import CountryFn
 from geo.training.trainer import HeadTrainer, split_rows, train_together
 
@@ -172,6 +173,7 @@ def sweep(
     country_fn: CountryFn | None = None,
     max_memory_mb: float | None = None,
     callback: Callable[[str, int, float], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> dict[str, dict]:
     """Train every (head, c, kappa0, lr) of the grid on the cache at ``cache_path``; runs go to ``out_dir/NAME``.
 
@@ -184,6 +186,8 @@ def sweep(
         country_fn: predicted (lat_deg, lon_deg) -> ISO codes, for the final country accuracy.
         max_memory_mb: memory for the heads trained together (default: half the available RAM).
         callback: ``callback(run_name, step, loss)`` after every step of every head (tests use it).
+        warn: called with a message when the options look unwise (too few optimizer steps);
+            None = ``warnings.warn``.
     Returns:
         ``{run name: final metrics}`` (``metrics.json`` of every run, in grid order).
     """
@@ -198,6 +202,10 @@ def sweep(
         n_train = len(rows["train"])
         configs = {name: resolve_config(config, cache, Path(cache_path), n_train, len(rows["val"]))
                    for name, config in grid}
+        # Every run shares batch size, epochs and train split, hence its step count: one warning at most.
+        message = next(filter(None, map(few_steps_warning, configs.values())), None)
+        if message:
+            (warn or warnings.warn)(message)
         # Partitions once per c, before any directory is touched: an impossible c fails early.
         partitions = {}
         for c in sorted({config["n_cells"] for config in configs.values() if head_class(config["head"]).uses_partition}):
