@@ -22,7 +22,7 @@ from torch import nn
 
 from geo.devices import resolve_device, resolve_precision
 from geo.errors import ConfigError, GeoError
-from geo.files import atomic_write, sha256_file
+from geo.files import atomic_torch_save, sha256_file
 
 CHECKPOINT_FORMAT = "geo-backbone/1"
 
@@ -178,8 +178,7 @@ def save_backbone(model: Backbone, path: str | os.PathLike, **meta) -> str:
     payload = {"format": CHECKPOINT_FORMAT, "backbone": model.name, "feature_dim": model.feature_dim,
                "classes": list(model.classes), "init_weights": model.weights_source,
                "init_weights_sha256": model.weights_sha256, "model": state, **meta}
-    with atomic_write(path) as handle:
-        torch.save(payload, handle)
+    atomic_torch_save(path, payload)
     return sha256_file(path)
 
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from geo.errors import ConfigError, GeoError
 from geo.devices import autocast
-from geo.files import atomic_write
+from geo.files import atomic_torch_save
 from geo.pipeline.backbone import Backbone, Placement
 from geo.pipeline.distributed import Dist, shard_range
 from geo.pipeline.images import ImageRows, collate_rows, eval_transform, train_transform
@@ -90,8 +90,7 @@ def evaluate_countries(model: Backbone, paths, labels: np.ndarray, place: Placem
 
 
 def _save_state(path: Path, payload: dict) -> None:
-    with atomic_write(path) as handle:  # a kill leaves the previous epoch's state intact
-        torch.save(payload, handle)
+    atomic_torch_save(path, payload)  # a kill leaves the previous epoch's state intact
 
 
 def finetune(model: Backbone, paths, labels: np.ndarray, split: np.ndarray, config: FinetuneConfig,
