@@ -47,7 +47,7 @@ SKIPPED_DTYPE = np.dtype([("id", STR_DTYPE), ("reason", STR_DTYPE)])
 REQUIRED_DATASETS = ("features", *ROW_DATASETS, "skipped")
 
 # Root attributes that the writer owns; everything else at the root is provenance.
-BOOKKEEPING_ATTRS = ("rows_committed", "skipped_committed", "rows_done", "complete")
+BOOKKEEPING_ATTRS = ("rows_committed", "skipped_committed", "rows_done", "blocks_committed", "complete")
 RESERVED_ATTRS = ("schema", "feature_dim", "countries", "created", "geo_version", *BOOKKEEPING_ATTRS)
 
 
