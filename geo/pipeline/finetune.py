@@ -117,7 +117,11 @@ def finetune(model: Backbone, paths, labels: np.ndarray, split: np.ndarray, conf
     optimizer = torch.optim.Adam(model.parameters(), lr=identity["lr"])
     result, start_epoch = FinetuneResult(), 0
     if state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torn or foreign: the user decides to drop the progress in it
+            raise ConfigError(f"{state_path}: cannot be read ({type(err).__name__}); delete it to start the "
+                              "fine-tuning again (the epochs it held are lost)") from None
         if state.get("identity") != identity:
             raise ConfigError(f"{state_path} holds a fine-tuning run with other options "
                               f"({state.get('identity')}); pass --overwrite to start again")
