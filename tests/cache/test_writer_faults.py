@@ -42,6 +42,16 @@ def _finish(path, rows):
         w.finalize()
 
 
+def _three_blocks_written(tmp_path):
+    """(rows, the uninterrupted cache, the path of a cache left unfinished after 3 of its 5 blocks)."""
+    rows = make_rows()
+    reference = write_cache(tmp_path / "ref.h5", rows)
+    path = tmp_path / "c.h5"
+    with _writer(path, rows) as w:
+        write_blocks(w, rows, [0, 1, 2])
+    return rows, reference, path
+
+
 def _assert_committed_rows_right(partial, rows, n):
     with h5py.File(partial, "r") as f:
         assert int(f.attrs["rows_committed"]) == n
@@ -85,11 +95,7 @@ def test_disk_full_at_a_block_then_rerun_ends_equal(tmp_path, monkeypatch, block
 
 
 def test_a_partial_hdf5_can_no_longer_extend_is_rebuilt_from_its_committed_rows(tmp_path, monkeypatch):
-    rows = make_rows()
-    reference = write_cache(tmp_path / "ref.h5", rows)
-    path = tmp_path / "c.h5"
-    with _writer(path, rows) as w:
-        write_blocks(w, rows, [0, 1, 2])
+    rows, reference, path = _three_blocks_written(tmp_path)
     real_resize, failures = h5py.Dataset.resize, []
 
     def resize(ds, *args, **kw):
@@ -111,11 +117,7 @@ def test_a_partial_hdf5_can_no_longer_extend_is_rebuilt_from_its_committed_rows(
 @pytest.mark.parametrize("keep_fraction", [0.0, 0.3, 0.7, 0.95])
 def test_a_truncated_partial_keeps_only_verified_rows_and_ends_equal(tmp_path, keep_fraction):
     """A real torn file (cut short, as a full disk leaves it): rebuilt or restarted, never wrong."""
-    rows = make_rows()
-    reference = write_cache(tmp_path / "ref.h5", rows)
-    path = tmp_path / "c.h5"
-    with _writer(path, rows) as w:
-        write_blocks(w, rows, [0, 1, 2])
+    rows, reference, path = _three_blocks_written(tmp_path)
     partial = partial_path(path)
     with open(partial, "r+b") as handle:
         handle.truncate(int(partial.stat().st_size * keep_fraction))
