@@ -170,6 +170,11 @@ class CacheWriter:
                 f[name].resize(n, axis=0)
         if f["skipped"].shape[0] != k:
             f["skipped"].resize(k, axis=0)
+        if "blocks_committed" not in f.attrs:  # written before checksums: its rows become one verified block
+            f.create_dataset("commits", data=np.array([(n, k, int(f.attrs["rows_done"]),
+                                                        stored_digest(f, 0, n, 0, k))], dtype=COMMITS_DTYPE),
+                             maxshape=(None,), chunks=(1024,))
+            f.attrs["blocks_committed"] = 1
         f.flush()
 
     def _rebuild(self) -> h5py.File:

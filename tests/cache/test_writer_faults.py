@@ -15,8 +15,8 @@ import errno
 import h5py
 import numpy as np
 import pytest
-from support.caches import (COUNTRIES, PROVENANCE, assert_same_content, block_bounds, make_rows, write_blocks,
-                            write_cache)
+from support.caches import (COUNTRIES, PROVENANCE, assert_same_content, block_bounds, file_content, make_rows,
+                            write_blocks, write_cache)
 
 from geo.cache.store import CacheWriter, partial_path
 from geo.errors import DiskError
@@ -140,3 +140,15 @@ def test_the_first_block_case_resumes(tmp_path, monkeypatch):
         handle.truncate(700)
     _finish(path, rows)
     assert_same_content(reference, path)
+
+
+def test_a_partial_written_before_checksums_resumes_and_ends_equal(tmp_path):
+    rows, reference, path = _three_blocks_written(tmp_path)
+    with h5py.File(partial_path(path), "r+") as f:  # as geo wrote it before /commits existed
+        del f["commits"]
+        del f.attrs["blocks_committed"]
+    _finish(path, rows)
+    with h5py.File(path, "r") as f:
+        assert int(f.attrs["blocks_committed"]) == 3  # one record for the old rows, then one per block
+        assert f["commits"]["rows"].tolist() == [180, 240, 300]
+    assert file_content(path)["features"].tolist() == file_content(reference)["features"].tolist()
