@@ -184,3 +184,17 @@ def squared_chord_pairwise(y: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
 def vmf_log_density_pairwise(y: torch.Tensor, mu: torch.Tensor, log_kappa: torch.Tensor) -> torch.Tensor:
     """log vMF(y_b; mu_i, kappa_i) for every pair: ``y [B, 3], mu [c, 3], log_kappa [c] -> [B, c]``."""
     return vmf_log_normalizer(log_kappa)[None, :] - 0.5 * torch.exp(log_kappa)[None, :] * squared_chord_pairwise(y, mu)
+
+
+def vmf_radius_km(log_kappa: float, mass: float = 0.5) -> float:
+    """Great-circle radius (km) around the mean holding ``mass`` of a vMF's probability.
+
+    Closed form on S^2: P(angle <= t) = (1 - e^{-kappa (1 - cos t)}) / (1 - e^{-2 kappa}).
+    Useful to read kappa: e^16 holds half its mass within ~2.5 km, 16 within ~1900 km.
+    """
+    kappa = math.exp(log_kappa)
+    # Solve for u = 1 - cos t: e^{-kappa u} = 1 - mass (1 - e^{-2 kappa}).
+    u = -math.log1p(-mass * -math.expm1(-2.0 * kappa)) / kappa
+    # 1 - cos t = 2 sin^2(t/2), accurate for tiny u.
+    t = 2.0 * math.asin(min(1.0, math.sqrt(u / 2.0)))
+    return EARTH_RADIUS_KM * t

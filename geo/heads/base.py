@@ -219,9 +219,14 @@ class CellHead(Head):
             return cached.copy_(weight)
 
     def topk(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The k largest softmax probabilities ``[B, k]`` and their cell/component indices ``[B, k]`` int64."""
+        """The k largest softmax probabilities ``[B, k]`` and their cell/component indices ``[B, k]`` int64.
+
+        The softmax runs in float64 (float32 on MPS, which has none): in float32 the
+        probabilities of a confident row can sum to 1 + 4e-8.
+        """
         k = self._check_k(k)
-        probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        dtype = torch.float32 if logits.device.type == "mps" else torch.float64
+        probs = torch.softmax(logits.to(dtype), dim=-1)
         return torch.topk(probs, k, dim=-1)
 
 

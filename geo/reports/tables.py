@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from geo.files import atomic_write
+from geo.geometry import vmf_radius_km
 from geo.reports.runs import ACC_KEYS, HIGHER_IS_BETTER, METRIC_KEYS, SCALES_KM, SELECT_KEY, Run
 
 CONVENTIONS = (
@@ -28,6 +29,15 @@ CONVENTIONS = (
     "density). Bold marks the best value of each column. c is the number of cells/components, "
     "κ0 the initial log κ of the MvMF components."
 )
+
+
+def kappa0_note(runs: list[Run]) -> str:
+    """What the κ0 values of ``runs`` mean as distances: the radius holding half of an initial component's mass."""
+    kappa0s = sorted({run.kappa0 for run in runs if run.kappa0 is not None})
+    if not kappa0s:
+        return ""
+    radii = ", ".join(f"κ0 = {k:g}: {vmf_radius_km(k):,.3g} km" for k in kappa0s)
+    return f"Half of an initial MvMF component's mass lies within ({radii})."
 
 
 @dataclass(frozen=True)

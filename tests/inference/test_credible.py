@@ -9,8 +9,7 @@ import pytest
 from scipy import integrate
 
 from geo.inference.credible import _component_mass, _hav, cell_radii_km, mvmf_radii_km
-from geo.geometry import EARTH_RADIUS_KM, latlon_to_xyz, normalize
-from support.sphere import vmf_radius_km
+from geo.geometry import EARTH_RADIUS_KM, latlon_to_xyz, normalize, vmf_radius_km
 
 
 def _reference_component_mass(r, delta, kappa):

@@ -14,8 +14,7 @@ from PIL import Image
 
 from geo.cli import cli
 from geo.errors import GeoError
-from geo.geometry import great_circle_km
-from support.sphere import vmf_radius_km
+from geo.geometry import great_circle_km, vmf_radius_km
 
 # Four real places, each with its own colour: the pixels carry the location.
 PLACES = [(48.8566, 2.3522, (220, 40, 40)), (-33.8688, 151.2093, (40, 200, 40)),

@@ -138,3 +138,17 @@ def test_cli_report(tmp_path):
     assert result.exit_code == 2 and result.output.startswith("Error: runs were made on different feature caches")
     help_text = runner.invoke(cli, ["report", "--help"]).output
     assert "Example:" in help_text and "--allow-mixed-caches" in help_text
+
+
+def test_kappa0_note_gives_the_half_mass_radius_of_each_kappa0(tmp_path):
+    from geo.reports.runs import find_runs
+    from geo.reports.tables import kappa0_note
+
+    write_run(tmp_path / "a", head="mvmf", kappa0=16.0)
+    write_run(tmp_path / "b", head="mvmf", kappa0=8.0)
+    write_run(tmp_path / "c", head="softmax", kappa0=None)
+    runs, _ = find_runs([tmp_path])
+    # kappa = e^16 holds half its mass within ~2.52 km (DESIGN.md); e^8: sqrt(2 ln 2 / e^8) rad = 137.4 km.
+    assert kappa0_note(runs) == ("Half of an initial MvMF component's mass lies within "
+                                 "(κ0 = 8: 137 km, κ0 = 16: 2.52 km).")
+    assert kappa0_note([r for r in runs if r.head == "softmax"]) == ""

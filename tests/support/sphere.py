@@ -48,17 +48,3 @@ class CubePartition:
         axis = np.argmax(np.abs(xyz), axis=1)
         negative = xyz[np.arange(len(xyz)), axis] < 0
         return (2 * axis + negative).astype(np.int64)
-
-
-def vmf_radius_km(log_kappa: float, mass: float = 0.5) -> float:
-    """Great-circle radius (km) around the mean holding ``mass`` of a vMF's probability (closed-form reference).
-
-    Closed form on S^2: P(angle <= t) = (1 - e^{-kappa (1 - cos t)}) / (1 - e^{-2 kappa}).
-    Useful to read kappa: e^16 holds half its mass within ~2.5 km, 16 within ~1900 km.
-    """
-    kappa = math.exp(log_kappa)
-    # Solve for u = 1 - cos t: e^{-kappa u} = 1 - mass (1 - e^{-2 kappa}).
-    u = -math.log1p(-mass * -math.expm1(-2.0 * kappa)) / kappa
-    # 1 - cos t = 2 sin^2(t/2), accurate for tiny u.
-    t = 2.0 * math.asin(min(1.0, math.sqrt(u / 2.0)))
-    return 6371.0088 * t
