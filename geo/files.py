@@ -5,6 +5,8 @@ manifests) goes through ``atomic_write``: the bytes go to a temporary file in
 the same folder, are flushed and fsynced, then renamed over the final name.
 A kill or a full disk leaves either the old file or the new one under the
 final name, never a torn one, and the temporary file is removed on an error.
+A full or failing disk (ENOSPC, EDQUOT, EIO) becomes a ``DiskError`` naming
+the file and what to do, which the CLI prints as one line (exit 2).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import contextlib
 import hashlib
 import os
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
+
+from geo.errors import disk_error
 
 TMP_SUFFIX = ".tmp"
 
@@ -55,8 +59,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, encoding: str | N
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        readable = disk_error(err, path) if isinstance(err, Exception) else None
+        if readable is not None:
+            raise readable from None
         raise
 
 
@@ -69,3 +76,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write utf-8 ``text`` to ``path`` atomically (see ``atomic_write``)."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
+    """``torch.save(obj)`` to ``path`` atomically.
+
+    Serialised in memory first: torch's zip writer reports a full disk as an
+    unreadable "enforce fail ... unexpected pos", where a plain write raises
+    ENOSPC, which ``atomic_write`` turns into a readable ``DiskError``.
+    """
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getbuffer())

@@ -16,7 +16,7 @@ indices once per replicate for all statistics together.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 

@@ -16,9 +16,12 @@ path           dtype, shape                meaning
 Root attributes: ``schema``, ``feature_dim``, ``countries``, ``created``,
 ``geo_version``, the writer's provenance (``backbone``, ``weights``,
 ``image_size``, ``transform``, ``manifest_sha256`` ...), and the resumption
-book-keeping ``rows_committed``, ``skipped_committed``, ``rows_done`` and
-``complete``. Rows beyond ``rows_committed`` are a half-written block and are
-dropped when a write resumes.
+book-keeping ``rows_committed``, ``skipped_committed``, ``rows_done``,
+``blocks_committed`` and ``complete``, with ``/commits`` (one record per block:
+the counts after it and the sha256 of its rows, see ``geo.cache.commits``).
+Rows beyond ``rows_committed`` are a half-written block and are dropped when a
+write resumes; committed blocks a failed write may have damaged are verified
+against their checksums.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ SKIPPED_DTYPE = np.dtype([("id", STR_DTYPE), ("reason", STR_DTYPE)])
 REQUIRED_DATASETS = ("features", *ROW_DATASETS, "skipped")
 
 # Root attributes that the writer owns; everything else at the root is provenance.
-BOOKKEEPING_ATTRS = ("rows_committed", "skipped_committed", "rows_done", "complete")
+BOOKKEEPING_ATTRS = ("rows_committed", "skipped_committed", "rows_done", "blocks_committed", "complete")
 RESERVED_ATTRS = ("schema", "feature_dim", "countries", "created", "geo_version", *BOOKKEEPING_ATTRS)
 
 

@@ -2,11 +2,16 @@
 
 The file is written as ``<path>.partial`` and renamed to ``path`` only by
 ``finalize()``, so a killed writer never leaves a file that looks complete.
-Each ``write_block`` is a commit: the rows are written and flushed first, and
-only then is the root attribute ``rows_committed`` raised and flushed again.
-Rows beyond ``rows_committed`` (a block the process died in) are cut off when
-the next writer reopens the ``.partial`` file, and writing carries on from
-``rows_done`` input rows.
+Each ``write_block`` is a commit: the rows are written and flushed first, then
+the block's record with its checksum (``geo.cache.commits``), and only then is
+the root attribute ``rows_committed`` raised and flushed again. Rows beyond
+``rows_committed`` (a block the process died in) are cut off when the next
+writer reopens the ``.partial`` file, committed blocks that a failed write may
+have damaged are verified against their checksums (and rewritten from the first
+that does not match), and writing carries on from ``rows_done`` input rows. A
+``.partial`` that HDF5 can no longer open or extend is rebuilt from its verified
+committed rows. A full or failing disk stops the writer with a ``DiskError``
+saying how many rows are committed.
 
 Example:
     with CacheWriter("cache.h5", feature_dim=2048, countries=codes, provenance=prov) as w:
@@ -34,13 +39,15 @@ from geo.cache.schema import (
     SKIPPED_DTYPE,
     SPLIT_NAMES,
     chunk_rows,
+    decode_strings,
     normalize_attr,
     partial_path,
     read_attr,
     read_countries,
     read_provenance,
 )
-from geo.errors import CacheError, ConfigError
+from geo.cache.commits import COMMITS_DTYPE, block_digest, read_commits, stored_digest, verified_prefix
+from geo.errors import CacheError, ConfigError, GeoError, disk_error
 
 
 class CacheWriter:
@@ -79,7 +86,13 @@ class CacheWriter:
                              "use overwrite=True (--overwrite) to replace it")
         if self.partial_path.exists() and overwrite:
             self.partial_path.unlink()
-        self._file = self._resume() if self.partial_path.exists() else self._create()
+        self._file = None
+        try:
+            self._file = self._resume() if self.partial_path.exists() else self._create(self.partial_path)
+        except GeoError:
+            raise
+        except Exception as err:
+            raise disk_error(err, self.partial_path, "free space and rerun to resume") or err
         # Book-keeping mirrored in memory so it stays readable after close() / finalize().
         self._n_rows = int(self._file.attrs["rows_committed"])
         self._n_skipped = int(self._file.attrs["skipped_committed"])
@@ -87,9 +100,9 @@ class CacheWriter:
 
     # -- opening -------------------------------------------------------------
 
-    def _create(self) -> h5py.File:
-        self.partial_path.parent.mkdir(parents=True, exist_ok=True)
-        f = h5py.File(self.partial_path, "w")
+    def _create(self, where: Path) -> h5py.File:
+        where.parent.mkdir(parents=True, exist_ok=True)
+        f = h5py.File(where, "w")
         d = self.feature_dim
         rows = chunk_rows(d, self.feature_dtype.itemsize)
         f.create_dataset("features", shape=(0, d), maxshape=(None, d), dtype=self.feature_dtype,
@@ -98,6 +111,7 @@ class CacheWriter:
             f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(max(rows, 4096),))
         f["split"].attrs["names"] = list(SPLIT_NAMES)
         f.create_dataset("skipped", shape=(0,), maxshape=(None,), dtype=SKIPPED_DTYPE, chunks=(1024,))
+        f.create_dataset("commits", shape=(0,), maxshape=(None,), dtype=COMMITS_DTYPE, chunks=(1024,))
         f.attrs["schema"] = SCHEMA
         f.attrs["feature_dim"] = d
         f.attrs["countries"] = self.countries
@@ -108,31 +122,109 @@ class CacheWriter:
         f.attrs["rows_committed"] = 0
         f.attrs["skipped_committed"] = 0
         f.attrs["rows_done"] = 0
+        f.attrs["blocks_committed"] = 0
         f.attrs["complete"] = False
         f.flush()
         return f
 
     def _resume(self) -> h5py.File:
         where = self.partial_path
+        if where.stat().st_size == 0:  # a disk that filled before the first byte: nothing to keep
+            return self._create(where)
         try:
             f = h5py.File(where, "r+")
-        except OSError as err:
-            raise CacheError(f"{where}: the unfinished cache cannot be reopened ({err}); "
-                             "use overwrite=True (--overwrite) to start again") from err
+        except OSError:
+            return self._rebuild()
         try:
             self._check_same_job(f)
-            n, k = int(f.attrs["rows_committed"]), int(f.attrs["skipped_committed"])
-            # Drop the block a killed writer was in the middle of.
-            for name in ("features", *ROW_DATASETS):
-                if f[name].shape[0] != n:
-                    f[name].resize(n, axis=0)
-            if f["skipped"].shape[0] != k:
-                f["skipped"].resize(k, axis=0)
-            f.flush()
         except Exception:
             f.close()
             raise
+        try:
+            self._rewind(f)
+            # A file HDF5 can no longer extend fails here, not at the next block.
+            f["features"].resize(f["features"].shape[0] + 1, axis=0)
+            f["features"].resize(f["features"].shape[0] - 1, axis=0)
+            f.flush()
+        except Exception as err:
+            f.close()
+            if disk_error(err, where) is not None:
+                raise
+            return self._rebuild()
         return f
+
+    def _rewind(self, f: h5py.File) -> None:
+        """Cut rows beyond the commit mark, and back to the last block whose checksum matches."""
+        if "blocks_committed" in f.attrs:  # older files have no checksums: trust the commit mark
+            commits = read_commits(f)
+            good = verified_prefix(f, commits)
+            if good < len(commits) or good < int(f.attrs["blocks_committed"]):
+                last = commits[good - 1] if good else np.zeros(1, COMMITS_DTYPE)[0]
+                f.attrs["rows_committed"], f.attrs["skipped_committed"] = int(last["rows"]), int(last["skipped"])
+                f.attrs["rows_done"], f.attrs["blocks_committed"] = int(last["rows_done"]), good
+            if f["commits"].shape[0] != good:
+                f["commits"].resize(good, axis=0)
+        n, k = int(f.attrs["rows_committed"]), int(f.attrs["skipped_committed"])
+        for name in ("features", *ROW_DATASETS):
+            if f[name].shape[0] != n:
+                f[name].resize(n, axis=0)
+        if f["skipped"].shape[0] != k:
+            f["skipped"].resize(k, axis=0)
+        if "blocks_committed" not in f.attrs:  # written before checksums: its rows become one verified block
+            f.create_dataset("commits", data=np.array([(n, k, int(f.attrs["rows_done"]),
+                                                        stored_digest(f, 0, n, 0, k))], dtype=COMMITS_DTYPE),
+                             maxshape=(None,), chunks=(1024,))
+            f.attrs["blocks_committed"] = 1
+        f.flush()
+
+    def _rebuild(self) -> h5py.File:
+        """A fresh ``.partial`` holding the old one's committed rows up to the first that does not verify.
+
+        Used when HDF5 can no longer open or extend the file (a write that failed in the
+        middle of its metadata). Nothing but this file is touched: the backbone and its
+        checkpoints stay. A file too broken to read at all holds nothing to keep.
+        """
+        where, scratch = self.partial_path, self.partial_path.with_name(self.partial_path.name + ".rebuild")
+        new = self._create(scratch)
+        try:
+            try:
+                old = h5py.File(where, "r")
+            except OSError:
+                old = None
+            if old is not None:
+                with old:
+                    self._check_same_job(old)
+                    self._copy_verified(old, new)
+            new.flush()
+            new.close()
+        except BaseException:
+            new.close()
+            scratch.unlink(missing_ok=True)
+            raise
+        os.replace(scratch, where)
+        return h5py.File(where, "r+")
+
+    def _copy_verified(self, old: h5py.File, new: h5py.File) -> None:
+        """Append ``old``'s committed blocks to ``new`` in order, stopping at the first unreadable or wrong one."""
+        try:
+            commits = read_commits(old)
+        except Exception:
+            return
+        previous = np.zeros(1, COMMITS_DTYPE)[0]
+        for record in commits:
+            a, b = int(previous["rows"]), int(record["rows"])
+            k0, k1 = int(previous["skipped"]), int(record["skipped"])
+            try:
+                if stored_digest(old, a, b, k0, k1) != bytes(record["sha256"]):
+                    return
+                cols = {name: (old[name].asstr()[a:b] if name == "id" else old[name][a:b]) for name in ROW_DATASETS}
+                table = old["skipped"][k0:k1]
+            except Exception:  # unreadable: HDF5 lost this block
+                return
+            skipped = list(zip(decode_strings(table["id"]), decode_strings(table["reason"]))) if len(table) else []
+            self._append(new, old["features"][a:b], cols, skipped,
+                         int(record["rows_done"]) - int(previous["rows_done"]))
+            previous = record
 
     def _check_same_job(self, f: h5py.File) -> None:
         """CacheError naming both values when the .partial was made by a different job."""
@@ -221,26 +313,54 @@ class CacheWriter:
                f"has a split code outside 0..{len(SPLIT_NAMES) - 1}", "split")
         refuse((cols["country"] < 0) | (cols["country"] >= len(self.countries)),
                f"has a country index outside 0..{len(self.countries) - 1}", "country")
-        skipped_rows = np.array([(str(i), str(r)) for i, r in skipped], dtype=SKIPPED_DTYPE)
-        consumed = b + len(skipped_rows) if rows_consumed is None else int(rows_consumed)
+        skipped = [(str(i), str(r)) for i, r in skipped]
+        consumed = b + len(skipped) if rows_consumed is None else int(rows_consumed)
+        try:
+            self._append(f, x, cols, skipped, consumed)
+        except Exception as err:
+            self._abandon()  # the file's state in this process is unknown: the next writer verifies it
+            readable = disk_error(err, where, f"{self._n_rows} rows committed; free space and rerun to resume")
+            if readable is not None:
+                raise readable from None
+            raise
 
-        # Data first, flushed; the commit (rows_committed) only after, so a kill in between
-        # leaves rows that the next writer cuts off.
+    def _append(self, f: h5py.File, x: np.ndarray, cols: dict, skipped: list[tuple[str, str]],
+                consumed: int) -> None:
+        """Write one checked block to ``f`` and commit it (data, flush, record, flush, commit mark, flush)."""
+        skipped_rows = np.array(skipped, dtype=SKIPPED_DTYPE)
+        n, k = int(f.attrs["rows_committed"]), int(f.attrs["skipped_committed"])
+        b = x.shape[0]
+        stored = {name: np.asarray(col, dtype=object) if name == "id" else np.asarray(col).astype(ROW_DATASETS[name])
+                  for name, col in cols.items()}
+        # Data first, flushed; the record and the commit mark only after, so a failure in between
+        # leaves rows beyond the mark, which the next writer cuts off.
         f["features"].resize(n + b, axis=0)
         f["features"][n:n + b] = x
-        for name, col in cols.items():
+        for name, col in stored.items():
             f[name].resize(n + b, axis=0)
-            f[name][n:n + b] = col.astype(ROW_DATASETS[name]) if name != "id" else col
-        k = self._n_skipped
+            f[name][n:n + b] = col
         if len(skipped_rows):
             f["skipped"].resize(k + len(skipped_rows), axis=0)
             f["skipped"][k:] = skipped_rows
         f.flush()
-        f.attrs["rows_committed"] = n + b
-        f.attrs["skipped_committed"] = k + len(skipped_rows)
-        f.attrs["rows_done"] = self._rows_done + consumed
+        digest = block_digest(x, stored, skipped)
+        done = int(f.attrs["rows_done"]) + consumed
+        m = int(f.attrs["blocks_committed"])
+        f["commits"].resize(m + 1, axis=0)
+        f["commits"][m] = np.array((n + b, k + len(skipped_rows), done, digest), dtype=COMMITS_DTYPE)
         f.flush()
-        self._n_rows, self._n_skipped, self._rows_done = n + b, k + len(skipped_rows), self._rows_done + consumed
+        f.attrs["rows_committed"], f.attrs["skipped_committed"] = n + b, k + len(skipped_rows)
+        f.attrs["rows_done"], f.attrs["blocks_committed"] = done, m + 1
+        f.flush()
+        if f is self._file:
+            self._n_rows, self._n_skipped, self._rows_done = n + b, k + len(skipped_rows), done
+
+    def _abandon(self) -> None:
+        """Close after a failed write without letting HDF5's own error on close hide the first one."""
+        try:
+            self.close()
+        except Exception:
+            self._file = None
 
     def finalize(self) -> Path:
         """Check the whole file (unique ids, at least one row), mark it complete and rename it to ``path``."""

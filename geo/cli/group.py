@@ -7,17 +7,27 @@ import sys
 import click
 
 from geo.version import __version__
-from geo.errors import GeoError
+from geo.errors import GeoError, disk_error
 
 
 class _Group(click.Group):
-    """A group that turns ``GeoError`` into ``Error: ...`` and exit code 2."""
+    """A group that turns ``GeoError`` into ``Error: ...`` and exit code 2.
+
+    So does a full or failing disk met by a writer that did not name its file
+    itself (``geo.errors.disk_error``): the user can act on it, a traceback helps nobody.
+    """
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except GeoError as err:
             click.echo(f"Error: {err}", err=True)
+            sys.exit(2)
+        except Exception as err:
+            readable = disk_error(err, getattr(err, "filename", None) or "the output")
+            if readable is None:
+                raise
+            click.echo(f"Error: {readable}", err=True)
             sys.exit(2)
 
 

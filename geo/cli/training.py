@@ -20,6 +20,10 @@ def _country_fn():
     return country_codes
 
 
+def _warn(message: str) -> None:
+    click.echo(f"Warning: {message}", err=True)
+
+
 @cli.command("fit-head")
 @click.argument("cache", type=click.Path(exists=True, dir_okay=False, path_type=str))
 @fit_options()
@@ -44,7 +48,7 @@ def fit_head_cmd(cache, out, overwrite, quiet, **options):
     from geo.training.fit import fit_head
 
     metrics = fit_head(cache, FitConfig(**options), out, overwrite=overwrite, progress=not quiet,
-                       country_fn=_country_fn())
+                       country_fn=_country_fn(), warn=_warn)
     click.echo(format_metrics(metrics))
     click.echo(f"wrote {out}/config.json, metrics.jsonl, checkpoint.pt, metrics.json, predictions.parquet")
 
@@ -121,7 +125,7 @@ def sweep_cmd(cache, heads, n_cells_list, kappa0s, lrs, train_fractions, max_mem
     results = sweep(cache, out, heads=heads, n_cells=n_cells_list, kappa0s=kappa0s, lrs=lrs if len(lrs) != 1 else None,
                     train_fractions=train_fractions if len(train_fractions) != 1 else None, base_config=base,
                     overwrite=overwrite, progress=not quiet, country_fn=_country_fn(),
-                    max_memory_mb=max_memory_mb)
+                    max_memory_mb=max_memory_mb, warn=_warn)
     click.echo(format_sweep_table(results))
     click.echo(f"wrote {len(results)} runs under {out}/ (and {out}/sweep.json); compare them with "
                f"`geo report {out} --out REPORT_DIR`")

@@ -32,15 +32,13 @@ import torchvision
 from torch import nn
 
 from geo.devices import resolve_device, resolve_precision
-from geo.errors import ConfigError, GeoError
-from geo.files import atomic_write, sha256_file
+from geo.errors import ConfigError, WeightsError
+from geo.files import atomic_torch_save, sha256_file
 from geo.pipeline.images import TORCHVISION_PREPROCESS, Preprocess
 
 CHECKPOINT_FORMAT = "geo-backbone/1"
 
 
-class WeightsError(GeoError):
-    """Backbone weights that cannot be found, downloaded or loaded."""
 
 
 class Backbone(nn.Module):
@@ -293,8 +291,7 @@ def save_backbone(model: Backbone, path: str | os.PathLike, **meta) -> str:
                "init_weights_sha256": model.weights_sha256, "model": state,
                "preprocess": model.preprocess.to_dict(), "clip_features": model.clip_features,
                "build": model.build_meta, **meta}
-    with atomic_write(path) as handle:
-        torch.save(payload, handle)
+    atomic_torch_save(path, payload)
     return sha256_file(path)
 
 

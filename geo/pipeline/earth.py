@@ -374,6 +374,8 @@ def make_earth_dataset(out_dir: str | os.PathLike, *, n: int = 2000, size_px: in
     for i in tqdm(range(n), desc="earth patches", disable=not progress, unit="patch"):
         patch = cut_patch(pixels, int(windows.x0[i]), int(windows.y0[i]), int(windows.span_px[i]))
         image = Image.fromarray(patch).resize((size_px, size_px), Image.Resampling.LANCZOS)
+        # Not atomic on purpose (no fsync per patch): the manifest, written last, marks the
+        # dataset complete, and a rebuild starts from an empty images/ folder.
         image.save(out_dir / paths[i], quality=jpeg_quality)
     span_deg = windows.span_px * 180.0 / height_px
     table = pa.table({

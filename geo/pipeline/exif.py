@@ -137,6 +137,8 @@ def read_gps(path: str | os.PathLike) -> tuple[float, float]:
             gps = image.getexif().get_ifd(ExifTags.IFD.GPSInfo)
     except UnidentifiedImageError:
         raise NoGPSError("not an image Pillow can read") from None
+    except Image.DecompressionBombError as err:  # Pillow refuses to open it; one file, not the whole scan
+        raise NoGPSError(f"refused as a possible decompression bomb: {err}") from None
     except (OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError) as err:
         # Pillow raises all of these on damaged headers / EXIF blocks.
         raise NoGPSError(f"cannot read EXIF: {type(err).__name__}: {err}") from None

@@ -126,7 +126,11 @@ def _prepare_backbone(manifest: Manifest, classes: list[str], labels: np.ndarray
             stale.unlink(missing_ok=True)
     dist.barrier()
     if ckpt_path.exists():
-        done = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        try:
+            done = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torn (a disk that filled before atomic writes) or foreign
+            raise ConfigError(f"{ckpt_path}: cannot be read ({type(err).__name__}); delete it to fine-tune "
+                              "again, or give another --checkpoint-dir") from None
         # A finished fine-tune may be reused by any number of processes: world_size aside.
         same = {k: v for k, v in done.get("identity", {}).items() if k != "world_size"}
         if same != {k: v for k, v in identity.items() if k != "world_size"}:
@@ -140,7 +144,12 @@ def _prepare_backbone(manifest: Manifest, classes: list[str], labels: np.ndarray
         history = finetune(model, manifest.paths, labels, manifest.split, ft, place, state_path,
                            dist=dist, identity=identity, stop_after_epochs=stop_after_epochs).history
     if dist.is_main:
-        save_backbone(model, ckpt_path, identity=identity, history=history)
+        # No wall-clock values inside the hashed checkpoint (its sha256 is the cache's `weights`):
+        # identical runs give identical files. The timings go beside it.
+        save_backbone(model, ckpt_path, identity=identity,
+                      history=[{k: v for k, v in record.items() if k != "elapsed_s"} for record in history])
+        atomic_write_text(ckpt_path.with_name("backbone.timings.json"), json.dumps(
+            [{"epoch": r.get("epoch"), "elapsed_s": r.get("elapsed_s")} for r in history], indent=2) + "\n")
         # backbone.pt now carries the run; the per-epoch state (weights + Adam moments, 3x the
         # model) is only needed to resume an unfinished fine-tune.
         state_path.unlink(missing_ok=True)
@@ -213,13 +222,18 @@ def join_shards(out: Path, shards: list[Path], *, feature_dim: int, countries: l
     return path
 
 
+def _same_provenance(path: Path, provenance: dict) -> bool:
+    """Whether the complete cache at ``path`` was made from exactly ``provenance`` (backbone sha256, manifest ...)."""
+    with FeatureCache(path, validate=False) as cache:
+        return all(str(cache.provenance.get(k)) == str(v) for k, v in provenance.items())
+
+
 def _finished_shard(path: Path, provenance: dict, overwrite: bool) -> bool:
     """True for a complete DDP shard of this same job (a run killed while joining resumes at the
     join); only shard names ``<out>.rank{r}`` ever reach here complete."""
     if overwrite or not path.name.split(".")[-1].startswith("rank") or not path.exists():
         return False
-    with FeatureCache(path, validate=False) as shard:
-        same = all(str(shard.provenance.get(k)) == str(v) for k, v in provenance.items())
+    same = _same_provenance(path, provenance)
     if not same:
         path.unlink()  # a stale shard of another job: redo it
     return same
@@ -233,7 +247,9 @@ def run_extract(manifest_path: str | os.PathLike, out: str | os.PathLike, config
     per-epoch ``finetune_state.pt``). The ``_`` hooks simulate a kill (tests only).
     """
     out = Path(out).expanduser().resolve()
-    if out.exists() and not config.overwrite:
+    # A cache without its config.json was killed right after its final rename: checked below
+    # against this job's provenance, recognised as finished and its config.json written again.
+    if out.exists() and not config.overwrite and out.with_name(out.name + ".config.json").exists():
         raise CacheError(f"{out} already exists; pass --overwrite to replace it")
     if config.image_size is not None and config.image_size < 16:
         raise ConfigError(f"--image-size {config.image_size}: use at least 16 pixels")
@@ -269,7 +285,11 @@ def run_extract(manifest_path: str | os.PathLike, out: str | os.PathLike, config
         n = len(manifest.ids)
         target = shard_path(out, dist.rank) if dist.enabled else out
         lo, hi = shard_range(n, dist.rank, dist.world_size)
-        if not _finished_shard(target, provenance, config.overwrite):
+        if out.exists() and not config.overwrite and not dist.enabled:
+            if not _same_provenance(out, provenance):
+                raise CacheError(f"{out} already exists and was made by another job (backbone, weights or "
+                                 "manifest differ); pass --overwrite to replace it")
+        elif not _finished_shard(target, provenance, config.overwrite):
             with CacheWriter(target, feature_dim=model.feature_dim, countries=countries,
                              provenance=provenance, feature_dtype=config.feature_dtype,
                              overwrite=config.overwrite) as writer:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from geo.errors import ConfigError, GeoError
 from geo.devices import autocast
-from geo.files import atomic_write
+from geo.files import atomic_torch_save
 from geo.pipeline.backbone import Backbone, Placement, backbone_eval_transform
 from geo.pipeline.distributed import Dist, shard_range
 from geo.pipeline.images import ImageRows, collate_rows
@@ -92,8 +92,7 @@ def evaluate_countries(model: Backbone, paths, labels: np.ndarray, place: Placem
 
 
 def _save_state(path: Path, payload: dict) -> None:
-    with atomic_write(path) as handle:  # a kill leaves the previous epoch's state intact
-        torch.save(payload, handle)
+    atomic_torch_save(path, payload)  # a kill leaves the previous epoch's state intact
 
 
 def finetune(model: Backbone, paths, labels: np.ndarray, split: np.ndarray, config: FinetuneConfig,
@@ -121,7 +120,11 @@ def finetune(model: Backbone, paths, labels: np.ndarray, split: np.ndarray, conf
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=identity["lr"])
     result, start_epoch = FinetuneResult(), 0
     if state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torn or foreign: the user decides to drop the progress in it
+            raise ConfigError(f"{state_path}: cannot be read ({type(err).__name__}); delete it to start the "
+                              "fine-tuning again (the epochs it held are lost)") from None
         if state.get("identity") != identity:
             raise ConfigError(f"{state_path} holds a fine-tuning run with other options "
                               f"({state.get('identity')}); pass --overwrite to start again")

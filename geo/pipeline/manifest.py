@@ -37,8 +37,8 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from geo.files import sha256_file
-from geo.errors import ConfigError, ManifestError
+from geo.files import atomic_write, atomic_write_text, sha256_file
+from geo.errors import ConfigError, DiskError, ManifestError
 
 SPLIT_NAMES = ("train", "val", "test")  # codes 0, 1, 2; the same as geo.cache.store.SPLIT_NAMES
 MAX_LISTED_PROBLEMS = 20
@@ -176,9 +176,9 @@ def _write_problems(path: Path, lines: list[str]) -> Path:
     for target in (path.with_name(path.name + ".problems.txt"),
                    Path(tempfile.gettempdir()) / (path.name + ".problems.txt")):
         try:
-            target.write_text("\n".join(lines) + "\n", encoding="utf-8")
+            atomic_write_text(target, "\n".join(lines) + "\n")
             return target
-        except OSError:
+        except (OSError, DiskError):
             continue
     return Path("(could not be written)")
 
@@ -275,7 +275,8 @@ def write_manifest(path: str | os.PathLike, *, ids: Sequence[str], paths: Sequen
         "lon": pa.array(np.asarray(lon_deg, np.float64)),
         "split": pa.array([SPLIT_NAMES[c] for c in np.asarray(split)], pa.string()),
     })
-    pq.write_table(table, path)
+    with atomic_write(path) as handle:
+        pq.write_table(table, handle)
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".heic", ".heif")
@@ -337,7 +338,7 @@ def build_manifest_from_folder(folder: str | os.PathLike, out_path: str | os.Pat
         lat_deg.append(lat)
         lon_deg.append(lon)
     skipped_path = out_path.with_name(out_path.name + ".skipped.csv")
-    with open(skipped_path, "w", newline="", encoding="utf-8") as handle:
+    with atomic_write(skipped_path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "reason"])
         writer.writerows(skipped)

@@ -17,7 +17,7 @@ from typing import Iterable
 
 from geo.files import atomic_write_text
 from geo.reports import claims as claims_mod
-from geo.reports import plots, tables
+from geo.reports import plots, publish, tables
 from geo.reports.document import Image, Section, Table, Text, render_html, render_markdown, write_figures
 from geo.reports.runs import ReportError, Run, SkippedRun, check_caches, find_runs
 
@@ -159,6 +159,7 @@ def build_report(paths: Iterable[str | Path], out_dir: str | Path, *, fmt: str =
     """
     if fmt not in FORMATS:
         raise ReportError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    publish.check_out_dir(out_dir)  # before the work, not after it
     paths = list(paths)
     runs, skipped = find_runs(paths)
     if not runs:
@@ -170,13 +171,14 @@ def build_report(paths: Iterable[str | Path], out_dir: str | Path, *, fmt: str =
                 *figures_sections(runs, labels), maps]
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = list(tables.write_exports(runs, out_dir))
-    if fmt in ("md", "both"):
-        files += write_figures(sections, out_dir)
-        atomic_write_text(out_dir / "report.md", render_markdown(TITLE, sections))
-        files.append(out_dir / "report.md")
-    if fmt in ("html", "both"):
-        atomic_write_text(out_dir / "index.html", render_html(TITLE, sections))
-        files.append(out_dir / "index.html")
+    with publish.building(out_dir) as build:  # swapped in whole when every file is written
+        files = list(tables.write_exports(runs, build))
+        if fmt in ("md", "both"):
+            files += write_figures(sections, build)
+            atomic_write_text(build / "report.md", render_markdown(TITLE, sections))
+            files.append(build / "report.md")
+        if fmt in ("html", "both"):
+            atomic_write_text(build / "index.html", render_html(TITLE, sections))
+            files.append(build / "index.html")
+    files = [out_dir / path.relative_to(build) for path in files]
     return ReportResult(out_dir, files, runs, skipped, notes)

@@ -80,18 +80,42 @@ def _text_html(markdown: str) -> str:
     return "\n".join(out)
 
 
+_CODE_SPAN = re.compile(r"(`[^`\n]*`)")
+
+
+def escape_markdown(text: str) -> str:
+    """``text`` with raw HTML and link syntax neutralised, clean code spans and ``**bold**`` kept.
+
+    Run names, ids and paths reach the report verbatim: ``<`` ``>`` ``&`` become entities and
+    ``[`` ``]`` are backslash-escaped (no HTML, no links or remote images). A code span is
+    kept as it is (Markdown shows it literally) unless it holds ``<``, ``>`` or ``&``: then it
+    is escaped as plain text, so no raw HTML is in the file at all.
+    """
+    def plain(piece: str) -> str:
+        return html.escape(piece, quote=False).replace("[", "\\[").replace("]", "\\]")
+
+    parts = _CODE_SPAN.split(text)
+    for i, part in enumerate(parts):  # odd pieces are code spans
+        if i % 2 == 0:
+            parts[i] = plain(part)
+        elif any(c in part for c in "<>&"):
+            parts[i] = plain(part[1:-1])
+    return "".join(parts)
+
+
 def render_markdown(title: str, sections: list[Section]) -> str:
-    """The whole report as Markdown (figures referenced as figures/NAME.png)."""
-    parts = [f"# {title}", ""]
+    """The whole report as Markdown (figures referenced as figures/NAME.png); text escaped (``escape_markdown``)."""
+    parts = [f"# {escape_markdown(title)}", ""]
     for section in sections:
-        parts += [f"## {section.title}", ""]
+        parts += [f"## {escape_markdown(section.title)}", ""]
         for block in section.blocks:
             if isinstance(block, Text):
-                parts += [block.markdown.strip(), ""]
+                parts += [escape_markdown(block.markdown.strip()), ""]
             elif isinstance(block, Table):
-                parts += [block.markdown, ""]
+                parts += [escape_markdown(block.markdown), ""]
             elif isinstance(block, Image):
-                parts += [f"![{block.caption}](figures/{block.name})", "", f"*{block.caption}*", ""]
+                caption = escape_markdown(block.caption)
+                parts += [f"![{caption}](figures/{block.name})", "", f"*{caption}*", ""]
     return "\n".join(parts)
 
 

@@ -12,7 +12,6 @@ neighbourhood, so that single-pixel peaks stay visible at report size.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +23,8 @@ from matplotlib.figure import Figure
 from geo.geometry import xyz_to_latlon
 from geo.reports.runs import Run, pick_one
 from geo.training import runs as run_files
-from geo.worldmap.density import N_LON, pixel_log10_mass
-from geo.worldmap.world import draw_world, lat_lon_grid, pixel_index
+from geo.worldmap.density import pixel_log10_mass
+from geo.worldmap.world import draw_world, lat_lon_grid
 
 DECADES = 6  # colour range of the density maps below each map's maximum
 

@@ -20,12 +20,15 @@ rule is ``select_by`` and is recorded in ``config.json``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from geo.version import __version__
 from geo.errors import ConfigError
+from geo.metrics import DISTANCE_SCALES_KM, accuracy_key
+from geo.sphere.s2cells import NUM_FACES
 from geo.training.subsets import check_fraction, subset_size
+from geo.version import __version__
 
 # Metrics where smaller is better (for model selection); all others: larger is better.
 LOWER_IS_BETTER = ("nll_nats", "median_km", "mean_km")
@@ -35,6 +38,13 @@ TOPK = 5
 # gradient, the loss's log-softmax and its gradient (heads chunk their own larger temporaries).
 # Chunks as large as possible: every chunk recasts W to bf16 and accumulates a full W gradient.
 BYTES_PER_ROW_CELL = 16
+# The range of kappa0 = log kappa the vMF numerics are tested for: kappa from 1e-6 to 1e9
+# (tests/heads/test_mvmf_loss.py), i.e. log kappa in [-13.8, 20.7]. Outside it a head starts
+# uniform (useless) or with a density that overflows at the first step.
+KAPPA0_RANGE = (math.log(1e-6), math.log(1e9))
+# Fewer optimizer steps than this in a whole run learn next to nothing (the issue's case: 3 epochs
+# of 6,000 rows at batch 1024 = 15 steps end no better than chance): fit-head and sweep warn up front.
+MIN_USEFUL_STEPS = 100
 
 
 def _option(default, help: str, **cli):
@@ -51,7 +61,8 @@ class FitConfig:
 
     head: str = _option("mvmf", "Output head (any registered head: mvmf, softmax ...).")
     n_cells: int = _option(1024, "c: cells of the adaptive S2 partition (mixture components / classes).")
-    kappa0: float = _option(16.0, "MvMF: initial log kappa (16 -> kappa = e^16, ~2.5 km half-mass radius).")
+    kappa0: float = _option(16.0, "MvMF: initial log kappa (16 -> kappa = e^16, ~2.5 km half-mass radius); "
+                                  "in [-13.8, 20.7], i.e. kappa from 1e-6 to 1e9, the range the numerics are tested for.")
     train_mu: bool = _option(True, "MvMF: learn the component means.", flag="--train-mu/--fixed-mu")
     train_kappa: bool = _option(True, "MvMF: learn the concentrations.", flag="--train-kappa/--fixed-kappa")
     mu_init: str = _option("centre", "MvMF: initial means at the cell centres or the cells' training-point means.",
@@ -82,16 +93,69 @@ def fit_config_fields() -> list[dataclasses.Field]:
     return list(dataclasses.fields(FitConfig))
 
 
-def check_options(config: FitConfig) -> None:
-    """Refuse impossible values, naming the option, before anything is built or written."""
+def option_flag(name: str) -> str:
+    """The command-line spelling of the ``FitConfig`` field ``name``: ``n_cells`` -> ``--n-cells``."""
+    return "--" + name.replace("_", "-")
+
+
+def selectable_metrics(has_density: bool) -> list[str]:
+    """The val metrics ``select_by`` may name (``nll_nats`` only for heads with a density)."""
+    names = [accuracy_key(x) for x in DISTANCE_SCALES_KM] + ["median_km", "mean_km", "geoscore"]
+    return names + ["nll_nats"] if has_density else names
+
+
+def check_options(config: FitConfig, *, n_train: int | None = None) -> None:
+    """Refuse impossible values before anything is built or written, naming the option as typed (``--lr``).
+
+    ``n_train`` (rows of the train split), when known, bounds ``--n-cells`` for heads over a partition.
+    """
+    from geo.heads import head_class  # here, not at the top: `geo --help` should not wait for torch
+
+    def refuse(name: str, why: str):
+        raise ConfigError(f"{option_flag(name)} {getattr(config, name)!r}: {why}")
+
+    for name in ("kappa0", "lr", "warmup_fraction", "min_lr_fraction", "weight_decay"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            refuse(name, "must be a finite number")
     for name in ("n_cells", "batch_size", "epochs", "max_memory_mb"):
         if getattr(config, name) < 1:
-            raise ConfigError(f"{name} must be >= 1, not {getattr(config, name)}")
-    if config.eval_every < 0 or config.lr <= 0 or not 0 <= config.warmup_fraction < 1:
-        raise ConfigError("eval_every must be >= 0, lr > 0 and warmup_fraction in [0, 1)")
+            refuse(name, "must be >= 1")
+    if config.eval_every < 0:
+        refuse("eval_every", "must be >= 0 (0 = once per epoch)")
+    if config.lr <= 0:
+        refuse("lr", "the learning rate must be > 0")
+    if not 0 <= config.warmup_fraction < 1:
+        refuse("warmup_fraction", "must be in [0, 1)")
+    if not 0 <= config.min_lr_fraction <= 1:
+        refuse("min_lr_fraction", "must be in [0, 1]")
+    if config.weight_decay < 0:
+        refuse("weight_decay", "must be >= 0 (0 = no decay)")
+    low, high = KAPPA0_RANGE
+    if not low <= config.kappa0 <= high:
+        refuse("kappa0", f"must be in [{low:.1f}, {high:.1f}] (log kappa; kappa from 1e-6 to 1e9, "
+                         "the range the vMF numerics are tested for)")
     check_fraction(config.train_fraction)
     if config.mu_init not in ("centre", "mean"):
-        raise ConfigError(f"--mu-init must be centre or mean, not {config.mu_init!r}")
+        refuse("mu_init", "must be centre or mean")
+    cls = head_class(config.head)
+    known = selectable_metrics(cls.has_density)
+    if config.select_by not in known:
+        refuse("select_by", f"not a val metric of head {config.head!r}; choose one of: {', '.join(known)}")
+    if cls.uses_partition and config.n_cells < NUM_FACES:
+        refuse("n_cells", f"the partition starts from the {NUM_FACES} S2 faces, so it needs at least {NUM_FACES}")
+    if cls.uses_partition and n_train is not None and config.n_cells > n_train:
+        refuse("n_cells", f"more cells than the {n_train} rows of the train split; use at most {n_train}")
+
+
+def few_steps_warning(resolved: dict) -> str | None:
+    """A warning when a resolved config makes fewer than ``MIN_USEFUL_STEPS`` optimizer steps, else None."""
+    steps = resolved["total_steps"]
+    if steps >= MIN_USEFUL_STEPS:
+        return None
+    return (f"only {steps} optimizer steps ({resolved['n_train']} train rows / --batch-size "
+            f"{resolved['batch_size']} x --epochs {resolved['epochs']}); under {MIN_USEFUL_STEPS} steps a head "
+            "learns next to nothing. Use a smaller --batch-size or more --epochs.")
 
 
 def resolve_config(config: FitConfig, cache, cache_path: Path, n_train: int, n_val: int) -> dict:
@@ -110,7 +174,7 @@ def resolve_config(config: FitConfig, cache, cache_path: Path, n_train: int, n_v
 
     cls = head_class(config.head)
     predict = cls.check_predict(config.predict)
-    check_options(config)
+    check_options(config, n_train=n_train)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     n_train_split, n_train = n_train, subset_size(n_train, config.train_fraction)

@@ -19,16 +19,20 @@ their resolution are ``geo.training.config``.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Callable
 
 from tqdm.auto import tqdm
 
 from geo.cache.store import FeatureCache
+from geo.errors import ConfigError
+from geo.heads import head_class
+from geo.sphere.partition import Partition
 from geo.training import runs
-from geo.training.config import FitConfig, resolve_config
+from geo.training.config import FitConfig, few_steps_warning, resolve_config
 from geo.training.evaluate import CountryFn
-from geo.training.trainer import HeadTrainer, split_rows, train_together
+from geo.training.trainer import HeadTrainer, split_rows, train_rows, train_together
 
 
 def fit_head(
@@ -40,6 +44,7 @@ def fit_head(
     progress: bool = True,
     country_fn: CountryFn | None = None,
     callback: Callable[[int, float], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> dict:
     """Train ``config.head`` on the train split of the cache at ``cache_path``; write the run to ``out_dir``.
 
@@ -53,6 +58,8 @@ def fit_head(
             country accuracy (``geo.pipeline.countries.country_codes``); None = none.
         callback: called as ``callback(step, loss)`` after every step (tests use it
             to interrupt a run).
+        warn: called with a message when the options look unwise but not impossible
+            (too few optimizer steps); None = ``warnings.warn``.
     Returns:
         The final metrics of the selected model on the test split (on val when
         the cache has no test split), as written to ``metrics.json``.
@@ -61,8 +68,19 @@ def fit_head(
     with FeatureCache(cache_path) as cache:
         rows_by_split = split_rows(cache)
         cfg = resolve_config(config, cache, Path(cache_path), len(rows_by_split["train"]), len(rows_by_split["val"]))
+        message = few_steps_warning(cfg)
+        if message:
+            (warn or warnings.warn)(message)
+        # The partition before the run directory: a --n-cells the locations cannot give leaves nothing behind.
+        partition = None
+        if head_class(cfg["head"]).uses_partition:
+            train = train_rows(cache, cfg)  # the rows this run trains on (its --train-fraction)
+            try:
+                partition = Partition.build(cache.lat_deg[train], cache.lon_deg[train], cfg["n_cells"])
+            except ConfigError as err:
+                raise ConfigError(f"--n-cells {cfg['n_cells']}: {err}") from None
         resume = runs.check_run_dir(out_dir, cfg, overwrite=overwrite)
-        trainer = HeadTrainer(cache, cfg, out_dir, resume=resume)
+        trainer = HeadTrainer(cache, cfg, out_dir, resume=resume, partition=partition)
         bar = tqdm(total=cfg["total_steps"], initial=trainer.state["step"], disable=not progress, unit="step",
                    desc=f"fit {cfg['head']}", dynamic_ncols=True)
         train_together(cache, [trainer], bar=bar,

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from geo.errors import ConfigError, GeoError
-from geo.files import atomic_write, atomic_write_bytes, temporary_path
+from geo.files import atomic_torch_save, atomic_write, atomic_write_bytes, temporary_path
 from geo.heads import Head, create_head, head_class
 from geo.sphere.partition import Partition
 
@@ -151,8 +151,7 @@ def config_differences(old: dict, new: dict) -> list[str]:
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """``torch.save`` to a temporary file, then rename (never a torn checkpoint)."""
-    with atomic_write(path) as handle:
-        torch.save(state, handle)
+    atomic_torch_save(path, state)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:

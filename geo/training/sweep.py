@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -55,7 +56,7 @@ from geo.geometry import latlon_to_xyz
 from geo.heads import head_class
 from geo.sphere.partition import Partition
 from geo.training import runs
-from geo.training.config import BYTES_PER_ROW_CELL, FitConfig, resolve_config
+from geo.training.config import BYTES_PER_ROW_CELL, FitConfig, few_steps_warning, resolve_config
 from geo.training.evaluate import CountryFn
 from geo.training.subsets import check_fraction
 from geo.training.trainer import HeadTrainer, split_rows, train_rows, train_together
@@ -193,6 +194,7 @@ def sweep(
     country_fn: CountryFn | None = None,
     max_memory_mb: float | None = None,
     callback: Callable[[str, int, float], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> dict[str, dict]:
     """Train every (head, c, kappa0, lr, train fraction) of the grid on the cache at ``cache_path``; runs go to
     ``out_dir/NAME``.
@@ -209,6 +211,8 @@ def sweep(
         country_fn: predicted (lat_deg, lon_deg) -> ISO codes, for the final country accuracy.
         max_memory_mb: memory for the heads trained together (default: half the available RAM).
         callback: ``callback(run_name, step, loss)`` after every step of every head (tests use it).
+        warn: called with a message when the options look unwise (too few optimizer steps);
+            None = ``warnings.warn``.
     Returns:
         ``{run name: final metrics}`` (``metrics.json`` of every run, in grid order).
     """
@@ -226,6 +230,10 @@ def sweep(
         n_train = len(rows["train"])
         configs = {name: resolve_config(config, cache, Path(cache_path), n_train, len(rows["val"]))
                    for name, config in grid}
+        # Runs share batch size and epochs; their step counts differ only by train fraction: one warning at most.
+        message = next(filter(None, map(few_steps_warning, configs.values())), None)
+        if message:
+            (warn or warnings.warn)(message)
         # Partitions once per (train fraction, c), from the rows that fraction trains on, before
         # any directory is touched: an impossible c fails early.
         partitions = {}

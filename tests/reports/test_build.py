@@ -152,7 +152,8 @@ def test_learning_curves_section_and_data_efficiency_claim(tmp_path):
     assert "](figures/learning_curves.png)" in md and (tmp_path / "out" / "figures" / "learning_curves.png").exists()
     assert re.search(r"\*\*Claim 5\.\*\* The MvMF reaches a given accuracy with less training data .*"
                      r"Verdict: \*\*holds\*\*", md)
-    assert "- n=100 (f=0.1) @25 km: mvmf (mvmf-c64-k16-f0.1) 30.0% [29.0, 31.0] vs softmax" in md
+    # report.md escapes link syntax in generated text: the brackets render as [29.0, 31.0]
+    assert r"- n=100 (f=0.1) @25 km: mvmf (mvmf-c64-k16-f0.1) 30.0% \[29.0, 31.0\] vs softmax" in md
     assert len(result.runs) == 4
     # the table tells the runs of one head apart by their training rows
     assert "| head | c | κ0 | prediction | train rows |" in md and md.count("| 1,000 |") == 2

@@ -153,7 +153,7 @@ def test_bad_input_is_refused_with_a_clear_error(tmp_path, cache):
         fit_head(cache, FitConfig(head="nope", **FAST), tmp_path / "c", progress=False)
     with pytest.raises(ConfigError):
         fit_head(cache, FitConfig(head="mvmf", **dict(FAST, n_cells=10**6)), tmp_path / "d", progress=False)
-    assert not (tmp_path / "d" / "config.json").exists()  # nothing half-written
+    assert not (tmp_path / "d").exists()  # nothing half-written, not even an empty folder
 
 
 def test_evaluate_run_reproduces_the_final_metrics_and_checks_provenance(cache, tmp_path):

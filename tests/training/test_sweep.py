@@ -175,7 +175,7 @@ def test_bad_input_is_refused_before_anything_is_written(cache, tmp_path):
                         (dict(n_cells=[]), "--n-cells: the list is empty"),
                         (dict(heads=["mvmf"], kappa0s=[]), "--kappa0: the list is empty"),
                         (dict(heads=["mvmf", "vmf"]), "unknown head 'vmf'; known heads: .*mvmf.*softmax"),
-                        (dict(n_cells=[24, 10**6]), r"--n-cells 1000000: n_cells=1000000 is more than the \d+ train"),
+                        (dict(n_cells=[24, 10**6]), r"--n-cells 1000000: more cells than the \d+ rows of the train split"),
                         (dict(heads=["mvmf", "softmax"], n_cells=[3]), "--n-cells 3: .*at least 6")]:
         with pytest.raises(ConfigError, match=match):
             sweep(cache, tmp_path / "out", base_config=BASE, progress=False, **{**GRID, **grid})

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from torch import nn
 
-from geo.errors import ConfigError
+from geo.errors import ConfigError, WeightsError
 from geo.pipeline.images import Preprocess
 
 FAMILIES = {"timm": "timm", "open_clip": "open_clip", "hf": "transformers"}
@@ -111,7 +111,6 @@ def hub_file(repo_id: str, filenames: list[str], *, what: str) -> Path:
 
     Raises WeightsError naming the repo, the files and the cache folder when none can be had.
     """
-    from geo.pipeline.backbone import WeightsError
 
     require_hub = require("huggingface_hub")
     cache = hub_cache_dir()

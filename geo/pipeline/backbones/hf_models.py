@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from geo.errors import ConfigError
+from geo.errors import ConfigError, WeightsError
 from geo.files import sha256_file
 from geo.pipeline.backbones import Built, check_clip_features, group_by_regex, hub_cache_dir, hub_file, \
     hub_offline, require
@@ -46,7 +46,6 @@ class PooledTower(nn.Module):
 
 
 def _hub_error(repo: str, what: str, err: Exception):
-    from geo.pipeline.backbone import WeightsError
 
     cache = hub_cache_dir()
     return WeightsError(
@@ -78,7 +77,6 @@ def _preprocess(transformers, repo: str) -> Preprocess:
 
 
 def build(model: str, weights: str, *, image_size: int | None, clip_features: str | None, meta: dict) -> Built:
-    from geo.pipeline.backbone import WeightsError
 
     transformers = require("transformers")
     local = Path(model).expanduser()

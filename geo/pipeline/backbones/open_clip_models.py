@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from geo.errors import ConfigError
+from geo.errors import ConfigError, WeightsError
 from geo.files import sha256_file
 from geo.pipeline.backbones import Built, check_clip_features, group_by_regex, hub_file, require
 from geo.pipeline.images import Preprocess
@@ -22,7 +22,6 @@ HF_FILES = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
 
 def _weights_file(cfg: dict, name: str) -> Path:
     """The file of pretrained config ``cfg``: the hub cache for ``hf_hub`` entries, OpenCLIP's for URLs."""
-    from geo.pipeline.backbone import WeightsError
 
     if cfg.get("hf_hub"):
         # "org/repo/filename", or "org/repo/" for OpenCLIP's default file names
@@ -41,7 +40,6 @@ def _weights_file(cfg: dict, name: str) -> Path:
 
 
 def build(model: str, weights: str, *, image_size: int | None, clip_features: str | None, meta: dict) -> Built:
-    from geo.pipeline.backbone import WeightsError
 
     open_clip = require("open_clip")
     arch, _, tag = model.partition(":")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from geo.errors import ConfigError
+from geo.errors import ConfigError, WeightsError
 from geo.files import sha256_file
 from geo.pipeline.backbones import Built, check_clip_features, group_by_regex, hub_file, require
 from geo.pipeline.images import Preprocess
@@ -48,7 +48,6 @@ def _native_preprocess(timm, model_obj, name: str) -> Preprocess:
 
 def _weights_file(cfg, name: str) -> Path:
     """The pretrained weights file of ``cfg`` from the hub cache (or torch.hub's, for URL-only weights)."""
-    from geo.pipeline.backbone import WeightsError
 
     if cfg.hf_hub_id:
         return hub_file(cfg.hf_hub_id, ["model.safetensors", "pytorch_model.bin"], what=f"timm/{name}")
@@ -67,7 +66,6 @@ def _weights_file(cfg, name: str) -> Path:
 
 
 def build(model: str, weights: str, *, image_size: int | None, clip_features: str | None, meta: dict) -> Built:
-    from geo.pipeline.backbone import WeightsError
 
     timm = require("timm")
     if not timm.is_model(model):
