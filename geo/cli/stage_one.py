@@ -67,8 +67,12 @@ def manifest_cmd(folder, out, val_fraction, test_fraction, recursive):
               help="Fine-tuning checkpoints [default: OUT's stem + .checkpoints/ beside OUT].")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache and fine-tuning state.")
-def extract_cmd(manifest, out, backbone, weights, image_size, finetune_epochs, lr, batch_size, workers,
-                device, precision, checkpoint_dir, seed, overwrite):
+@click.option("--like", "like", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str),
+              help="A training cache: extract with its backbone checkpoint (sha256 verified), transform, "
+                   "image size and precision, without fine-tuning (a test set for the same heads).")
+@click.pass_context
+def extract_cmd(ctx, manifest, out, backbone, weights, image_size, finetune_epochs, lr, batch_size, workers,
+                device, precision, checkpoint_dir, seed, overwrite, like):
     """Fine-tune a backbone on country labels, then write every image's feature to a cache.
 
     The whole manifest is checked first. An interrupted run resumes when re-run with the
@@ -81,13 +85,22 @@ def extract_cmd(manifest, out, backbone, weights, image_size, finetune_epochs, l
       geo extract manifest.parquet --out cache.h5 --weights imagenet --finetune-epochs 1
       geo extract manifest.csv --out tiny.h5 --backbone resnet18 --image-size 64 --finetune-epochs 0
       torchrun --nproc_per_node 2 -m geo extract manifest.csv --out cache.h5
+      geo extract im2gps3k.parquet --like cache.h5 --out im2gps3k.h5
     """
     from geo.pipeline.extract import ExtractConfig, run_extract
+
+    if like:
+        fixed = ("backbone", "weights", "image_size", "finetune_epochs", "lr", "precision", "checkpoint_dir")
+        given = [f"--{name.replace('_', '-')}" for name in fixed
+                 if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"--like takes the backbone, weights, image size and precision from {like}; "
+                                   f"drop {', '.join(given)}")
 
     config = ExtractConfig(backbone=backbone, weights=weights, image_size=image_size,
                            finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, workers=workers,
                            device=device, precision=precision, checkpoint_dir=checkpoint_dir, seed=seed,
-                           overwrite=overwrite)
+                           overwrite=overwrite, like=like)
     result = run_extract(manifest, out, config)
     if result.is_main:
         click.echo(f"cache:      {result.cache_path} ({result.n_rows} rows, {result.n_skipped} skipped)")

@@ -30,6 +30,7 @@ from geo.pipeline.countries import country_codes
 from geo.pipeline.distributed import Dist, shard_range
 from geo.pipeline.finetune import FinetuneConfig, finetune, image_loader
 from geo.pipeline.images import describe_transform, eval_transform
+from geo.pipeline.like import like_provenance, like_settings
 from geo.pipeline.manifest import Manifest, read_manifest
 
 JOIN_BLOCK_ROWS = 4096
@@ -53,6 +54,7 @@ class ExtractConfig:
     overwrite: bool = False
     feature_dtype: str = "float16"
     max_failed_fraction: float = 0.5
+    like: str | None = None  # a training cache: reuse its checkpoint, transform, size, precision (geo.pipeline.like)
 
 
 @dataclass
@@ -228,6 +230,11 @@ def run_extract(manifest_path: str | os.PathLike, out: str | os.PathLike, config
     config = replace(config, workers=default_workers() if config.workers is None else config.workers)
     if config.batch_size < 1 or config.finetune_epochs < 0 or config.workers < 0:
         raise ConfigError("--batch-size must be >= 1, --finetune-epochs and --workers >= 0")
+    like = None
+    if config.like:
+        like = like_settings(config.like)  # checkpoint verified before the manifest is read
+        config = replace(config, backbone=like.backbone, weights=str(like.checkpoint_path), image_size=like.image_size,
+                         finetune_epochs=0, precision=like.precision)
     manifest = read_manifest(manifest_path)  # every problem row is reported before any training
     place = placement(config.device, config.precision)
     dist, device = distributed.init(place.device)
@@ -236,17 +243,24 @@ def run_extract(manifest_path: str | os.PathLike, out: str | os.PathLike, config
         torch.manual_seed(config.seed)
         ckpt_dir = Path(config.checkpoint_dir).expanduser().resolve() if config.checkpoint_dir \
             else default_checkpoint_dir(out)
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
         countries, country_index, classes, labels = _labels(manifest)
-        model, ckpt_path, history, init = _prepare_backbone(manifest, classes, labels, config, place,
-                                                      ckpt_dir, dist, _stop_after_epochs)
-        provenance = {
-            "backbone": config.backbone, "weights": sha256_file(ckpt_path),
-            "checkpoint_path": str(ckpt_path), **init,
-            "finetune_epochs": int(config.finetune_epochs), "image_size": int(config.image_size),
-            "transform": describe_transform(eval_transform(config.image_size)),
-            "manifest_sha256": manifest.sha256, "precision": place.precision,
-        }
+        if like is not None:  # the training cache's backbone as is: no fine-tuning, nothing saved
+            ckpt_dir, ckpt_path, history = like.checkpoint_path.parent, like.checkpoint_path, []
+            model = place.to(create_backbone(config.backbone, str(ckpt_path), num_classes=max(len(classes), 1),
+                                             seed=config.seed)).eval()
+            init = {k: like.provenance.get(k, "") for k in ("init_weights", "init_weights_sha256")}
+            provenance = like_provenance(like, manifest.sha256)
+        else:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            model, ckpt_path, history, init = _prepare_backbone(manifest, classes, labels, config, place,
+                                                                ckpt_dir, dist, _stop_after_epochs)
+            provenance = {
+                "backbone": config.backbone, "weights": sha256_file(ckpt_path),
+                "checkpoint_path": str(ckpt_path), **init,
+                "finetune_epochs": int(config.finetune_epochs), "image_size": int(config.image_size),
+                "transform": describe_transform(eval_transform(config.image_size)),
+                "manifest_sha256": manifest.sha256, "precision": place.precision,
+            }
         n = len(manifest.ids)
         target = shard_path(out, dist.rank) if dist.enabled else out
         lo, hi = shard_range(n, dist.rank, dist.world_size)
