@@ -1,4 +1,4 @@
-"""Stage one commands: `geo manifest`, `geo extract` (geo/pipeline) and `geo data earth` (the demo data)."""
+"""Stage one commands: `geo extract` (geo/pipeline) and `geo data earth` (the demo data); `geo manifest` is in manifest.py."""
 
 from __future__ import annotations
 
@@ -7,41 +7,7 @@ import click
 from geo.cli.group import cli
 
 
-# ---- stage one: manifest, extract (geo/pipeline) ----------------------------
-
-
-@cli.command("manifest")
-@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=str))
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=str),
-              help="Parquet manifest to write (also writes OUT.skipped.csv).")
-@click.option("--val-fraction", default=0.1, show_default=True, type=float,
-              help="Fraction of photos assigned to val (by a hash of the id).")
-@click.option("--test-fraction", default=0.1, show_default=True, type=float,
-              help="Fraction of photos assigned to test (by a hash of the id).")
-@click.option("--recursive/--no-recursive", default=True, show_default=True,
-              help="Also scan sub-folders.")
-def manifest_cmd(folder, out, val_fraction, test_fraction, recursive):
-    """Build a manifest from a folder of photos with EXIF GPS tags.
-
-    Photos without a usable GPS position are listed with the reason in
-    OUT.skipped.csv (columns path, reason).
-
-    \b
-    Example:
-      geo manifest photos/ --out manifest.parquet --val-fraction 0.1 --test-fraction 0.1
-    """
-    from collections import Counter
-
-    from geo.pipeline.manifest import build_manifest_from_folder
-
-    manifest, skipped = build_manifest_from_folder(
-        folder, out, val_fraction=val_fraction, test_fraction=test_fraction, recursive=recursive)
-    counts = ", ".join(f"{name} {n}" for name, n in manifest.split_counts().items())
-    click.echo(f"wrote {len(manifest)} photos to {out} ({counts})")
-    click.echo(f"skipped {len(skipped)} photos without usable GPS (reasons in {out}.skipped.csv)")
-    reasons = Counter(reason.split(":")[0] for _, reason in skipped)
-    for reason, n in reasons.most_common(5):
-        click.echo(f"  {n:6d}  {reason}")
+# ---- stage one: extract (geo/pipeline) ----------------------------------------
 
 
 @cli.command("extract")

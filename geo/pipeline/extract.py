@@ -86,7 +86,9 @@ def shard_path(out: Path, rank: int) -> Path:
 def _labels(manifest: Manifest) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
     """Cache countries + int16 index per row; classifier classes (train countries) + int64 label
     per row (-1 where a row's country never occurs in train)."""
-    codes = np.asarray(country_codes(manifest.lat_deg, manifest.lon_deg)).astype(str)
+    codes = np.asarray(country_codes(manifest.lat_deg, manifest.lon_deg)).astype("<U8")
+    if manifest.country is not None:  # the dataset's own labels (OSV-5M) win where given
+        codes = np.where(manifest.country != "", manifest.country, codes)
     countries = sorted(set(codes.tolist()))
     country_index = np.searchsorted(countries, codes).astype(np.int16)
     classes = sorted(set(codes[manifest.split == 0].tolist()))

@@ -25,6 +25,7 @@ Transforms (torchvision, ImageNet mean/std):
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from typing import Callable, Sequence
@@ -36,6 +37,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from geo.errors import GeoError
+from geo.pipeline import shards
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default MAX_IMAGE_PIXELS (about 9459 x 9459)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -74,7 +76,7 @@ def load_rgb(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PI
     """Decode an image file to an upright 8-bit RGB ``PIL.Image``.
 
     Args:
-        path: the image file.
+        path: the image file, or a member of a shard (``CONTAINER#MEMBER``, ``geo.pipeline.shards``).
         max_pixels: refuse images with more pixels than this (decompression bombs);
             None = no limit of ours.
         background: RGB colour that transparent pixels are composited on.
@@ -82,16 +84,25 @@ def load_rgb(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PI
         ImageError: missing, empty, not an image, truncated/corrupt, or too large;
             the message is the reason.
     """
-    try:
-        if os.path.getsize(path) == 0:
-            raise ImageError("empty file (0 bytes)")
-    except OSError as err:
-        raise ImageError(f"cannot open: {err.strerror or err}") from None
+    source = path
+    if shards.split_member(str(path)) is not None:
+        try:
+            source = io.BytesIO(shards.read_member(str(path)))
+        except shards.MemberError as err:
+            raise ImageError(str(err)) from None
+        if not source.getbuffer().nbytes:
+            raise ImageError("empty member (0 bytes)")
+    else:
+        try:
+            if os.path.getsize(path) == 0:
+                raise ImageError("empty file (0 bytes)")
+        except OSError as err:
+            raise ImageError(f"cannot open: {err.strerror or err}") from None
     try:
         with warnings.catch_warnings():
             # Our own limit decides; Pillow's warning between 1x and 2x its limit is noise here.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 width, height = image.size
                 if max_pixels is not None and width * height > max_pixels:
                     raise ImageError(f"too large: {width}x{height} = {width * height} pixels "
