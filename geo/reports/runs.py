@@ -83,6 +83,9 @@ class Run:
     warnings: list[str] = field(default_factory=list)
     split: str | None = None  # the split metrics.json was computed on ("test" normally)
     cache_label: str | None = None  # set by check_caches when mixed caches are allowed
+    # For a run seen on another test set (geo.reports.testsets): RUN/eval/NAME, whose metrics are ``test``.
+    eval_dir: Path | None = None
+    test_set: str | None = None
 
     @property
     def checkpoint_path(self) -> Path:
@@ -90,7 +93,7 @@ class Run:
 
     @property
     def predictions_path(self) -> Path:
-        return self.path / PREDICTIONS_FILE
+        return (self.eval_dir or self.path) / PREDICTIONS_FILE
 
     def metric(self, key: str) -> float | None:
         """Final test value of ``key`` or None."""
