@@ -175,3 +175,21 @@ def evaluate_claims(runs: list[Run]) -> list[Claim]:
     """All four claims on ``runs`` (which should share one feature cache)."""
     return [claim_mvmf_rises(runs), claim_softmax_not_monotone(runs),
             claim_mvmf_beats_softmax(runs), claim_kappa0_scales(runs)]
+
+
+def direction_summary(claims_by_test_set: dict[str, list[Claim]]) -> list[str]:
+    """Per claim, how many test sets agree: "Claim 3: holds on 2 of 3 test sets (a, b); inconclusive on 1 (c)"."""
+    lines = []
+    numbers = sorted({c.number for claims in claims_by_test_set.values() for c in claims})
+    for number in numbers:
+        verdicts: dict[str, list[str]] = {}
+        for name, claims in claims_by_test_set.items():
+            for claim in claims:
+                if claim.number == number:
+                    kind = claim.verdict if claim.verdict in (HOLDS, FAILS, INCONCLUSIVE) else "not tested"
+                    verdicts.setdefault(kind, []).append(name)
+        total = sum(len(v) for v in verdicts.values())
+        parts = [f"{kind} on {len(names)} of {total} test sets ({', '.join(names)})"
+                 for kind in (HOLDS, FAILS, INCONCLUSIVE, "not tested") if (names := verdicts.get(kind))]
+        lines.append(f"Claim {number}: " + "; ".join(parts))
+    return lines

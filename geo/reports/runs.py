@@ -178,21 +178,12 @@ def read_run(path: str | Path) -> Run:
     if fmt != RUN_FORMAT:
         raise ValueError(f"unknown format {fmt!r} in config.json (this report reads {RUN_FORMAT!r})")
     final = _read_json(final_path)
-    if not isinstance(final, dict):
-        raise ValueError("corrupt: metrics.json is not a JSON object")
-    metrics = final["metrics"] if isinstance(final.get("metrics"), dict) else final
-    missing = [k for k in ACC_KEYS if not _finite(metrics.get(k))]
-    if missing:
-        raise ValueError(f"corrupt: metrics.json lacks {', '.join(missing)}")
+    test, test_ci = final_metrics(final)
     head = config.get("head")
     if not head:
         raise ValueError("corrupt: config.json names no head")
 
     warnings: list[str] = []
-    test = {k: float(metrics[k]) if _finite(metrics.get(k)) else None for k in METRIC_KEYS}
-    raw_ci = metrics.get("ci") or {}
-    test_ci = {k: (float(v[0]), float(v[1])) for k, v in raw_ci.items()
-               if isinstance(v, (list, tuple)) and len(v) == 2 and all(_finite(x) for x in v)}
     if not test_ci:
         warnings.append("metrics.json has no bootstrap intervals: claims about this run are inconclusive")
     cache_path, cache_id = _cache_identity(config)
@@ -208,6 +199,21 @@ def read_run(path: str | Path) -> Run:
         test=test, test_ci=test_ci, history=_read_history(path / METRICS_LOG_FILE, warnings),
         warnings=warnings, split=final.get("split"),
     )
+
+
+def final_metrics(final: Any) -> tuple[dict, dict]:
+    """``(test, test_ci)`` of a metrics.json (a run's own or an evaluation's); ValueError(reason) if unusable."""
+    if not isinstance(final, dict):
+        raise ValueError("corrupt: metrics.json is not a JSON object")
+    metrics = final["metrics"] if isinstance(final.get("metrics"), dict) else final
+    missing = [k for k in ACC_KEYS if not _finite(metrics.get(k))]
+    if missing:
+        raise ValueError(f"corrupt: metrics.json lacks {', '.join(missing)}")
+    test = {k: float(metrics[k]) if _finite(metrics.get(k)) else None for k in METRIC_KEYS}
+    raw_ci = metrics.get("ci") or {}
+    test_ci = {k: (float(v[0]), float(v[1])) for k, v in raw_ci.items()
+               if isinstance(v, (list, tuple)) and len(v) == 2 and all(_finite(x) for x in v)}
+    return test, test_ci
 
 
 def _candidate_dirs(root: Path, depth: int) -> list[Path]:
