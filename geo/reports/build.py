@@ -152,7 +152,11 @@ def test_set_sections(runs: list[Run]) -> tuple[list[Section], list[Run]]:
     summary += [Text(w) for t in sets for w in t.warnings]
     variants = [run for t in sets for run in t.runs]
     if len(sets) == 1:
-        return [Section("Test set", summary)], variants
+        only = sets[0]
+        return [Section("Test set", [Text(
+            f"{only.name} ({', '.join(f'`{c}`' for c in sorted(only.caches)) or 'cache not recorded'}): "
+            f"{only.count_text(only.n_images)} images evaluated, {only.count_text(only.n_skipped)} skipped "
+            "(unreadable at extraction)."), *summary[1:]])], variants
     markdown, html_table = testsets.side_by_side(sets)
     sections = [Section("Test sets", summary + [Text(
                     "A run's own test split is named after its cache; each further test set is a `geo evaluate "
