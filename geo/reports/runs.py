@@ -14,6 +14,8 @@ A run directory holds (written by ``geo.training``; the format is ``geo.training
     metrics.json         final test metrics (geo.metrics.summarize) + "split", "predict"
     checkpoint.pt        head state, partition state, config (for maps)
     predictions.parquet  per test image: id, lat, lon, pred_lat, pred_lon, dist_km, top-k, log_density
+    eval/NAME/           metrics.json + predictions.parquet of `geo evaluate` on test set NAME
+                         (read by geo.reports.testsets)
 """
 
 from __future__ import annotations
