@@ -36,9 +36,12 @@ from geo.cli.group import cli
 @click.option("--like", "like", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str),
               help="A training cache: extract with its backbone checkpoint (sha256 verified), transform, "
                    "image size and precision, without fine-tuning (a test set for the same heads).")
+@click.option("--decode", default="draft", show_default=True, type=click.Choice(["draft", "full"]),
+              help="draft: decode JPEGs at 1/2-1/8 scale in the DCT domain when at least twice the resize "
+                   "(much faster, nearly the same pixels); full: always full resolution. Recorded in provenance.")
 @click.pass_context
 def extract_cmd(ctx, manifest, out, backbone, weights, image_size, finetune_epochs, lr, batch_size, workers,
-                device, precision, checkpoint_dir, seed, overwrite, like):
+                device, precision, checkpoint_dir, seed, overwrite, like, decode):
     """Fine-tune a backbone on country labels, then write every image's feature to a cache.
 
     The whole manifest is checked first. An interrupted run resumes when re-run with the
@@ -56,17 +59,18 @@ def extract_cmd(ctx, manifest, out, backbone, weights, image_size, finetune_epoc
     from geo.pipeline.extract import ExtractConfig, run_extract
 
     if like:
-        fixed = ("backbone", "weights", "image_size", "finetune_epochs", "lr", "precision", "checkpoint_dir")
+        fixed = ("backbone", "weights", "image_size", "finetune_epochs", "lr", "precision", "checkpoint_dir",
+                 "decode")
         given = [f"--{name.replace('_', '-')}" for name in fixed
                  if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
         if given:
-            raise click.UsageError(f"--like takes the backbone, weights, image size and precision from {like}; "
+            raise click.UsageError(f"--like takes the backbone, weights, image size, precision and decoding from {like}; "
                                    f"drop {', '.join(given)}")
 
     config = ExtractConfig(backbone=backbone, weights=weights, image_size=image_size,
                            finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, workers=workers,
                            device=device, precision=precision, checkpoint_dir=checkpoint_dir, seed=seed,
-                           overwrite=overwrite, like=like)
+                           overwrite=overwrite, like=like, decode=decode)
     result = run_extract(manifest, out, config)
     if result.is_main:
         click.echo(f"cache:      {result.cache_path} ({result.n_rows} rows, {result.n_skipped} skipped)")

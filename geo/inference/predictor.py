@@ -161,7 +161,7 @@ class Predictor:
     def __init__(self, run: str | os.PathLike, *, backbone_checkpoint: str | os.PathLike | None = None,
                  mode: str | None = None, device: str = "auto", precision: str = "auto"):
         from geo.pipeline.backbone import create_backbone, placement
-        from geo.pipeline.images import describe_transform, eval_transform
+        from geo.pipeline.images import describe_transform, eval_resize_px, eval_transform
 
         self.run_dir = Path(run)
         self.config = runs.read_config(self.run_dir)
@@ -173,6 +173,9 @@ class Predictor:
             raise BackboneError(f"{self.checkpoint_path}: {provenance['backbone']} gives {self.backbone.feature_dim}-d "
                                 f"features, run {self.run_dir} expects {self.config['cache_feature_dim']}")
         self.transform = eval_transform(int(provenance["image_size"]))
+        # Decode as the cache was decoded (reduced-scale JPEG decoding: geo.pipeline.images.load_rgb).
+        self.draft_short_side = (eval_resize_px(int(provenance["image_size"]))
+                                 if provenance.get("decode") == "draft" else None)
         if provenance.get("transform") and describe_transform(self.transform) != provenance["transform"]:
             warnings.warn(f"the evaluation transform differs from the one recorded in {self.run_dir}: "
                           f"{describe_transform(self.transform)!r} vs {provenance['transform']!r}", stacklevel=2)
@@ -228,7 +231,8 @@ class Predictor:
         t_start = time.perf_counter()
         paths = [str(p) for p in paths]
         results: list[PredictionResult | None] = [None] * len(paths)
-        loader = image_loader(paths, self.transform, batch_size=batch_size, workers=workers)
+        loader = image_loader(paths, self.transform, batch_size=batch_size, workers=workers,
+                              draft_short_side=self.draft_short_side)
         bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, leave=False)
         t_decode = time.perf_counter()
         for index, images, failures in loader:

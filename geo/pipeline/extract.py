@@ -29,7 +29,7 @@ from geo.pipeline.backbone import Backbone, Placement, create_backbone, placemen
 from geo.pipeline.countries import country_codes
 from geo.pipeline.distributed import Dist, shard_range
 from geo.pipeline.finetune import FinetuneConfig, finetune, image_loader
-from geo.pipeline.images import describe_transform, eval_transform
+from geo.pipeline.images import describe_transform, eval_resize_px, eval_transform
 from geo.pipeline.like import like_provenance, like_settings
 from geo.pipeline.manifest import Manifest, read_manifest
 
@@ -54,6 +54,7 @@ class ExtractConfig:
     overwrite: bool = False
     feature_dtype: str = "float16"
     max_failed_fraction: float = 0.5
+    decode: str = "draft"  # "draft": JPEGs decoded at reduced scale when >= 2x the resize; "full"
     like: str | None = None  # a training cache: reuse its checkpoint, transform, size, precision (geo.pipeline.like)
 
 
@@ -144,14 +145,17 @@ def _prepare_backbone(manifest: Manifest, classes: list[str], labels: np.ndarray
 def extract_rows(model: Backbone, manifest: Manifest, rows: range, country_index: np.ndarray,
                  writer: CacheWriter, place: Placement, *, image_size: int, batch_size: int,
                  workers: int, max_failed_fraction: float = 1.0, show_progress: bool = True,
-                 fail_after_blocks: int | None = None) -> None:
+                 fail_after_blocks: int | None = None, decode: str = "full") -> None:
     """Append features of manifest ``rows`` (contiguous, in order) to ``writer``, one block per
     batch, resuming at ``writer.rows_done``. Features: float32 forward_features -> cache dtype.
-    Stops with GeoError once more than ``max_failed_fraction`` of >= 64 rows failed to read."""
+    Stops with GeoError once more than ``max_failed_fraction`` of >= 64 rows failed to read.
+    ``decode="draft"`` decodes JPEGs at the smallest DCT scale whose short side still covers the
+    transform's resize (``geo.pipeline.images.draft_request``)."""
     start = rows.start + writer.rows_done
     todo = range(start, rows.stop)
     loader = image_loader([manifest.paths[i] for i in todo], eval_transform(image_size),
-                          batch_size=batch_size, workers=workers, pin_memory=place.device.type == "cuda")
+                          batch_size=batch_size, workers=workers, pin_memory=place.device.type == "cuda",
+                          draft_short_side=eval_resize_px(image_size) if decode == "draft" else None)
     model.eval()
     n_seen = n_failed = blocks = 0
     bar = tqdm(total=len(rows), initial=start - rows.start, desc="extract", unit="img",
@@ -227,6 +231,8 @@ def run_extract(manifest_path: str | os.PathLike, out: str | os.PathLike, config
     out = Path(out).expanduser().resolve()
     if out.exists() and not config.overwrite:
         raise CacheError(f"{out} already exists; pass --overwrite to replace it")
+    if config.decode not in ("draft", "full"):
+        raise ConfigError(f"--decode {config.decode!r}: choose draft or full")
     if config.image_size < 16:
         raise ConfigError(f"--image-size {config.image_size}: use at least 16 pixels")
     config = replace(config, workers=default_workers() if config.workers is None else config.workers)
@@ -236,7 +242,7 @@ def run_extract(manifest_path: str | os.PathLike, out: str | os.PathLike, config
     if config.like:
         like = like_settings(config.like)  # checkpoint verified before the manifest is read
         config = replace(config, backbone=like.backbone, weights=str(like.checkpoint_path), image_size=like.image_size,
-                         finetune_epochs=0, precision=like.precision)
+                         finetune_epochs=0, precision=like.precision, decode=like.decode)
     manifest = read_manifest(manifest_path)  # every problem row is reported before any training
     place = placement(config.device, config.precision)
     dist, device = distributed.init(place.device)
@@ -261,7 +267,7 @@ def run_extract(manifest_path: str | os.PathLike, out: str | os.PathLike, config
                 "checkpoint_path": str(ckpt_path), **init,
                 "finetune_epochs": int(config.finetune_epochs), "image_size": int(config.image_size),
                 "transform": describe_transform(eval_transform(config.image_size)),
-                "manifest_sha256": manifest.sha256, "precision": place.precision,
+                "manifest_sha256": manifest.sha256, "precision": place.precision, "decode": config.decode,
             }
         n = len(manifest.ids)
         target = shard_path(out, dist.rank) if dist.enabled else out
@@ -274,7 +280,7 @@ def run_extract(manifest_path: str | os.PathLike, out: str | os.PathLike, config
                              image_size=config.image_size, batch_size=config.batch_size,
                              workers=config.workers, show_progress=dist.is_main,
                              max_failed_fraction=config.max_failed_fraction if not dist.enabled else 1.0,
-                             fail_after_blocks=_fail_after_blocks)
+                             fail_after_blocks=_fail_after_blocks, decode=config.decode)
                 writer.finalize()
         dist.barrier()
         if dist.enabled and dist.is_main:

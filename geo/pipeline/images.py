@@ -26,6 +26,7 @@ Transforms (torchvision, ImageNet mean/std):
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from typing import Callable, Sequence
@@ -71,8 +72,23 @@ def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image
     return image.convert("RGB")
 
 
+def draft_request(width: int, height: int, short_side_px: int) -> tuple[int, int] | None:
+    """The size to ask Pillow's ``draft`` for so that the short side stays >= ``short_side_px``.
+
+    JPEG decoding can scale by 1/2, 1/4 or 1/8 in the DCT domain, far faster than a full
+    decode and resize. ``draft`` picks the largest such reduction that keeps both sides
+    at or above the request, so the transform's resize still only shrinks. None when the
+    source is less than twice the target (no reduction is possible).
+    """
+    short = min(width, height)
+    if short < 2 * short_side_px:
+        return None
+    scale = short_side_px / short
+    return max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
+
+
 def load_rgb(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-             background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+             background: tuple[int, int, int] = (255, 255, 255), draft_short_side: int | None = None) -> Image.Image:
     """Decode an image file to an upright 8-bit RGB ``PIL.Image``.
 
     Args:
@@ -80,6 +96,8 @@ def load_rgb(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PI
         max_pixels: refuse images with more pixels than this (decompression bombs);
             None = no limit of ours.
         background: RGB colour that transparent pixels are composited on.
+        draft_short_side: decode JPEGs at a reduced scale (DCT scaling, ``draft_request``)
+            whose short side is still >= this many pixels; None = full resolution.
     Raises:
         ImageError: missing, empty, not an image, truncated/corrupt, or too large;
             the message is the reason.
@@ -107,6 +125,10 @@ def load_rgb(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PI
                 if max_pixels is not None and width * height > max_pixels:
                     raise ImageError(f"too large: {width}x{height} = {width * height} pixels "
                                      f"> limit {max_pixels} (possible decompression bomb)")
+                if draft_short_side is not None:
+                    request = draft_request(width, height, draft_short_side)
+                    if request is not None:
+                        image.draft(None, request)  # a no-op for formats other than JPEG
                 image.load()  # decode now: a truncated file raises here
                 try:
                     upright = ImageOps.exif_transpose(image)
@@ -142,10 +164,15 @@ def train_transform(image_size: int) -> T.Compose:
 def eval_transform(image_size: int) -> T.Compose:
     """Deterministic evaluation transform: PIL RGB -> float32 [3, image_size, image_size]."""
     return T.Compose([
-        T.Resize(round(image_size * 256 / 224), antialias=True),
+        T.Resize(eval_resize_px(image_size), antialias=True),
         T.CenterCrop(image_size),
         *_normalize(),
     ])
+
+
+def eval_resize_px(image_size: int) -> int:
+    """The short side the evaluation transform resizes to (before its centre crop)."""
+    return round(image_size * 256 / 224)
 
 
 def describe_transform(transform: Callable) -> str:
@@ -164,17 +191,18 @@ class ImageRows(Dataset):
     """
 
     def __init__(self, paths: Sequence[str], transform: Callable, *,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_short_side: int | None = None):
         self.paths = np.asarray([str(p) for p in paths], dtype=str)
         self.transform = transform
         self.max_pixels = max_pixels
+        self.draft_short_side = draft_short_side
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            image = load_rgb(str(self.paths[i]), max_pixels=self.max_pixels)
+            image = load_rgb(str(self.paths[i]), max_pixels=self.max_pixels, draft_short_side=self.draft_short_side)
         except ImageError as err:
             return i, None, str(err)
         try:

@@ -4,7 +4,7 @@ The field's protocol trains once and evaluates the same backbone and heads on
 several test sets. A test set's cache must therefore hold features made exactly
 as the training cache's were: the same fine-tuned checkpoint (verified by its
 sha256, never re-saved, so its hash stays the one the training cache records),
-transform, image size and precision, and no fine-tuning. ``like_settings`` reads
+transform, image size, precision and JPEG decoding, and no fine-tuning. ``like_settings`` reads
 those from the training cache's provenance and checks the checkpoint;
 ``like_provenance`` gives the new cache's provenance: the training cache's,
 with only the manifest keys changed (``geo.training.runs.MANIFEST_PROVENANCE_KEYS``,
@@ -34,6 +34,7 @@ class LikeSettings:
     backbone: str
     image_size: int
     precision: str
+    decode: str  # "draft" or "full" (a cache that records none was decoded in full)
 
 
 def like_settings(cache_path: str | Path) -> LikeSettings:
@@ -72,7 +73,7 @@ def like_settings(cache_path: str | Path) -> LikeSettings:
         raise ConfigError(f"--like {cache_path}: its transform {provenance['transform']!r} is not the one "
                           f"this geo applies at {image_size} px ({ours!r})")
     return LikeSettings(cache_path, provenance, checkpoint, str(provenance["backbone"]), image_size,
-                        str(provenance["precision"]))
+                        str(provenance["precision"]), str(provenance.get("decode", "full")))
 
 
 def like_provenance(settings: LikeSettings, manifest_sha256: str) -> dict:
