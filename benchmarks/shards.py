@@ -22,7 +22,6 @@ from pathlib import Path
 
 import msgpack
 import numpy as np
-import torch
 
 from benchmarks.extract import write_jpegs  # noqa: E402 (run from the repository root)
 from geo.cache.store import CacheWriter

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,43 @@ def check_unique(ids_with_source: list[tuple[str, str]], what: str) -> None:
         lines = [f"{k!r} in {', '.join(v)}" for k, v in sorted(repeated.items())[:MAX_LISTED]]
         more = f"\n  ... and {len(repeated) - MAX_LISTED} more" if len(repeated) > MAX_LISTED else ""
         raise ManifestError(f"{len(repeated)} duplicate ids across {what}:\n  " + "\n  ".join(lines) + more)
+
+
+def natural_text_key(text: str) -> tuple:
+    """``shard_2`` before ``shard_10`` (digit runs compare as numbers)."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text))
+
+
+def shard_order(path: str) -> tuple:
+    """Sort key of a manifest path: container (naturally), then the member's byte offset or name."""
+    container, _, member = path.rpartition("#") if "#" in path else (path, "", "")
+    return natural_text_key(container), int(member) if member.isdigit() else 0, member
+
+
+def match_rows(rows: Rows, ids: list[str], lat_deg, lon_deg, located: dict[str, str], *, images, csv_name: str,
+               country: list[str] | None = None) -> None:
+    """Add to ``rows`` every metadata row that has an image in ``located`` ({id: path}), in shard order.
+
+    Rows without an image, images without a row, and bad coordinates go to ``rows.skipped``
+    (CSV rows are named by line: the header is line 1).
+    """
+    kept = []
+    for i, id_ in enumerate(ids):
+        where = located.get(id_)
+        if where is None:
+            rows.skipped.append((id_, f"no image: CSV line {i + 2} has no image in {images}"))
+            continue
+        problem = coordinate_problem(float(lat_deg[i]), float(lon_deg[i]))
+        if problem:
+            rows.skipped.append((id_, f"{problem} (CSV line {i + 2})"))
+            continue
+        kept.append((where, id_, float(lat_deg[i]), float(lon_deg[i]), country[i].upper() if country else None))
+    kept.sort(key=lambda r: shard_order(r[0]))  # each worker then reads its shards front to back
+    for where, id_, lat, lon, code in kept:
+        rows.add(id_, where, lat, lon, code)
+    listed = set(ids)
+    rows.skipped.extend((id_, f"no metadata: image {where} has no row in {csv_name}")
+                        for id_, where in located.items() if id_ not in listed)
 
 
 def split_codes(ids: list[str], split: str | None, *, default: str | None) -> np.ndarray:

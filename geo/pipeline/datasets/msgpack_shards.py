@@ -11,20 +11,14 @@ damage; the rest of that shard is reported, with the byte offset, not read.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from geo.pipeline.datasets.common import check_unique
+from geo.pipeline.datasets.common import check_unique, natural_text_key
 from geo.pipeline.shards import IMAGE_KEY, member_path
 
 ID_KEYS = ("id", "IMG_ID", "img_id")
-
-
-def natural_text_key(text: str) -> tuple:
-    """``shard_2`` before ``shard_10`` (digit runs compare as numbers)."""
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text))
 
 
 def natural_key(path: Path) -> tuple:

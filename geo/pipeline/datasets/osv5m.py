@@ -17,7 +17,7 @@ import zipfile
 from pathlib import Path
 
 from geo.errors import ManifestError
-from geo.pipeline.datasets.common import Rows, check_swapped, check_unique, coordinate_problem
+from geo.pipeline.datasets.common import Rows, check_swapped, check_unique, match_rows
 from geo.pipeline.datasets.msgpack_shards import natural_key
 from geo.pipeline.manifest import _as_float, _as_text, _read_table, scan_images
 from geo.pipeline.shards import member_path
@@ -72,23 +72,7 @@ def read_osv5m(dataset_dir: str | os.PathLike, split: str) -> Rows:
     located, problems = _locate(images)
     rows = Rows(country=[])
     rows.skipped.extend(problems)
-    order = []
-    for i, id_ in enumerate(ids):
-        where = located.get(id_)
-        if where is None:
-            rows.skipped.append((id_, f"no image: CSV line {i + 2} has no image in {images}"))
-            continue
-        problem = coordinate_problem(float(lat[i]), float(lon[i]))
-        if problem:
-            rows.skipped.append((id_, f"{problem} (CSV line {i + 2})"))
-            continue
-        order.append((where, id_, float(lat[i]), float(lon[i]), country[i].upper()))
-    order.sort(key=lambda r: (natural_key(Path(r[0].rpartition("#")[0] or r[0])), r[0]))
-    for where, id_, la, lo, code in order:
-        rows.add(id_, where, la, lo, code)
-    listed = set(ids)
-    rows.skipped.extend((id_, f"no metadata: image {where} has no row in {csv_path.name}")
-                        for id_, where in located.items() if id_ not in listed)
+    match_rows(rows, ids, lat, lon, located, images=images, csv_name=csv_path.name, country=country)
     return rows
 
 

@@ -15,11 +15,9 @@ from pathlib import Path
 
 from geo.errors import ManifestError
 from geo.pipeline.datasets import msgpack_shards
-from geo.pipeline.datasets.common import Rows, check_swapped, check_unique, coordinate_problem
+from geo.pipeline.datasets.common import Rows, check_swapped, check_unique, match_rows
 from geo.pipeline.manifest import _as_float, _as_text, _read_table, scan_images
 
-# Dataset names of `geo manifest NAME` and whether they are test sets (every row in test).
-DATASETS = {"mp16": False, "im2gps": True, "im2gps3k": True, "yfcc4k": True, "yfcc26k": True}
 _COLUMNS = {"id": ("img_id", "id"), "lat": ("lat", "latitude"), "lon": ("lon", "lng", "longitude")}
 
 
@@ -53,34 +51,5 @@ def read_places365(csv_path: str | os.PathLike, images: str | os.PathLike, *, pr
         rows.skipped.extend(problems)
     else:
         located = {p.relative_to(images).as_posix(): str(p) for p in scan_images(images)}
-    listed = set()
-    order = []
-    for i, id_ in enumerate(ids.tolist()):
-        listed.add(id_)
-        where = located.get(id_)
-        if where is None:
-            rows.skipped.append((id_, f"no image: CSV line {i + 2} has no image in {images}"))
-            continue
-        problem = coordinate_problem(float(lat[i]), float(lon[i]))
-        if problem:
-            rows.skipped.append((id_, f"{problem} (CSV line {i + 2})"))
-            continue
-        order.append((where, id_, float(lat[i]), float(lon[i])))
-    # Rows in shard order (then file order): each worker reads its shards front to back.
-    order.sort(key=lambda r: _shard_order(r[0]))
-    for where, id_, la, lo in order:
-        rows.add(id_, where, la, lo)
-    rows.skipped.extend((id_, f"no metadata: image {where} has no row in {csv_path.name}")
-                        for id_, where in located.items() if id_ not in listed)
+    match_rows(rows, ids.tolist(), lat, lon, located, images=images, csv_name=csv_path.name)
     return rows
-
-
-def _shard_order(path: str) -> tuple:
-    """Sort key: container (naturally), then the member's byte offset or name."""
-    container, _, member = path.rpartition("#") if "#" in path else (path, "", "")
-    return msgpack_shards.natural_text_key(container), int(member) if member.isdigit() else 0, member
-
-
-def is_test_set(name: str) -> bool:
-    return DATASETS[name]
-
