@@ -3,7 +3,9 @@
 #   1. geo data earth  - patches of NASA Blue Marble around real photo locations (MP-16 sample)
 #   2. geo extract     - fine-tune the backbone on country labels from scratch, dump features
 #   3. geo sweep       - MvMF and softmax heads for several c and kappa0 on the same cache
-#   4. geo report      - table, plots, maps and the paper's claims checked on these runs
+#   4. a second test set - shaded-relief patches at other locations, extracted --like the training
+#                        cache (same backbone, no fine-tuning) and evaluated with every run (RUN/eval/relief)
+#   5. geo report      - table, plots, maps and the paper's claims checked on these runs, per test set
 # Each stage reuses what a previous run completed and rebuilds what is incomplete.
 # DEMO_SIZE=small (default, ~8.5 min on 2 cores from a clean clone) | medium | large (| tiny: the smoke test's).
 set -euo pipefail
@@ -13,10 +15,10 @@ case "$SIZE" in
   # resnet18 at 64 px: WideResNet50 trained from scratch on a 2-core CPU did not beat the
   # majority country on val within this budget (measured: 3 epochs on 2,400 patches, 28.7 %
   # against 30.7 %); resnet18 fits 6 epochs on 9,600 patches in the 15 minutes.
-  tiny)   N=300;   PX=32; EPOCHS=1;  BACKBONE=resnet18;        CLASSES=16,64;               KAPPA0=8,16 ;;  # smoke test
-  small)  N=12000; PX=64; EPOCHS=6;  BACKBONE=resnet18;        CLASSES=16,64,256;           KAPPA0=8,12,16 ;;
-  medium) N=30000; PX=64; EPOCHS=8;  BACKBONE=resnet18;        CLASSES=16,64,256,1024;      KAPPA0=8,12,16 ;;
-  large)  N=40000; PX=96; EPOCHS=10; BACKBONE=wide_resnet50_2; CLASSES=16,64,256,1024,4096; KAPPA0=4,8,12,16 ;;
+  tiny)   N=300;   N2=300;  PX=32; EPOCHS=1;  BACKBONE=resnet18;        CLASSES=16,64;               KAPPA0=8,16 ;;  # smoke test
+  small)  N=12000; N2=3000; PX=64; EPOCHS=6;  BACKBONE=resnet18;        CLASSES=16,64,256;           KAPPA0=8,12,16 ;;
+  medium) N=30000; N2=5000; PX=64; EPOCHS=8;  BACKBONE=resnet18;        CLASSES=16,64,256,1024;      KAPPA0=8,12,16 ;;
+  large)  N=40000; N2=5000; PX=96; EPOCHS=10; BACKBONE=wide_resnet50_2; CLASSES=16,64,256,1024,4096; KAPPA0=4,8,12,16 ;;
   *) echo "DEMO_SIZE must be small, medium or large (got '$SIZE')" >&2; exit 2 ;;
 esac
 mkdir -p "$OUT"
@@ -24,12 +26,12 @@ stamp() { date +%s; }
 t0=$(stamp)
 declare -a TIMES
 
-echo "== 1/4 demo dataset: $N patches of ${PX}px from NASA Blue Marble -> $OUT/data"
+echo "== 1/5 demo dataset: $N patches of ${PX}px from NASA Blue Marble -> $OUT/data"
 t=$(stamp)
 geo data earth --out "$OUT/data" --n "$N" --size "$PX" --seed 0
 TIMES+=("data earth: $(( $(stamp) - t )) s")
 
-echo "== 2/4 geo extract: fine-tune $BACKBONE on countries ($EPOCHS epochs, random init), dump features -> $OUT/cache.h5"
+echo "== 2/5 geo extract: fine-tune $BACKBONE on countries ($EPOCHS epochs, random init), dump features -> $OUT/cache.h5"
 t=$(stamp)
 if [ -f "$OUT/cache.h5" ] && geo cache info "$OUT/cache.h5" >/dev/null 2>&1; then
   echo "   reusing the complete cache $OUT/cache.h5"
@@ -40,14 +42,30 @@ fi
 geo cache info "$OUT/cache.h5"
 TIMES+=("extract: $(( $(stamp) - t )) s")
 
-echo "== 3/4 geo sweep: heads mvmf,softmax x c in {$CLASSES} x kappa0 in {$KAPPA0} -> $OUT/runs"
+echo "== 3/5 geo sweep: heads mvmf,softmax x c in {$CLASSES} x kappa0 in {$KAPPA0} -> $OUT/runs"
 t=$(stamp)
 # batch 256 x 30 epochs: the demo train split is small (~10k rows), so smaller batches, more steps
 geo sweep "$OUT/cache.h5" --head mvmf,softmax --n-cells "$CLASSES" --kappa0 "$KAPPA0" --epochs 30 --batch-size 256 --out "$OUT/runs"
 TIMES+=("sweep: $(( $(stamp) - t )) s")
 geo baseline "$OUT/cache.h5" --n-cells "$CLASSES"
 
-echo "== 4/4 geo report -> $OUT/report"
+echo "== 4/5 a second test set: $N2 shaded-relief patches at other locations, extracted --like $OUT/cache.h5"
+t=$(stamp)
+geo data earth --out "$OUT/relief" --n "$N2" --size "$PX" --source shadedrelief --seed 1
+if [ -f "$OUT/relief.h5" ] && geo cache info "$OUT/relief.h5" >/dev/null 2>&1; then
+  echo "   reusing the complete cache $OUT/relief.h5"
+else
+  # the training cache's backbone checkpoint (sha256 checked), transform and size; no fine-tuning
+  geo extract "$OUT/relief/manifest.parquet" --like "$OUT/cache.h5" --out "$OUT/relief.h5" --batch-size 64
+fi
+for run in "$OUT"/runs/*/; do
+  # the held-out cells of the relief set; written to RUN/eval/relief/, the run's own files untouched
+  [ -f "$run/eval/relief/metrics.json" ] || geo evaluate "$run" --cache "$OUT/relief.h5" --split test --name relief >/dev/null
+done
+echo "   evaluated $(ls -d "$OUT"/runs/*/eval/relief | wc -l) runs on the relief test set"
+TIMES+=("second test set: $(( $(stamp) - t )) s")
+
+echo "== 5/5 geo report -> $OUT/report"
 t=$(stamp)
 geo report "$OUT/runs" --cache "$OUT/cache.h5" --out "$OUT/report" --format both
 TIMES+=("report: $(( $(stamp) - t )) s")
@@ -58,6 +76,7 @@ echo "  dataset      $OUT/data/manifest.parquet ($OUT/data/images/*.jpg)"
 echo "  backbone     $OUT/backbone/backbone.pt (fine-tuning log: $OUT/backbone/finetune_state.jsonl)"
 echo "  cache        $OUT/cache.h5   (geo cache info $OUT/cache.h5)"
 echo "  runs         $OUT/runs/*/    (config.json, metrics.json, predictions.parquet, checkpoint.pt)"
+echo "  test set 2   $OUT/relief.h5 (extracted --like cache.h5); $OUT/runs/*/eval/relief/"
 echo "  report       $OUT/report/index.html and $OUT/report/report.md"
 echo "Wall time by stage:"
 for line in "${TIMES[@]}"; do echo "  $line"; done

@@ -4,7 +4,8 @@ Each command only parses options, calls a library function and prints.
 Library errors that are the user's doing (``GeoError`` and subclasses) are
 shown as one clear message and a non-zero exit, without a traceback.
 The commands live in one module per part of the package: ``cache`` (geo/cache),
-``stage_one`` (geo/pipeline: manifest, extract, data earth), ``training``
+``stage_one`` (geo/pipeline: extract, data earth), ``manifest`` (manifests of
+datasets as distributed), ``training``
 (geo/training: fit-head, evaluate, sweep), ``report`` (geo/reports: report,
 baseline) and ``predict`` (geo/inference), imported at the bottom so that they
 register on ``cli``; ``options`` generates the options several commands share.
@@ -13,6 +14,6 @@ register on ``cli``; ``options`` generates the options several commands share.
 from geo.cli.group import cli, main
 
 # Imported for their side effect: each module adds its commands to ``cli``.
-from geo.cli import cache, predict, report, stage_one, training  # noqa: E402,F401
+from geo.cli import cache, manifest, predict, report, stage_one, training  # noqa: E402,F401
 
 __all__ = ["cli", "main"]

@@ -1,4 +1,4 @@
-"""Stage one commands: `geo manifest`, `geo extract` (geo/pipeline) and `geo data earth` (the demo data)."""
+"""Stage one commands: `geo extract` (geo/pipeline) and `geo data earth` (the demo data); `geo manifest` is in manifest.py."""
 
 from __future__ import annotations
 
@@ -7,41 +7,7 @@ import click
 from geo.cli.group import cli
 
 
-# ---- stage one: manifest, extract (geo/pipeline) ----------------------------
-
-
-@cli.command("manifest")
-@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=str))
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=str),
-              help="Parquet manifest to write (also writes OUT.skipped.csv).")
-@click.option("--val-fraction", default=0.1, show_default=True, type=float,
-              help="Fraction of photos assigned to val (by a hash of the id).")
-@click.option("--test-fraction", default=0.1, show_default=True, type=float,
-              help="Fraction of photos assigned to test (by a hash of the id).")
-@click.option("--recursive/--no-recursive", default=True, show_default=True,
-              help="Also scan sub-folders.")
-def manifest_cmd(folder, out, val_fraction, test_fraction, recursive):
-    """Build a manifest from a folder of photos with EXIF GPS tags.
-
-    Photos without a usable GPS position are listed with the reason in
-    OUT.skipped.csv (columns path, reason).
-
-    \b
-    Example:
-      geo manifest photos/ --out manifest.parquet --val-fraction 0.1 --test-fraction 0.1
-    """
-    from collections import Counter
-
-    from geo.pipeline.manifest import build_manifest_from_folder
-
-    manifest, skipped = build_manifest_from_folder(
-        folder, out, val_fraction=val_fraction, test_fraction=test_fraction, recursive=recursive)
-    counts = ", ".join(f"{name} {n}" for name, n in manifest.split_counts().items())
-    click.echo(f"wrote {len(manifest)} photos to {out} ({counts})")
-    click.echo(f"skipped {len(skipped)} photos without usable GPS (reasons in {out}.skipped.csv)")
-    reasons = Counter(reason.split(":")[0] for _, reason in skipped)
-    for reason, n in reasons.most_common(5):
-        click.echo(f"  {n:6d}  {reason}")
+# ---- stage one: extract (geo/pipeline) ----------------------------------------
 
 
 @cli.command("extract")
@@ -77,8 +43,15 @@ def manifest_cmd(folder, out, val_fraction, test_fraction, recursive):
               help="Fine-tuning checkpoints [default: OUT's stem + .checkpoints/ beside OUT].")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache and fine-tuning state.")
-def extract_cmd(manifest, out, backbone, weights, image_size, clip_features, finetune_epochs, finetune_blocks, lr,
-                batch_size, workers, device, precision, checkpoint_dir, seed, overwrite):
+@click.option("--like", "like", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str),
+              help="A training cache: extract with its backbone checkpoint (sha256 verified), transform, "
+                   "image size and precision, without fine-tuning (a test set for the same heads).")
+@click.option("--decode", default="draft", show_default=True, type=click.Choice(["draft", "full"]),
+              help="draft: decode JPEGs at 1/2-1/8 scale in the DCT domain when at least twice the resize "
+                   "(much faster, nearly the same pixels); full: always full resolution. Recorded in provenance.")
+@click.pass_context
+def extract_cmd(ctx, manifest, out, backbone, weights, image_size, clip_features, finetune_epochs, finetune_blocks, lr,
+                batch_size, workers, device, precision, checkpoint_dir, seed, overwrite, like, decode):
     """Fine-tune a backbone on country labels, then write every image's feature to a cache.
 
     The whole manifest is checked first. An interrupted run resumes when re-run with the
@@ -95,13 +68,23 @@ def extract_cmd(manifest, out, backbone, weights, image_size, clip_features, fin
       geo extract manifest.parquet --out dino.h5 --backbone timm/vit_large_patch14_reg4_dinov2.lvd142m \\
           --weights pretrained --finetune-epochs 1 --finetune-blocks 4
       torchrun --nproc_per_node 2 -m geo extract manifest.csv --out cache.h5
+      geo extract im2gps3k.parquet --like cache.h5 --out im2gps3k.h5
     """
     from geo.pipeline.extract import ExtractConfig, run_extract
+
+    if like:
+        fixed = ("backbone", "weights", "image_size", "clip_features", "finetune_epochs", "finetune_blocks", "lr",
+                 "precision", "checkpoint_dir", "decode")
+        given = [f"--{name.replace('_', '-')}" for name in fixed
+                 if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"--like takes the backbone, weights, image size, precision and decoding from {like}; "
+                                   f"drop {', '.join(given)}")
 
     config = ExtractConfig(backbone=backbone, weights=weights, image_size=image_size, clip_features=clip_features,
                            finetune_epochs=finetune_epochs, finetune_blocks=finetune_blocks, lr=lr, batch_size=batch_size, workers=workers,
                            device=device, precision=precision, checkpoint_dir=checkpoint_dir, seed=seed,
-                           overwrite=overwrite)
+                           overwrite=overwrite, like=like, decode=decode)
     result = run_extract(manifest, out, config)
     if result.is_main:
         click.echo(f"cache:      {result.cache_path} ({result.n_rows} rows, {result.n_skipped} skipped)")

@@ -58,24 +58,31 @@ def fit_head_cmd(cache, out, overwrite, quiet, **options):
 @click.option("--cache", "cache_path", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str),
               help="Evaluate on this cache instead of the run's own.")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--name", default=None,
+              help="Evaluation name: writes RUN/eval/NAME/ [default: the cache's stem, + -SPLIT if not test].")
 @click.option("--predict", default=None, help="Prediction mode, one the run's head offers (default: the run's).")
 @click.option("--allow-other-provenance", is_flag=True,
               help="Accept a cache made by another backbone / weights / transform than the run's.")
 @click.option("--device", default=None, help="auto, cpu, cuda ... (default auto).")
-def evaluate_cmd(run, cache_path, split, predict, allow_other_provenance, device):
-    """Score a trained run's selected model; write RUN/metrics.json and predictions.parquet.
+def evaluate_cmd(run, cache_path, split, name, predict, allow_other_provenance, device):
+    """Score a trained run's selected model on a test set; write RUN/eval/NAME/.
+
+    RUN/eval/NAME/ gets metrics.json and predictions.parquet; the run's own files
+    are never modified. A test set extracted with `geo extract TEST --like TRAIN_CACHE`
+    shares the training cache's features (only the manifest differs) and is accepted
+    as is. `geo report` shows every evaluation of every run, one table per test set.
 
     \b
     Example:
-      geo evaluate runs/mvmf-8k
-      geo evaluate runs/mvmf-8k --split val --predict mode
+      geo evaluate runs/mvmf-8k --cache im2gps3k.h5          # -> runs/mvmf-8k/eval/im2gps3k/
+      geo evaluate runs/mvmf-8k --split val --predict mode --name val-mode
     """
     from geo.training.evaluate import evaluate_run, format_metrics
 
-    metrics = evaluate_run(run, cache_path=cache_path, split=split, predict=predict, device=device,
+    metrics = evaluate_run(run, cache_path=cache_path, split=split, name=name, predict=predict, device=device,
                            allow_other_provenance=allow_other_provenance, country_fn=_country_fn())
     click.echo(format_metrics(metrics))
-    click.echo(f"wrote {run}/metrics.json and {run}/predictions.parquet")
+    click.echo(f"wrote {metrics['eval_dir']}/metrics.json and predictions.parquet")
 
 
 @cli.command("sweep")

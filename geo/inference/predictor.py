@@ -160,7 +160,7 @@ class Predictor:
 
     def __init__(self, run: str | os.PathLike, *, backbone_checkpoint: str | os.PathLike | None = None,
                  mode: str | None = None, device: str = "auto", precision: str = "auto"):
-        from geo.pipeline.backbone import backbone_eval_transform, create_backbone, placement
+        from geo.pipeline.backbone import backbone_eval_transform, backbone_resize_px, create_backbone, placement
         from geo.pipeline.images import describe_transform
 
         self.run_dir = Path(run)
@@ -172,7 +172,11 @@ class Predictor:
         if self.backbone.feature_dim != int(self.config["cache_feature_dim"]):
             raise BackboneError(f"{self.checkpoint_path}: {provenance['backbone']} gives {self.backbone.feature_dim}-d "
                                 f"features, run {self.run_dir} expects {self.config['cache_feature_dim']}")
-        self.transform = backbone_eval_transform(self.backbone, int(provenance["image_size"]))
+        image_size = int(provenance["image_size"])
+        self.transform = backbone_eval_transform(self.backbone, image_size)
+        # Decode as the cache was decoded (reduced-scale JPEG decoding: geo.pipeline.images.load_rgb).
+        self.draft_short_side = (backbone_resize_px(self.backbone, image_size)
+                                 if provenance.get("decode") == "draft" else None)
         if provenance.get("transform") and describe_transform(self.transform) != provenance["transform"]:
             warnings.warn(f"the evaluation transform differs from the one recorded in {self.run_dir}: "
                           f"{describe_transform(self.transform)!r} vs {provenance['transform']!r}", stacklevel=2)
@@ -228,7 +232,8 @@ class Predictor:
         t_start = time.perf_counter()
         paths = [str(p) for p in paths]
         results: list[PredictionResult | None] = [None] * len(paths)
-        loader = image_loader(paths, self.transform, batch_size=batch_size, workers=workers)
+        loader = image_loader(paths, self.transform, batch_size=batch_size, workers=workers,
+                              draft_short_side=self.draft_short_side)
         bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, leave=False)
         t_decode = time.perf_counter()
         for index, images, failures in loader:

@@ -236,11 +236,21 @@ def describe_preprocess(pre: Preprocess) -> str:
             f"mean {pre.mean}, std {pre.std}")
 
 
+def backbone_preprocess(backbone: Backbone, image_size: int | None = None) -> Preprocess:
+    """``backbone``'s own preprocessing at crop side ``image_size`` (None: its own)."""
+    return backbone.preprocess if image_size is None else backbone.preprocess.at_size(int(image_size))
+
+
 def backbone_eval_transform(backbone: Backbone, image_size: int | None = None):
     """The evaluation transform of ``backbone`` (PIL RGB -> float32 [3, S, S]): its own preprocessing,
     at crop side ``image_size`` (None: its own). ``geo predict`` applies what extraction applied."""
-    pre = backbone.preprocess if image_size is None else backbone.preprocess.at_size(int(image_size))
-    return pre.eval_transform()
+    return backbone_preprocess(backbone, image_size).eval_transform()
+
+
+def backbone_resize_px(backbone: Backbone, image_size: int | None = None) -> int:
+    """The side the evaluation transform resizes to before its crop (what reduced-scale JPEG
+    decoding must keep: ``geo.pipeline.images.draft_request``)."""
+    return backbone_preprocess(backbone, image_size).resize_size
 
 
 def _torchvision(name: str, weights: str, image_size: int | None, clip_features: str | None):

@@ -25,13 +25,14 @@ from geo.errors import CacheError, ConfigError, GeoError
 from geo.pipeline import distributed
 from geo.devices import autocast
 from geo.files import atomic_write_text, sha256_file
-from geo.pipeline.backbone import (Backbone, Placement, backbone_eval_transform, create_backbone, placement,
-                                   save_backbone)
+from geo.pipeline.backbone import (Backbone, Placement, backbone_eval_transform, backbone_resize_px,
+                                   create_backbone, placement, save_backbone)
 from geo.pipeline.countries import country_codes
 from geo.pipeline.backbones import split_name
 from geo.pipeline.distributed import Dist, shard_range
 from geo.pipeline.finetune import FinetuneConfig, finetune, image_loader
 from geo.pipeline.images import describe_transform
+from geo.pipeline.like import check_like_transform, like_provenance, like_settings
 from geo.pipeline.manifest import Manifest, read_manifest
 
 JOIN_BLOCK_ROWS = 4096
@@ -57,6 +58,8 @@ class ExtractConfig:
     overwrite: bool = False
     feature_dtype: str = "float16"
     max_failed_fraction: float = 0.5
+    decode: str = "draft"  # "draft": JPEGs decoded at reduced scale when >= 2x the resize; "full"
+    like: str | None = None  # a training cache: reuse its checkpoint, transform, size, precision (geo.pipeline.like)
 
 
 @dataclass
@@ -88,7 +91,9 @@ def shard_path(out: Path, rank: int) -> Path:
 def _labels(manifest: Manifest) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
     """Cache countries + int16 index per row; classifier classes (train countries) + int64 label
     per row (-1 where a row's country never occurs in train)."""
-    codes = np.asarray(country_codes(manifest.lat_deg, manifest.lon_deg)).astype(str)
+    codes = np.asarray(country_codes(manifest.lat_deg, manifest.lon_deg)).astype("<U8")
+    if manifest.country is not None:  # the dataset's own labels (OSV-5M) win where given
+        codes = np.where(manifest.country != "", manifest.country, codes)
     countries = sorted(set(codes.tolist()))
     country_index = np.searchsorted(countries, codes).astype(np.int16)
     classes = sorted(set(codes[manifest.split == 0].tolist()))
@@ -160,15 +165,18 @@ def _prepare_backbone(manifest: Manifest, classes: list[str], labels: np.ndarray
 def extract_rows(model: Backbone, manifest: Manifest, rows: range, country_index: np.ndarray,
                  writer: CacheWriter, place: Placement, *, image_size: int | None = None, batch_size: int,
                  workers: int, max_failed_fraction: float = 1.0, show_progress: bool = True,
-                 fail_after_blocks: int | None = None) -> None:
+                 fail_after_blocks: int | None = None, decode: str = "full") -> None:
     """Append features of manifest ``rows`` (contiguous, in order) to ``writer``, one block per
     batch, resuming at ``writer.rows_done``. Images: the backbone's own evaluation transform (at
     crop side ``image_size``, None: its own). Features: float32 forward_features -> cache dtype.
-    Stops with GeoError once more than ``max_failed_fraction`` of >= 64 rows failed to read."""
+    Stops with GeoError once more than ``max_failed_fraction`` of >= 64 rows failed to read.
+    ``decode="draft"`` decodes JPEGs at the smallest DCT scale whose short side still covers the
+    transform's resize (``geo.pipeline.images.draft_request``)."""
     start = rows.start + writer.rows_done
     todo = range(start, rows.stop)
     loader = image_loader([manifest.paths[i] for i in todo], backbone_eval_transform(model, image_size),
-                          batch_size=batch_size, workers=workers, pin_memory=place.device.type == "cuda")
+                          batch_size=batch_size, workers=workers, pin_memory=place.device.type == "cuda",
+                          draft_short_side=backbone_resize_px(model, image_size) if decode == "draft" else None)
     model.eval()
     n_seen = n_failed = blocks = 0
     bar = tqdm(total=len(rows), initial=start - rows.start, desc="extract", unit="img",
@@ -251,6 +259,8 @@ def run_extract(manifest_path: str | os.PathLike, out: str | os.PathLike, config
     # against this job's provenance, recognised as finished and its config.json written again.
     if out.exists() and not config.overwrite and out.with_name(out.name + ".config.json").exists():
         raise CacheError(f"{out} already exists; pass --overwrite to replace it")
+    if config.decode not in ("draft", "full"):
+        raise ConfigError(f"--decode {config.decode!r}: choose draft or full")
     if config.image_size is not None and config.image_size < 16:
         raise ConfigError(f"--image-size {config.image_size}: use at least 16 pixels")
     config = replace(config, workers=default_workers() if config.workers is None else config.workers)
@@ -258,6 +268,11 @@ def run_extract(manifest_path: str | os.PathLike, out: str | os.PathLike, config
         raise ConfigError("--batch-size must be >= 1, --finetune-epochs and --workers >= 0")
     if config.finetune_blocks is not None and config.finetune_blocks < 1:
         raise ConfigError(f"--finetune-blocks {config.finetune_blocks}: fine-tune at least 1 block (or leave it out)")
+    like = None
+    if config.like:
+        like = like_settings(config.like)  # checkpoint verified before the manifest is read
+        config = replace(config, backbone=like.backbone, weights=str(like.checkpoint_path), image_size=like.image_size,
+                         finetune_epochs=0, precision=like.precision, decode=like.decode)
     split_name(config.backbone)  # a malformed --backbone fails before the manifest is read
     manifest = read_manifest(manifest_path)  # every problem row is reported before any training
     place = placement(config.device, config.precision)
@@ -267,21 +282,29 @@ def run_extract(manifest_path: str | os.PathLike, out: str | os.PathLike, config
         torch.manual_seed(config.seed)
         ckpt_dir = Path(config.checkpoint_dir).expanduser().resolve() if config.checkpoint_dir \
             else default_checkpoint_dir(out)
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
         countries, country_index, classes, labels = _labels(manifest)
-        model, ckpt_path, history, init = _prepare_backbone(manifest, classes, labels, config, place,
-                                                      ckpt_dir, dist, _stop_after_epochs)
-        provenance = {
-            "backbone": config.backbone, "weights": sha256_file(ckpt_path),
-            "checkpoint_path": str(ckpt_path), **init,
-            "finetune_epochs": int(config.finetune_epochs), "image_size": int(model.preprocess.image_size),
-            "transform": describe_transform(backbone_eval_transform(model)),
-            "manifest_sha256": manifest.sha256, "precision": place.precision,
-        }
-        if model.clip_features is not None:  # projected and pre-projection features are not comparable
-            provenance["clip_features"] = model.clip_features
-        if config.finetune_blocks is not None:
-            provenance["finetune_blocks"] = int(config.finetune_blocks)
+        if like is not None:  # the training cache's backbone as is: no fine-tuning, nothing saved
+            ckpt_dir, ckpt_path, history = like.checkpoint_path.parent, like.checkpoint_path, []
+            model = place.to(create_backbone(config.backbone, str(ckpt_path), num_classes=max(len(classes), 1),
+                                             seed=config.seed)).eval()
+            check_like_transform(like, describe_transform(backbone_eval_transform(model, config.image_size)))
+            init = {k: like.provenance.get(k, "") for k in ("init_weights", "init_weights_sha256")}
+            provenance = like_provenance(like, manifest.sha256)
+        else:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            model, ckpt_path, history, init = _prepare_backbone(manifest, classes, labels, config, place,
+                                                                ckpt_dir, dist, _stop_after_epochs)
+            provenance = {
+                "backbone": config.backbone, "weights": sha256_file(ckpt_path),
+                "checkpoint_path": str(ckpt_path), **init,
+                "finetune_epochs": int(config.finetune_epochs), "image_size": int(model.preprocess.image_size),
+                "transform": describe_transform(backbone_eval_transform(model)),
+                "manifest_sha256": manifest.sha256, "precision": place.precision, "decode": config.decode,
+            }
+            if model.clip_features is not None:  # projected and pre-projection features are not comparable
+                provenance["clip_features"] = model.clip_features
+            if config.finetune_blocks is not None:
+                provenance["finetune_blocks"] = int(config.finetune_blocks)
         n = len(manifest.ids)
         target = shard_path(out, dist.rank) if dist.enabled else out
         lo, hi = shard_range(n, dist.rank, dist.world_size)
@@ -297,7 +320,7 @@ def run_extract(manifest_path: str | os.PathLike, out: str | os.PathLike, config
                              batch_size=config.batch_size,
                              workers=config.workers, show_progress=dist.is_main,
                              max_failed_fraction=config.max_failed_fraction if not dist.enabled else 1.0,
-                             fail_after_blocks=_fail_after_blocks)
+                             fail_after_blocks=_fail_after_blocks, decode=config.decode)
                 writer.finalize()
         dist.barrier()
         if dist.enabled and dist.is_main:

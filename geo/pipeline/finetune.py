@@ -63,9 +63,10 @@ class FinetuneResult:
 
 
 def image_loader(paths, transform, *, batch_size, workers, sampler=None, generator=None,
-                 pin_memory=False) -> DataLoader:
-    """A DataLoader over ``ImageRows(paths, transform)``; yields ``collate_rows`` batches."""
-    return DataLoader(ImageRows(list(paths), transform), batch_size=batch_size, sampler=sampler, shuffle=False,
+                 pin_memory=False, draft_short_side: int | None = None) -> DataLoader:
+    """A DataLoader over ``ImageRows(paths, transform)``; yields ``collate_rows`` batches.
+    ``draft_short_side``: decode JPEGs at reduced scale (``geo.pipeline.images.load_rgb``)."""
+    return DataLoader(ImageRows(list(paths), transform, draft_short_side=draft_short_side), batch_size=batch_size, sampler=sampler, shuffle=False,
                       num_workers=workers, collate_fn=collate_rows, generator=generator,
                       pin_memory=pin_memory, persistent_workers=False)
 

@@ -2,8 +2,10 @@
 
 Accepted files (CSV or Parquet; column names are case-insensitive):
 
-- ``id, path, lat, lon[, split]`` -- ``path`` relative to the manifest's folder,
-  or absolute; ``split`` one of train / val / test.
+- ``id, path, lat, lon[, split][, country]`` -- ``path`` relative to the manifest's
+  folder, or absolute, a file or a member of a shard (``CONTAINER#MEMBER``, see
+  ``geo.pipeline.shards``); ``split`` one of train / val / test; ``country`` a
+  dataset's own ISO alpha-2 label (OSV-5M's), used instead of geo's offline one.
 - MP-16 style ``IMG_ID, LAT, LON`` (more columns are ignored): the id is
   ``IMG_ID`` and the image is ``IMG_ID`` relative to ``images_root`` (default:
   the manifest's folder).
@@ -39,6 +41,7 @@ import pyarrow.parquet as pq
 
 from geo.files import atomic_write, atomic_write_text, sha256_file
 from geo.errors import ConfigError, DiskError, ManifestError
+from geo.pipeline import shards
 
 SPLIT_NAMES = ("train", "val", "test")  # codes 0, 1, 2; the same as geo.cache.store.SPLIT_NAMES
 MAX_LISTED_PROBLEMS = 20
@@ -60,6 +63,7 @@ class Manifest:
     split: np.ndarray
     path: Path
     sha256: str
+    country: np.ndarray | None = None  # str [n] the dataset's own ISO codes ("" = none), or None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -235,7 +239,7 @@ def read_manifest(path: str | os.PathLike, *, val_fraction: float = 0.1, test_fr
     root = root.resolve()
     abs_paths = np.array([p if os.path.isabs(p) else str(root / p) for p in rel_paths.tolist()], dtype=str)
     if check_files:
-        exists = np.array([rel == "" or os.path.isfile(full)
+        exists = np.array([rel == "" or shards.exists(full)
                            for rel, full in zip(rel_paths.tolist(), abs_paths.tolist())], dtype=bool)
         problems.add(~exists, lambda row: f"image file not found: {abs_paths[row]}")
 
@@ -253,9 +257,10 @@ def read_manifest(path: str | os.PathLike, *, val_fraction: float = 0.1, test_fr
         raise ManifestError(f"{path}: the manifest has no rows")
     if split is None:
         split = assign_splits(ids, val_fraction, test_fraction)
+    country = np.char.upper(_as_text(table[columns["country"]])) if "country" in columns else None
     return Manifest(ids=ids, paths=abs_paths, lat_deg=lat_deg.astype(np.float64),
                     lon_deg=np.where(lon_deg >= 180.0, lon_deg - 360.0, lon_deg), split=split,
-                    path=path.resolve(), sha256=sha256_file(path))
+                    path=path.resolve(), sha256=sha256_file(path), country=country)
 
 
 def _check_duplicates(ids: np.ndarray, problems: _Problems) -> None:
@@ -266,17 +271,20 @@ def _check_duplicates(ids: np.ndarray, problems: _Problems) -> None:
 
 
 def write_manifest(path: str | os.PathLike, *, ids: Sequence[str], paths: Sequence[str],
-                   lat_deg: np.ndarray, lon_deg: np.ndarray, split: np.ndarray) -> None:
-    """Write a Parquet manifest with columns id, path, lat, lon, split (names, not codes)."""
-    table = pa.table({
+                   lat_deg: np.ndarray, lon_deg: np.ndarray, split: np.ndarray,
+                   country: Sequence[str] | None = None) -> None:
+    """Write a Parquet manifest with columns id, path, lat, lon, split (names, not codes)[, country]."""
+    columns = {
         "id": pa.array(list(ids), pa.string()),
         "path": pa.array(list(paths), pa.string()),
         "lat": pa.array(np.asarray(lat_deg, np.float64)),
         "lon": pa.array(np.asarray(lon_deg, np.float64)),
         "split": pa.array([SPLIT_NAMES[c] for c in np.asarray(split)], pa.string()),
-    })
+    }
+    if country is not None:
+        columns["country"] = pa.array([str(c) for c in country], pa.string())
     with atomic_write(path) as handle:
-        pq.write_table(table, handle)
+        pq.write_table(pa.table(columns), handle)
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".heic", ".heif")

@@ -11,13 +11,14 @@ claims and figures are made per cache.
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 from geo.files import atomic_write_text
 from geo.reports import claims as claims_mod
-from geo.reports import plots, publish, tables
+from geo.reports import plots, publish, tables, testsets
 from geo.reports.document import Image, Section, Table, Text, render_html, render_markdown, write_figures
 from geo.reports.runs import ReportError, Run, SkippedRun, check_caches, find_runs
 
@@ -141,6 +142,58 @@ def maps_section(runs: list[Run], labels: dict[str, str], cache_path, n_maps: in
     return section, notes
 
 
+def test_set_sections(runs: list[Run]) -> tuple[list[Section], list[Run]]:
+    """Sections for the test sets (every run's own test split and each `geo evaluate` of it), and every
+    (run, test set) pair as a Run for the exports. With more than one test set: the images evaluated and
+    skipped per set, the accuracies side by side, and per test set the table-2 layout, the claims and
+    accuracy against c, then each claim's verdicts counted across test sets."""
+    sets = testsets.collect_test_sets(runs)
+    titles = ["test set", "cache", "images evaluated", "images skipped (unreadable)", "runs"]
+    cells = [[t.name, ", ".join(sorted(t.caches)) or "?", t.count_text(t.n_images), t.count_text(t.n_skipped),
+              str(len(t.runs))] for t in sets]
+    markdown_rows = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    markdown_rows += ["| " + " | ".join(row) + " |" for row in cells]
+    html_rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
+    summary = [Table("\n".join(markdown_rows), '<table class="results"><thead><tr>'
+                     + "".join(f"<th>{html.escape(t)}</th>" for t in titles) + f"</tr></thead><tbody>{html_rows}"
+                     "</tbody></table>")]
+    summary += [Text(w) for t in sets for w in t.warnings]
+    variants = [run for t in sets for run in t.runs]
+    if len(sets) == 1:
+        only = sets[0]
+        return [Section("Test set", [Text(
+            f"{only.name} ({', '.join(f'`{c}`' for c in sorted(only.caches)) or 'cache not recorded'}): "
+            f"{only.count_text(only.n_images)} images evaluated, {only.count_text(only.n_skipped)} skipped "
+            "(unreadable at extraction)."), *summary[1:]])], variants
+    markdown, html_table = testsets.side_by_side(sets)
+    sections = [Section("Test sets", summary + [Text(
+                    "A run's own test split is named after its cache; each further test set is a `geo evaluate "
+                    "RUN --cache TEST.h5` (RUN/eval/NAME/). Images skipped are those the test cache's extraction "
+                    "could not read (its /skipped).")]),
+                Section("Accuracy per test set, side by side (%)", [Table(markdown, html_table),
+                                                                     Text(tables.CONVENTIONS)])]
+    claims_by_set = {}
+    for t in sets:
+        group = f"test set {t.name}"
+        blocks = [Text(f"{t.count_text(t.n_images)} images evaluated; {t.count_text(t.n_skipped)} skipped."),
+                  Table(tables.to_markdown(t.runs), tables.to_html(t.runs))]
+        claims_by_set[t.name] = claims_mod.evaluate_claims(t.runs)
+        for claim in claims_by_set[t.name]:
+            text = f"**Claim {claim.number}** on {t.name}: {claim.statement} Verdict: **{claim.verdict}**."
+            if claim.details:
+                text += "\n\n" + "\n".join(f"- {line}" for line in claim.details)
+            blocks.append(Text(text))
+        blocks += _figure("accuracy_vs_c.png", plots.accuracy_vs_cells(t.runs),
+                          "Accuracy (%, ≤ X km) against c on this test set; bands are bootstrap 95 % intervals.",
+                          group)
+        sections.append(Section(f"Test set {t.name} (paper table 2 layout, claims, accuracy against c)", blocks))
+    sections.append(Section("Claims across test sets (direction only)", [
+        Text("Each claim's verdict counted over the test sets (a claim that holds on one test set and fails on "
+             "another is a finding about the test sets, not noise to average away):"),
+        Text("\n".join(f"- {line}" for line in claims_mod.direction_summary(claims_by_set)))]))
+    return sections, variants
+
+
 def build_report(paths: Iterable[str | Path], out_dir: str | Path, *, fmt: str = "both",
                  allow_mixed_caches: bool = False, cache_path: str | Path | None = None,
                  n_maps: int = 4) -> ReportResult:
@@ -167,12 +220,13 @@ def build_report(paths: Iterable[str | Path], out_dir: str | Path, *, fmt: str =
         raise ReportError(f"no usable run directory in {', '.join(map(str, paths))} ({reasons})")
     labels = check_caches(runs, allow_mixed=allow_mixed_caches)
     maps, notes = maps_section(runs, labels, cache_path, n_maps)
-    sections = [runs_section(runs, skipped, labels), table_section(runs, labels), claims_section(runs, labels),
-                *figures_sections(runs, labels), maps]
+    per_test_set, variants = test_set_sections(runs)
+    sections = [runs_section(runs, skipped, labels), *per_test_set[:2], table_section(runs, labels),
+                claims_section(runs, labels), *figures_sections(runs, labels), maps, *per_test_set[2:]]
 
     out_dir = Path(out_dir)
     with publish.building(out_dir) as build:  # swapped in whole when every file is written
-        files = list(tables.write_exports(runs, build))
+        files = list(tables.write_exports(variants, build))  # one row per run and test set
         if fmt in ("md", "both"):
             files += write_figures(sections, build)
             atomic_write_text(build / "report.md", render_markdown(TITLE, sections))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from geo.reports.paired import PairedDifference, matched_errors, paired_accuracy_difference
 from geo.reports.runs import ACC_KEYS, SCALES_KM, Run, group_series, pick_one, series_label
 from geo.reports.tables import format_cells
 
@@ -14,8 +15,12 @@ MVMF, SOFTMAX = "mvmf", "softmax"
 KNN = "knn"
 DATA_SCALES_KM = (25, 200, 750, 2500)  # the scales of claim 5 (1 km is near 0 on small training sets)
 METHOD = (
-    "How verdicts are computed: two accuracies are called different only when their bootstrap 95 % "
-    "intervals do not overlap (a conservative test); overlapping intervals make a comparison inconclusive. "
+    "How verdicts are computed: two runs evaluated on the same test images are compared by a **paired "
+    "bootstrap** over those images (the same resamples for both runs, matched by image id): their accuracies "
+    "are called different when the 95 % interval of the difference excludes 0, and the comparison is "
+    "inconclusive otherwise. Only where a run's predictions are missing does the comparison fall back to "
+    "the overlap of the two runs' own intervals, which is far too conservative (different only when the "
+    "intervals do not overlap). "
     "Each claim is checked on sub-cases (a series of runs and a distance scale). Sub-verdicts combine as: "
     "fails if any sub-case fails, holds if all hold, otherwise inconclusive; claim 2, which says a drop "
     "exists, holds if any sub-case shows one. Among several runs of one setting (seeds, learning rates), "
@@ -38,8 +43,26 @@ class Claim:
     details: list[str] = field(default_factory=list)
 
 
+def paired(a: Run, b: Run, key: str) -> PairedDifference | None:
+    """The paired bootstrap of accuracy ``key`` of a minus b on their shared test images (None without
+    both predictions files or for a metric that is not an accuracy)."""
+    if key not in ACC_KEYS:
+        return None
+    matched = matched_errors(a.predictions_path, b.predictions_path)
+    if matched is None:
+        return None
+    return paired_accuracy_difference(*matched, SCALES_KM[ACC_KEYS.index(key)])
+
+
 def compare(a: Run, b: Run, key: str) -> str:
-    """"higher" / "lower" if a's interval lies wholly above / below b's, else "overlap"."""
+    """"higher" / "lower" if a's accuracy is significantly above / below b's, else "overlap".
+
+    By the paired bootstrap where both runs' predictions are at hand; otherwise when a's interval
+    lies wholly above / below b's.
+    """
+    difference = paired(a, b, key)
+    if difference is not None:
+        return difference.outcome
     ci_a, ci_b = a.ci(key), b.ci(key)
     if ci_a is None or ci_b is None:
         return "overlap"  # without intervals nothing can be told apart
@@ -129,8 +152,12 @@ def claim_mvmf_beats_softmax(runs: list[Run]) -> Claim:
             outcome = compare(mvmf, softmax, acc_key)
             verdict = {"higher": HOLDS, "lower": FAILS, "overlap": INCONCLUSIVE}[outcome]
             verdicts.append(verdict)
+            difference = paired(mvmf, softmax, acc_key)
+            paired_text = (f"; paired difference {100 * difference.difference:+.1f} points "
+                           f"[{100 * difference.low:+.1f}, {100 * difference.high:+.1f}] over {difference.n} images"
+                           if difference is not None else "")
             details.append(f"c={format_cells(c)}{on} @{scale} km: mvmf ({mvmf.name}) {_acc(mvmf, acc_key)} vs "
-                           f"softmax ({softmax.name}) {_acc(softmax, acc_key)}: {verdict}")
+                           f"softmax ({softmax.name}) {_acc(softmax, acc_key)}{paired_text}: {verdict}")
     return Claim(3, statement, _combine_all(verdicts), details)
 
 
@@ -204,3 +231,21 @@ def evaluate_claims(runs: list[Run]) -> list[Claim]:
 def learning_curve_claims(runs: list[Run]) -> list[Claim]:
     """The claims read from learning curves (runs on several training-set sizes): claim 5, data efficiency."""
     return [claim_mvmf_data_efficient(runs)]
+
+
+def direction_summary(claims_by_test_set: dict[str, list[Claim]]) -> list[str]:
+    """Per claim, how many test sets agree: "Claim 3: holds on 2 of 3 test sets (a, b); inconclusive on 1 (c)"."""
+    lines = []
+    numbers = sorted({c.number for claims in claims_by_test_set.values() for c in claims})
+    for number in numbers:
+        verdicts: dict[str, list[str]] = {}
+        for name, claims in claims_by_test_set.items():
+            for claim in claims:
+                if claim.number == number:
+                    kind = claim.verdict if claim.verdict in (HOLDS, FAILS, INCONCLUSIVE) else "not tested"
+                    verdicts.setdefault(kind, []).append(name)
+        total = sum(len(v) for v in verdicts.values())
+        parts = [f"{kind} on {len(names)} of {total} test sets ({', '.join(names)})"
+                 for kind in (HOLDS, FAILS, INCONCLUSIVE, "not tested") if (names := verdicts.get(kind))]
+        lines.append(f"Claim {number}: " + "; ".join(parts))
+    return lines

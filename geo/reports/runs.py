@@ -14,6 +14,8 @@ A run directory holds (written by ``geo.training``; the format is ``geo.training
     metrics.json         final test metrics (geo.metrics.summarize) + "split", "predict"
     checkpoint.pt        head state, partition state, config (for maps)
     predictions.parquet  per test image: id, lat, lon, pred_lat, pred_lon, dist_km, top-k, log_density
+    eval/NAME/           metrics.json + predictions.parquet of `geo evaluate` on test set NAME
+                         (read by geo.reports.testsets)
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ class Run:
     cache_label: str | None = None  # set by check_caches when mixed caches are allowed
     train_fraction: float = 1.0  # the fraction of the train split the run trained on (--train-fraction)
     n_train: int | None = None  # train rows the run trained on (config.json's n_train)
+    # For a run seen on another test set (geo.reports.testsets): RUN/eval/NAME, whose metrics are ``test``.
+    eval_dir: Path | None = None
+    test_set: str | None = None
 
     @property
     def checkpoint_path(self) -> Path:
@@ -92,7 +97,7 @@ class Run:
 
     @property
     def predictions_path(self) -> Path:
-        return self.path / PREDICTIONS_FILE
+        return (self.eval_dir or self.path) / PREDICTIONS_FILE
 
     def metric(self, key: str) -> float | None:
         """Final test value of ``key`` or None."""
@@ -177,21 +182,12 @@ def read_run(path: str | Path) -> Run:
     if fmt != RUN_FORMAT:
         raise ValueError(f"unknown format {fmt!r} in config.json (this report reads {RUN_FORMAT!r})")
     final = _read_json(final_path)
-    if not isinstance(final, dict):
-        raise ValueError("corrupt: metrics.json is not a JSON object")
-    metrics = final["metrics"] if isinstance(final.get("metrics"), dict) else final
-    missing = [k for k in ACC_KEYS if not _finite(metrics.get(k))]
-    if missing:
-        raise ValueError(f"corrupt: metrics.json lacks {', '.join(missing)}")
+    test, test_ci = final_metrics(final)
     head = config.get("head")
     if not head:
         raise ValueError("corrupt: config.json names no head")
 
     warnings: list[str] = []
-    test = {k: float(metrics[k]) if _finite(metrics.get(k)) else None for k in METRIC_KEYS}
-    raw_ci = metrics.get("ci") or {}
-    test_ci = {k: (float(v[0]), float(v[1])) for k, v in raw_ci.items()
-               if isinstance(v, (list, tuple)) and len(v) == 2 and all(_finite(x) for x in v)}
     if not test_ci:
         warnings.append("metrics.json has no bootstrap intervals: claims about this run are inconclusive")
     cache_path, cache_id = _cache_identity(config)
@@ -210,6 +206,21 @@ def read_run(path: str | Path) -> Run:
         train_fraction=float(fraction) if _finite(fraction) else 1.0,
         n_train=int(n_train) if _finite(n_train) else None,
     )
+
+
+def final_metrics(final: Any) -> tuple[dict, dict]:
+    """``(test, test_ci)`` of a metrics.json (a run's own or an evaluation's); ValueError(reason) if unusable."""
+    if not isinstance(final, dict):
+        raise ValueError("corrupt: metrics.json is not a JSON object")
+    metrics = final["metrics"] if isinstance(final.get("metrics"), dict) else final
+    missing = [k for k in ACC_KEYS if not _finite(metrics.get(k))]
+    if missing:
+        raise ValueError(f"corrupt: metrics.json lacks {', '.join(missing)}")
+    test = {k: float(metrics[k]) if _finite(metrics.get(k)) else None for k in METRIC_KEYS}
+    raw_ci = metrics.get("ci") or {}
+    test_ci = {k: (float(v[0]), float(v[1])) for k, v in raw_ci.items()
+               if isinstance(v, (list, tuple)) and len(v) == 2 and all(_finite(x) for x in v)}
+    return test, test_ci
 
 
 def _candidate_dirs(root: Path, depth: int) -> list[Path]:

@@ -152,12 +152,13 @@ def records(runs: list[Run]) -> list[dict]:
             record[key] = run.metric(key)
             record[f"{key}_lo"], record[f"{key}_hi"] = ci if ci else (None, None)
         record["split"] = run.split
+        record["test_set"] = run.test_set
         record[f"best_val_{SELECT_KEY}"] = run.best_val()
         out.append(record)
     return out
 
 
-_STRING_COLUMNS = {"run", "path", "head", "predict", "cache", "cache_id", "cache_label", "split"}
+_STRING_COLUMNS = {"run", "path", "head", "predict", "cache", "cache_id", "cache_label", "split", "test_set"}
 _INT_COLUMNS = {"n_cells", "seed", "n_train"}
 
 

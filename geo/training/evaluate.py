@@ -147,11 +147,18 @@ def evaluate_split(
     return metrics, predictions
 
 
+def evaluation_name(cache_path: str | Path, split: str) -> str:
+    """The default ``--name`` of an evaluation: the cache's stem, plus ``-SPLIT`` for a split other than test."""
+    stem = Path(cache_path).stem
+    return stem if split == "test" else f"{stem}-{split}"
+
+
 def evaluate_run(
     run_dir: str | Path,
     *,
     cache_path: str | Path | None = None,
     split: str = "test",
+    name: str | None = None,
     predict: str | None = None,
     allow_other_provenance: bool = False,
     country_fn: CountryFn | None = None,
@@ -159,19 +166,26 @@ def evaluate_run(
     n_bootstrap: int = 1000,
     progress: bool = False,
 ) -> dict:
-    """Evaluate a saved run's selected model; write ``metrics.json`` and ``predictions.parquet``.
+    """Evaluate a saved run's selected model into ``RUN/eval/NAME/`` (metrics.json, predictions.parquet).
+
+    The run's own files (config, checkpoint, its test metrics and predictions) are never
+    written: each evaluation gets a folder of its own, so a report shows the run's test
+    results and every other test set apart.
 
     Args:
         run_dir: a run directory written by ``fit_head``.
         cache_path: the cache to evaluate on; default the run's own cache.
         split: the split of that cache to evaluate.
+        name: the evaluation's folder name (the test set's name in reports); default
+            ``evaluation_name(cache_path, split)`` (the cache's stem).
         predict: prediction mode; default the run's.
-        allow_other_provenance: evaluate on a cache whose provenance (backbone,
-            weights, transform ...) differs from the training cache's. Refused by
-            default: such features are not what the head was trained on.
+        allow_other_provenance: evaluate on a cache whose features were made otherwise
+            (backbone, checkpoint, transform, image size, precision) than the training
+            cache's. Refused by default: such features are not what the head was trained
+            on. Which manifest was read does not count (``geo extract --like``).
         device: "auto" (default), "cpu", "cuda" ...
     Returns:
-        The metrics dict written to ``metrics.json``.
+        The metrics dict written to ``metrics.json`` (with ``"eval_dir"``, ``"test_set"``).
     """
     from geo.cache.store import FeatureCache  # lazy: keeps `geo --help` fast
 
@@ -180,22 +194,30 @@ def evaluate_run(
     loaded = runs.load_head(run_dir, dev)
     config = loaded.config
     cache_path = Path(cache_path) if cache_path is not None else Path(config["cache_path"])
+    name = name if name is not None else evaluation_name(cache_path, split)
+    out_dir = runs.eval_dir(run_dir, name)
     with FeatureCache(cache_path) as cache:
         if cache.feature_dim != config["cache_feature_dim"]:
             raise ConfigError(
                 f"{cache_path}: feature_dim {cache.feature_dim}, but run {run_dir} was trained on "
                 f"feature_dim {config['cache_feature_dim']}"
             )
-        diffs = runs.config_differences(config["cache_provenance"], runs.json_safe(cache.provenance))
+        diffs = runs.feature_provenance_differences(config["cache_provenance"], runs.json_safe(cache.provenance))
         if diffs and not allow_other_provenance:
             raise ConfigError(
                 f"{cache_path}: provenance differs from the cache run {run_dir} was trained on "
                 f"({'; '.join(diffs)}); pass --allow-other-provenance to evaluate anyway"
             )
-        config = dict(config, predict=loaded.head.check_predict(predict or config["predict"]))
-        return score_and_write(loaded.head, cache, split, config, run_dir, device=dev, n_bootstrap=n_bootstrap,
-                               country_fn=country_fn, progress=progress, cache_path=str(cache_path),
-                               selected_step=loaded.selected_step)
+        if len(cache.split_rows(split)) == 0:
+            raise ConfigError(f"{cache_path}: no rows in split {split!r} "
+                              f" ({cache.n_rows} rows); choose another --split")
+        config = dict(config, predict=loaded.head.check_predict(predict or config["predict"]),
+                      cache_path=str(cache_path))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        metrics = score_and_write(loaded.head, cache, split, config, out_dir, device=dev, n_bootstrap=n_bootstrap,
+                                  country_fn=country_fn, progress=progress, selected_step=loaded.selected_step,
+                                  test_set=name, run=str(run_dir), other_provenance=bool(diffs))
+        return dict(metrics, eval_dir=str(out_dir))
 
 
 def score_and_write(head, cache, split: str, config: dict, run_dir: Path, *, device: torch.device,
@@ -210,7 +232,7 @@ def score_and_write(head, cache, split: str, config: dict, run_dir: Path, *, dev
         feature_dtype=feature_dtype(config["precision"]), batch_size=config["eval_batch_size"],
         n_bootstrap=n_bootstrap, topk=config.get("topk", TOPK), country_fn=country_fn, progress=progress,
     )
-    metrics = {**metrics, "cache_path": config["cache_path"], **extra}
+    metrics = {**metrics, "cache_path": config["cache_path"], "cache_n_skipped": len(cache.skipped), **extra}
     runs.write_predictions(Path(run_dir) / runs.PREDICTIONS_FILE, **preds)
     runs.write_json(Path(run_dir) / runs.METRICS_FILE, metrics)
     return metrics

@@ -13,7 +13,11 @@ A run directory ``runs/NAME/`` holds
   (``geo.metrics.summarize`` + ``"split"``, ``"predict"``);
 - ``predictions.parquet``: one row per evaluated image: id, lat, lon,
   pred_lat, pred_lon, dist_km, topk_lat, topk_lon, topk_prob (lists of k),
-  log_density (nats per steradian at the true point; null without a density).
+  log_density (nats per steradian at the true point; null without a density);
+- ``eval/NAME/``: one folder per later ``geo evaluate`` (``metrics.json`` and
+  ``predictions.parquet`` as above, for another test set or split); evaluating
+  never touches the run's own files, so a report reads the run's test results
+  and each further test set apart (``eval_dir``, ``list_evaluations``).
 
 Every file is written under a temporary name and renamed (``geo.files.atomic_write``),
 so a killed run never leaves a half-written file under the final name.
@@ -47,6 +51,11 @@ METRICS_LOG_FILE = "metrics.jsonl"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 PREDICTIONS_FILE = "predictions.parquet"
+EVAL_DIR = "eval"
+
+# Provenance keys that describe which images were read, not how features were made: a test
+# set extracted `--like` a training cache differs from it only in these.
+MANIFEST_PROVENANCE_KEYS = frozenset({"manifest_sha256", "like_cache", "like_manifest_sha256"})
 
 # Keys of config.json that may differ between a run and its resumption: where the
 # cache is (its provenance is compared), what follows from other keys, the code version.
@@ -147,6 +156,31 @@ def config_differences(old: dict, new: dict) -> list[str]:
         ):
             diffs.append(f"{key}: {a!r} -> {b!r}")
     return diffs
+
+
+def feature_provenance_differences(trained_on: dict, other: dict) -> list[str]:
+    """``config_differences`` of two caches' provenance, ignoring which manifest was read.
+
+    Two caches made by the same checkpoint, transform, image size and precision hold
+    comparable features whatever images they hold (``geo extract --like``).
+    """
+    keep = lambda prov: {k: v for k, v in prov.items() if k not in MANIFEST_PROVENANCE_KEYS}  # noqa: E731
+    return config_differences(keep(trained_on), keep(other))
+
+
+def eval_dir(run_dir: Path, name: str) -> Path:
+    """``RUN/eval/NAME``: where ``geo evaluate`` writes one evaluation (NAME checked: one plain folder name)."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(f"--name {name!r}: use a plain folder name (no '/', not '.' or '..')")
+    return Path(run_dir) / EVAL_DIR / name
+
+
+def list_evaluations(run_dir: Path) -> list[Path]:
+    """The ``RUN/eval/*`` folders holding a ``metrics.json``, sorted by name."""
+    root = Path(run_dir) / EVAL_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / METRICS_FILE).is_file())
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

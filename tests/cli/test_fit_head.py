@@ -34,10 +34,18 @@ def test_fit_head_then_evaluate(cache, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["country_acc"] <= 1
 
+    own = (out / "metrics.json").read_bytes()
     result = CliRunner().invoke(cli, ["evaluate", str(out), "--split", "val"])
     assert result.exit_code == 0, result.output
-    assert "val split" in result.output
-    assert json.loads((out / "metrics.json").read_text())["split"] == "val"
+    assert "val split" in result.output and str(out / "eval" / "loc-val") in result.output
+    assert json.loads((out / "eval" / "loc-val" / "metrics.json").read_text())["split"] == "val"
+    assert (out / "metrics.json").read_bytes() == own  # the run's own test metrics stay
+    result = CliRunner().invoke(cli, ["evaluate", str(out), "--cache", cache, "--name", "again"])
+    assert result.exit_code == 0, result.output
+    again = json.loads((out / "eval" / "again" / "metrics.json").read_text())
+    assert again["test_set"] == "again" and again["acc@750km"] == metrics["acc@750km"]
+    result = CliRunner().invoke(cli, ["evaluate", str(out), "--name", "../up"])
+    assert result.exit_code == 2 and "--name '../up'" in result.output
 
 
 def test_user_errors_exit_2_with_a_message(cache, tmp_path):

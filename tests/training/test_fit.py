@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -17,6 +19,7 @@ from geo.geometry import latlon_to_xyz, xyz_to_latlon
 from geo.heads import head_class, list_heads, register_head
 from geo.training.evaluate import evaluate_run
 from geo.heads.mvmf import MvMFHead
+from geo.training import runs
 from geo.training.config import FitConfig
 from geo.training.fit import fit_head
 from geo.training.trainer import TrainingError, lr_at, train_step
@@ -162,14 +165,41 @@ def test_evaluate_run_reproduces_the_final_metrics_and_checks_provenance(cache, 
     again = evaluate_run(run)
     assert {k: again[k] for k in ("n", "acc@750km", "geoscore", "nll_nats", "ci")} == \
         {k: final[k] for k in ("n", "acc@750km", "geoscore", "nll_nats", "ci")}
+    assert again["test_set"] == "loc" and Path(again["eval_dir"]) == run / "eval" / "loc"
     val = evaluate_run(run, split="val", n_bootstrap=0)
-    assert val["split"] == "val" and json.loads((run / "metrics.json").read_text())["split"] == "val"
+    assert val["split"] == "val" and json.loads((run / "eval" / "loc-val" / "metrics.json").read_text())["split"] == "val"
+    assert json.loads((run / "metrics.json").read_text())["split"] == "test"
     other = make_location_cache(tmp_path / "other.h5", n=400, provenance={"backbone": "resnet18"})
     with pytest.raises(ConfigError, match="backbone: 'synthetic' -> 'resnet18'"):
         evaluate_run(run, cache_path=other)
     assert evaluate_run(run, cache_path=other, allow_other_provenance=True, n_bootstrap=0)["n"] > 0
+    assert (run / "eval" / "other" / "predictions.parquet").is_file()
     with pytest.raises(ConfigError, match="--predict centre is not available for head 'mvmf'"):
         evaluate_run(run, predict="centre")
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_evaluate_leaves_the_run_files_byte_identical(cache, tmp_path):
+    """Another test set (same features, other manifest) goes to RUN/eval/NAME; the run's files stay."""
+    run = tmp_path / "run"
+    fit_head(cache, FitConfig(head="softmax", **dict(FAST, epochs=1)), run, progress=False)
+    before = _hashes(run)
+    provenance = json.loads((run / "config.json").read_text())["cache_provenance"]
+    second = make_location_cache(tmp_path / "second.h5", n=300, seed=5,
+                                 provenance=dict(provenance, manifest_sha256="ef56" * 16, like_cache="x.h5"))
+    metrics = evaluate_run(run, cache_path=second, n_bootstrap=10)  # manifest keys differ: accepted
+    assert metrics["test_set"] == "second" and metrics["cache_path"] == str(second)
+    evaluate_run(run, cache_path=second, split="val", name="second-val", n_bootstrap=0)
+    after = _hashes(run)
+    assert {k: v for k, v in after.items() if not k.startswith("eval/")} == before
+    assert sorted(k for k in after if k.startswith("eval/")) == [
+        "eval/second-val/metrics.json", "eval/second-val/predictions.parquet",
+        "eval/second/metrics.json", "eval/second/predictions.parquet"]
+    assert runs.list_evaluations(run) == [run / "eval" / "second", run / "eval" / "second-val"]
 
 
 def test_learning_rate_schedule_is_linear_warmup_then_cosine():
