@@ -34,6 +34,7 @@ CPU tensors (float64 exists on every device's host; predictions go to disk).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -41,7 +42,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from geo.errors import ConfigError
-from geo.geometry import normalize, vmf_log_density_pairwise, vmf_log_normalizer, xyz_to_latlon
+from geo.geometry import EARTH_RADIUS_KM, normalize, vmf_log_density_pairwise, vmf_log_normalizer, xyz_to_latlon
 from geo.heads.registry import register_head
 from geo.heads.base import CellHead, VmfMixture, matmul_dtype_of
 from geo.heads.mvmf_loss import mvmf_log_density_at
@@ -207,7 +208,7 @@ class MvMFHead(CellHead):
         return torch.cat(out, dim=1) if out else log_weights.new_zeros((n_rows, 0))
 
     def predict(self, logits: torch.Tensor, k: int = 1, mode: str = "argmax", *, n_starts: int = 8,
-                n_components: int = 256, max_iter: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+                n_components: int = 256, max_iter: int = 10_000) -> tuple[torch.Tensor, torch.Tensor]:
         """Predicted locations ``(lat_deg [B, k], lon_deg [B, k])``, float64 degrees.
 
         mode="argmax" (eq. 7, the paper's): the means of the k components with the
@@ -215,10 +216,13 @@ class MvMFHead(CellHead):
         mode="mode" (eq. 6): local maxima of the density, best first, found by the
         fixed-point iteration y <- normalize(sum_i r_i(y) kappa_i mu_i) (r = posterior
         responsibilities, computed in log space) from the ``max(n_starts, 2k)``
-        components with the highest peak Gamma_i C(kappa_i), which is an MM ascent, so
-        each start climbs monotonically to a local maximum. The search uses the
-        ``n_components`` components of highest peak: the neglected ones add at most
-        their summed peaks to the density. Distinct maxima (further apart than
+        component means where the mixture density is highest (so clusters of light
+        overlapping components are searched, not only the heaviest isolated ones),
+        which is an MM ascent, so each start climbs monotonically to a local maximum;
+        it runs until converged (a RuntimeWarning names rows still moving after
+        ``max_iter`` iterations). The search uses the ``n_components`` components of
+        highest peak Gamma_i C(kappa_i): the neglected ones add at most their summed
+        peaks to the density. Distinct maxima (further apart than
         ~1 m) come first; fewer than k distinct maxima are padded with repeats.
         """
         k = self._check_k(k)
@@ -230,7 +234,8 @@ class MvMFHead(CellHead):
                               f"not {mode!r}")
         n_starts = max(n_starts, 2 * k)
         # The search's temporaries are [rows, starts, components, 3] float64: chunk the rows.
-        rows = max(1, self.max_chunk_bytes // (4 * 8 * 3 * n_starts * min(n_components, self.n_cells)))
+        n_comp = min(n_components, self.n_cells)  # + the [rows, L, L] densities at the means that rank the starts
+        rows = max(1, self.max_chunk_bytes // (4 * 8 * (3 * n_starts * n_comp + n_comp * n_comp)))
         with torch.no_grad():
             points = torch.cat([_density_modes(self, logits[r:r + rows], k, n_starts, n_components, max_iter)
                                 for r in range(0, logits.shape[0], rows)]) if logits.shape[0] else \
@@ -239,8 +244,19 @@ class MvMFHead(CellHead):
 
 
 def _density_modes(head: MvMFHead, logits: torch.Tensor, k: int, n_starts: int, n_components: int,
-                   max_iter: int, tol_rad: float = 1e-13) -> torch.Tensor:
-    """k highest local maxima of each row's MvMF density, ``[B, k, 3]`` float64 unit vectors."""
+                   max_iter: int, step_tol_rad: float = 1e-13, tol_rad: float = 1e-10) -> torch.Tensor:
+    """k highest local maxima of each row's MvMF density, ``[B, k, 3]`` float64 unit vectors.
+
+    Starts: the ``n_starts`` retained components whose means have the highest *mixture*
+    density (not the highest own peak): a cluster of overlapping light components
+    whose sum beats an isolated heavy one is then searched from inside the cluster.
+    Convergence: a start stops when its step is below ``step_tol_rad`` or its
+    estimated remaining distance to the fixed point, ``step * rho / (1 - rho)`` with
+    rho the ratio of its last two steps (the iteration converges linearly, slowly
+    near a bifurcation of two modes), is below ``tol_rad`` (~0.6 mm). Rows still
+    moving after ``max_iter`` iterations raise a ``RuntimeWarning`` naming them and
+    the estimated error; only unconverged rows keep iterating, so the long tail is cheap.
+    """
     f64 = torch.float64
     # float64 throughout (on the CPU for devices without it): the iteration resolves metres.
     device = head.mu_raw.device if head._exact(head.mu_raw.device) else torch.device("cpu")
@@ -254,22 +270,42 @@ def _density_modes(head: MvMFHead, logits: torch.Tensor, k: int, n_starts: int, 
     lw = torch.gather(log_weights, 1, comp)                              # [B, L]
     mu = mu_all[comp]                                                    # [B, L, 3]
     lk = log_kappa_all[comp]                                             # [B, L]
-    kappa_mu = torch.exp(lk)[..., None] * mu                             # [B, L, 3]
+    kappa = torch.exp(lk)
+    kappa_mu = kappa[..., None] * mu                                     # [B, L, 3]
     log_norm = vmf_log_normalizer(lk)                                    # [B, L]
 
-    def log_terms(y: torch.Tensor) -> torch.Tensor:                     # y [B, S, 3] -> [B, S, L]
-        sq_chord = (y[:, :, None, :] - mu[:, None, :, :]).pow(2).sum(-1)
-        return lw[:, None, :] + log_norm[:, None, :] - 0.5 * torch.exp(lk)[:, None, :] * sq_chord
+    def log_terms(y: torch.Tensor, rows=slice(None)) -> torch.Tensor:   # y [b, S, 3] -> [b, S, L]
+        sq_chord = (y[:, :, None, :] - mu[rows, None, :, :]).pow(2).sum(-1)
+        return (lw[rows] + log_norm[rows])[:, None, :] - 0.5 * kappa[rows, None, :] * sq_chord
 
+    # The mixture's log density at each retained mean ([B, L]), by the float64 dot form
+    # |a - b|^2 = 2 - 2 a.b (error ~1e-16 kappa nats: enough to rank starts).
+    sq_chord_means = (2.0 - 2.0 * torch.einsum("bld,bmd->blm", mu, mu)).clamp_min(0.0)
+    at_means = torch.logsumexp((lw + log_norm)[:, None, :] - 0.5 * kappa[:, None, :] * sq_chord_means, dim=-1)
     n_start = min(n_starts, n_comp)
-    y = mu[:, :n_start, :].clone()                                       # topk is sorted: best peaks first
+    starts = torch.topk(at_means, n_start, dim=-1).indices               # [B, S]
+    y = torch.gather(mu, 1, starts[..., None].expand(-1, -1, 3)).clone()
+    active = torch.arange(y.shape[0], device=device)                    # rows still iterating
+    last_step = torch.full(y.shape[:2], math.inf, dtype=f64, device=device)
+    error = torch.zeros(y.shape[:2], dtype=f64, device=device)          # estimated distance left (rad)
     for _ in range(max_iter):
-        resp = torch.softmax(log_terms(y), dim=-1)                       # responsibilities, in log space
-        y_new = normalize(torch.einsum("bsl,bld->bsd", resp, kappa_mu))
-        step = (y_new - y).norm(dim=-1).max()
-        y = y_new
-        if step <= tol_rad:
+        if active.numel() == 0:
             break
+        ya = y[active]
+        resp = torch.softmax(log_terms(ya, active), dim=-1)              # responsibilities, in log space
+        y_new = normalize(torch.einsum("bsl,bld->bsd", resp, kappa_mu[active]))
+        step = (y_new - ya).norm(dim=-1)                                 # [b, S]
+        rho = step / last_step[active]
+        linear = (rho < 1) & torch.isfinite(last_step[active])          # no rate estimate on the first step
+        left = torch.where(linear, step * rho / (1 - rho), torch.full_like(step, math.inf))
+        done = (step <= step_tol_rad) | (left <= tol_rad)
+        y[active], last_step[active] = y_new, step
+        error[active] = torch.where(done, torch.zeros_like(left), torch.where(linear, left, step))
+        active = active[~done.all(dim=-1)]
+    if active.numel():
+        warnings.warn(f"MvMF mode search: {active.numel()} of {y.shape[0]} rows did not converge in {max_iter} "
+                      f"iterations (estimated error up to {float(error[active].max()) * EARTH_RADIUS_KM * 1e3:.3g} m; "
+                      f"raise max_iter)", RuntimeWarning, stacklevel=3)
     log_dens = torch.logsumexp(log_terms(y), dim=-1)                     # [B, S]
     # Rank by density, putting repeats of an earlier (higher) maximum last.
     order = torch.argsort(log_dens, dim=-1, descending=True)
