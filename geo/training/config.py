@@ -55,6 +55,8 @@ class FitConfig:
     train_kappa: bool = _option(True, "MvMF: learn the concentrations.", flag="--train-kappa/--fixed-kappa")
     mu_init: str = _option("centre", "MvMF: initial means at the cell centres or the cells' training-point means.",
                            choices=("centre", "mean"))
+    label_smoothing_km: float = _option(0.0, "Softmax: haversine label smoothing tau in km (PIGEON's target "
+                                             "exp(-(d(y, centre_j) - d(y, centre_true)) / tau)); 0 = cross-entropy.")
     predict: str | None = _option(None, "Prediction mode; default the head's first (mvmf: argmax | mode; "
                                         "softmax: centre | mean | argmax | mode).")
     batch_size: int = _option(1024, "Rows per step (use 8192+ on a GPU, with a larger --lr).")
@@ -86,6 +88,8 @@ def check_options(config: FitConfig) -> None:
             raise ConfigError(f"{name} must be >= 1, not {getattr(config, name)}")
     if config.eval_every < 0 or config.lr <= 0 or not 0 <= config.warmup_fraction < 1:
         raise ConfigError("eval_every must be >= 0, lr > 0 and warmup_fraction in [0, 1)")
+    if not 0 <= config.label_smoothing_km < float("inf"):
+        raise ConfigError(f"--label-smoothing-km must be a finite number >= 0, not {config.label_smoothing_km}")
     if config.mu_init not in ("centre", "mean"):
         raise ConfigError(f"--mu-init must be centre or mean, not {config.mu_init!r}")
 
