@@ -92,6 +92,7 @@ class Head(nn.Module):
     has_density: ClassVar[bool] = False
     predict_modes: ClassVar[tuple[str, ...]] = ("argmax",)
     sweep_options: ClassVar[dict[str, str]] = {}
+    shared_components: ClassVar[bool] = False  # a mixture whose components do not depend on the input (MvMF)
 
     def __init__(self, feature_dim: int):
         super().__init__()
@@ -149,6 +150,36 @@ class Head(nn.Module):
         """One row's density as cell probabilities over a partition, or None when it is not one."""
         return None
 
+    # ---- the product W x + b of heads with a ``linear`` layer and a ``matmul_dtype`` ----------
+
+    def linear_product(self, features: torch.Tensor) -> torch.Tensor:
+        """``self.linear(features)`` ``[B, out]`` in float32 (float64 for a float64 head), features of any float dtype.
+
+        With ``self.matmul_dtype = bfloat16`` only the products run in bf16 (inputs cast
+        explicitly, no autocast): W x in forward and the weight gradient in backward
+        (``LowPrecisionLinear``); the result, the bias and all gradients are float32.
+        """
+        weight, bias = self.linear.weight, self.linear.bias
+        if getattr(self, "matmul_dtype", None) is None:
+            return F.linear(features.to(weight.dtype), weight, bias)
+        return LowPrecisionLinear.apply(features, weight, bias, self._low_precision_weight(weight))
+
+    def _low_precision_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """W cast to ``matmul_dtype``, written into a buffer kept between calls.
+
+        Recast on every call (the fused AdamW updates W without bumping its version
+        counter, so a cached copy could not tell it is stale), but into the same
+        memory: a fresh [c, d] tensor costs more in page faults than the cast itself.
+        A plain attribute, not a registered buffer: it is not part of the state.
+        """
+        cached = getattr(self, "_weight_cast", None)
+        if cached is None or cached.shape != weight.shape or cached.device != weight.device \
+                or cached.dtype != self.matmul_dtype:
+            cached = torch.empty(weight.shape, dtype=self.matmul_dtype, device=weight.device)
+            self._weight_cast = cached
+        with torch.no_grad():
+            return cached.copy_(weight)
+
     def _check_k(self, k: int) -> int:
         if not 1 <= int(k) <= self.max_k:
             raise ConfigError(f"k must be between 1 and {self.max_k} (this head's max_k), not {k}")
@@ -191,32 +222,8 @@ class CellHead(Head):
         return [self.linear.weight] if self.linear.weight.requires_grad else []
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, c]`` (float32, or float64 for a float64 head) from features ``[B, d]`` of any float dtype.
-
-        With ``matmul_dtype=bfloat16`` only the products run in bf16 (inputs cast
-        explicitly, no autocast): W x in forward and the weight gradient in backward
-        (``LowPrecisionLinear``); the logits, the bias and all gradients are float32.
-        """
-        weight, bias = self.linear.weight, self.linear.bias
-        if self.matmul_dtype is None:
-            return F.linear(features.to(weight.dtype), weight, bias)
-        return LowPrecisionLinear.apply(features, weight, bias, self._low_precision_weight(weight))
-
-    def _low_precision_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """W cast to ``matmul_dtype``, written into a buffer kept between calls.
-
-        Recast on every call (the fused AdamW updates W without bumping its version
-        counter, so a cached copy could not tell it is stale), but into the same
-        memory: a fresh [c, d] tensor costs more in page faults than the cast itself.
-        A plain attribute, not a registered buffer: it is not part of the state.
-        """
-        cached = getattr(self, "_weight_cast", None)
-        if cached is None or cached.shape != weight.shape or cached.device != weight.device \
-                or cached.dtype != self.matmul_dtype:
-            cached = torch.empty(weight.shape, dtype=self.matmul_dtype, device=weight.device)
-            self._weight_cast = cached
-        with torch.no_grad():
-            return cached.copy_(weight)
+        """Logits ``[B, c]`` (float32, or float64 for a float64 head) from features ``[B, d]`` of any float dtype."""
+        return self.linear_product(features)
 
     def topk(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k largest softmax probabilities ``[B, k]`` and their cell/component indices ``[B, k]`` int64."""

@@ -10,11 +10,22 @@ import pytest
 import torch
 
 from geo.errors import ConfigError
-from geo.heads import Head, create_head, list_heads, register_head
+from geo.heads import Head, create_head, head_class, list_heads, register_head
 from support.sphere import CubePartition, fibonacci_sphere
 
-# Options that make each head's density resolvable by the quadrature grid (kappa = 50 for MvMF).
-TEST_OPTIONS = {"mvmf": {"kappa0": math.log(50.0)}}
+# Per head: options that make its density resolvable by the quadrature grid (kappa = 50 for MvMF,
+# ~e^3 for the input-dependent vMFs), the shape of its output for a batch of B rows, and the k its
+# predict / topk are tested with. Every registered head must have an entry (a new head without one fails).
+C = CubePartition.n_cells
+HEADS = {
+    "mvmf": dict(options={"kappa0": math.log(50.0)}, shape=lambda b: (b, C), k=2),
+    "softmax": dict(options={}, shape=lambda b: (b, C), k=2),
+    "vmf": dict(options={"log_kappa0": 3.0}, shape=lambda b: (b, 1, 5), k=1),
+    "vmf-mixture": dict(options={"n_components": 3, "log_kappa0": 3.0}, shape=lambda b: (b, 3, 5), k=2),
+}
+TEST_OPTIONS = {name: case["options"] for name, case in HEADS.items()}
+# The heads geo itself registers (tests elsewhere register stand-ins of their own).
+BUILT_IN = [name for name in list_heads() if head_class(name).__module__.startswith("geo.heads.")]
 FEATURE_DIM = 8
 
 
@@ -41,31 +52,37 @@ def test_registry_names_and_errors():
         register_head("mvmf")(type("Other", (Head,), {}))
 
 
-@pytest.mark.parametrize("name", list_heads())
+def test_every_built_in_head_has_a_test_case():
+    assert set(BUILT_IN) <= set(HEADS), sorted(set(BUILT_IN) - set(HEADS))
+    assert {"mvmf", "softmax", "vmf", "vmf-mixture"} <= set(BUILT_IN)
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
 @pytest.mark.parametrize("feature_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_shapes_and_finite_values(name, feature_dtype):
     head = make(name)
     x, y = batch()
-    c = CubePartition.n_cells
+    kk = HEADS[name]["k"]
     with torch.no_grad():
         logits = head(x.to(feature_dtype))
-        assert logits.shape == (5, c) and logits.dtype == torch.float32
+        assert logits.shape == HEADS[name]["shape"](5) and logits.dtype == torch.float32
         loss = head.loss(logits, y)
         assert loss.shape == () and torch.isfinite(loss)
         assert head.log_density_at(logits, y).shape == (5,)
         dens = head.log_density(logits, y[:3])
         assert dens.shape == (5, 3) and torch.isfinite(dens).all()
-        probs, index = head.topk(logits, 2)
-        assert probs.shape == index.shape == (5, 2) and index.dtype == torch.int64
-        assert torch.all(probs[:, 0] >= probs[:, 1]) and torch.all(probs.sum(1) <= 1 + 1e-6)
-        for mode in ["argmax"] + (["mode"] if head.has_density else []):
-            lat_deg, lon_deg = head.predict(logits, k=2, mode=mode)
-            assert lat_deg.shape == lon_deg.shape == (5, 2)
+        assert head.max_k >= kk
+        probs, index = head.topk(logits, kk)
+        assert probs.shape == index.shape == (5, kk) and index.dtype == torch.int64
+        assert torch.all(probs[:, :1] >= probs[:, -1:]) and torch.all(probs.sum(1) <= 1 + 1e-6)
+        for mode in head.predict_modes:
+            lat_deg, lon_deg = head.predict(logits, k=kk, mode=mode)
+            assert lat_deg.shape == lon_deg.shape == (5, kk)
             assert torch.all(lat_deg.abs() <= 90) and torch.all(lon_deg.abs() <= 180)
             assert torch.isfinite(lat_deg).all() and torch.isfinite(lon_deg).all()
 
 
-@pytest.mark.parametrize("name", list_heads())
+@pytest.mark.parametrize("name", BUILT_IN)
 def test_every_trainable_parameter_gets_a_gradient(name):
     head = make(name)
     x, y = batch(16)
@@ -77,7 +94,7 @@ def test_every_trainable_parameter_gets_a_gradient(name):
         assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
 
 
-@pytest.mark.parametrize("name", list_heads())
+@pytest.mark.parametrize("name", BUILT_IN)
 def test_density_integrates_to_one(name):
     head = make(name).double()
     if not head.has_density:
@@ -89,7 +106,7 @@ def test_density_integrates_to_one(name):
     np.testing.assert_allclose(integral.numpy(), 1.0, atol=2e-3)
 
 
-@pytest.mark.parametrize("name", list_heads())
+@pytest.mark.parametrize("name", BUILT_IN)
 def test_options_recreate_the_head(name):
     head = make(name)
     json.dumps(head.options)  # JSON-able: it goes into config.json
@@ -100,7 +117,7 @@ def test_options_recreate_the_head(name):
     torch.testing.assert_close(again.loss(again(x), y), head.loss(head(x), y))
 
 
-@pytest.mark.parametrize("name", list_heads())
+@pytest.mark.parametrize("name", BUILT_IN)
 def test_bf16_matmul_agrees_with_float32(name):
     head32 = make(name)
     head16 = make(name, matmul_dtype="bfloat16")
@@ -110,8 +127,10 @@ def test_bf16_matmul_agrees_with_float32(name):
     logits32, logits16 = head32(x), head16(x)
     assert logits16.dtype == torch.float32
     # each bf16 operand carries a relative rounding error <= 2^-9, so each product <= ~2^-8
+    product32, product16 = head32.linear_product(x), head16.linear_product(x)
+    assert product16.dtype == torch.float32
     bound = 2.0**-7 * (x.abs() @ head32.linear.weight.abs().T) + 1e-6
-    assert torch.all((logits16 - logits32).abs() <= bound)
+    assert torch.all((product16 - product32).abs() <= bound)
     loss16 = head16.loss(logits16, y)
     loss16.backward()
     assert head16.linear.weight.grad.dtype == torch.float32
