@@ -27,6 +27,12 @@ Declared facts, read by training, sweeps, reports, credible radii and
   (``{"kappa0": "k"}`` for MvMF: runs ``mvmf-c1024-k16``);
 - ``options_from_config(config)``: the keyword options of ``create_head`` from a
   run's resolved configuration (``config.json``), i.e. how it is rebuilt;
+- ``needs_calibration`` and ``calibrate(outputs, target_xyz)``: a head that fits
+  something on held-out data after (or while) its parameters are trained declares
+  ``needs_calibration = True``; the trainer then calls ``calibrate`` with the head's
+  outputs on the whole val split and the true points ``[n, 3]`` before every val
+  evaluation, so the selected state carries its own calibration (e.g. the
+  regression head's one kappa, a buffer). The default does nothing;
 - ``vmf_mixture(output)`` / ``cell_density(output)``: the density in a form the
   credible radii and maps integrate exactly (a vMF mixture, or a piecewise-constant
   density over a partition's cells); None when the head's density is not of that form.
@@ -92,6 +98,7 @@ class Head(nn.Module):
     has_density: ClassVar[bool] = False
     predict_modes: ClassVar[tuple[str, ...]] = ("argmax",)
     sweep_options: ClassVar[dict[str, str]] = {}
+    needs_calibration: ClassVar[bool] = False  # the trainer calls calibrate() on val outputs before evaluating
     shared_components: ClassVar[bool] = False  # a mixture whose components do not depend on the input (MvMF)
 
     def __init__(self, feature_dim: int):
@@ -141,6 +148,12 @@ class Head(nn.Module):
     def weight_decay_parameters(self) -> list[nn.Parameter]:
         """The parameters decoupled weight decay applies to (matrices acting on features)."""
         return [p for p in self.parameters() if p.requires_grad and p.ndim >= 2 and p.shape[-1] == self.feature_dim]
+
+    def calibrate(self, outputs: torch.Tensor, target_xyz: torch.Tensor) -> None:
+        """Fit what the head fits on held-out data: its ``outputs`` on the val split and the true points ``[n, 3]``.
+
+        Called by the trainer only for heads declaring ``needs_calibration``; the default does nothing.
+        """
 
     def vmf_mixture(self, output_row: torch.Tensor) -> VmfMixture | None:
         """One row's density as a vMF mixture, or None when it is not one."""

@@ -25,7 +25,7 @@ from geo.geometry import latlon_to_xyz
 from geo.heads import Head, head_class
 from geo.sphere.partition import Partition
 from geo.training import runs
-from geo.training.evaluate import CountryFn, evaluate_split, feature_dtype, features_to_tensor, score_and_write
+from geo.training.evaluate import CountryFn, calibrate_on_split, evaluate_split, feature_dtype, features_to_tensor, score_and_write
 
 
 class TrainingError(GeoError):
@@ -201,6 +201,9 @@ class HeadTrainer:
         """Score the head on val, keep it if best so far, log a line, save the checkpoint; returns the score."""
         state, cfg = self.state, self.cfg
         t0 = time.perf_counter()
+        if self.head.needs_calibration:  # e.g. the regression head's kappa: fitted on val before scoring val
+            calibrate_on_split(self.head, self.cache, "val", device=self.device, feature_dtype=self.x_dtype,
+                               batch_size=cfg["eval_batch_size"])
         metrics, _ = evaluate_split(self.head, self.cache, "val", predict=cfg["predict"], device=self.device,
                                     feature_dtype=self.x_dtype, batch_size=cfg["eval_batch_size"])
         if cfg["select_by"] not in metrics:

@@ -20,6 +20,7 @@ C = CubePartition.n_cells
 HEADS = {
     "mvmf": dict(options={"kappa0": math.log(50.0)}, shape=lambda b: (b, C), k=2),
     "softmax": dict(options={}, shape=lambda b: (b, C), k=2),
+    "regression": dict(options={}, shape=lambda b: (b, 3), k=1),
     "vmf": dict(options={"log_kappa0": 3.0}, shape=lambda b: (b, 1, 5), k=1),
     "vmf-mixture": dict(options={"n_components": 3, "log_kappa0": 3.0}, shape=lambda b: (b, 3, 5), k=2),
 }

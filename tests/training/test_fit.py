@@ -46,7 +46,7 @@ def _mean_baseline_acc750(cache_path) -> float:
 @pytest.mark.parametrize("head, options", [
     ("mvmf", {}), ("softmax", {"n_cells": 128}), ("softmax", {"predict": "mean"}),
     ("softmax", {"n_cells": 128, "label_smoothing_km": 300.0}),
-    ("vmf", {"epochs": 15}), ("vmf-mixture", {"epochs": 15, "mixture_components": 4, "predict": "mode"}),
+    ("vmf", {"epochs": 15}), ("regression", {"epochs": 15}), ("vmf-mixture", {"epochs": 15, "mixture_components": 4, "predict": "mode"}),
 ])
 def test_heads_beat_the_mean_baseline(cache, tmp_path, head, options):
     # Softmax predicts at cell centres: it needs cells small enough around the cities.
@@ -206,3 +206,20 @@ def test_chunked_step_equals_one_whole_batch_step():
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-12)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_calibrating_head_is_calibrated_on_val_before_selection(cache, tmp_path):
+    # The regression head declares needs_calibration: its kappa is the MLE on the val split of the
+    # selected weights, saved with them (no `if name ==` anywhere in the trainer).
+    from geo.cache.store import FeatureCache
+    from geo.heads.regression import fit_log_kappa
+
+    fit_head(cache, FitConfig(head="regression", **dict(FAST, epochs=2)), tmp_path / "run", progress=False)
+    head = load_head(tmp_path / "run").head
+    with FeatureCache(cache) as c:
+        val = c.split_rows("val")
+        out = head(torch.from_numpy(c.load_features(np.sort(val)).astype(np.float32))).detach().double().numpy()
+        y = latlon_to_xyz(c.lat_deg[np.sort(val)], c.lon_deg[np.sort(val)])
+    s = np.mean(0.5 * np.sum((out - y) ** 2, axis=1))
+    assert float(head.log_kappa) == pytest.approx(fit_log_kappa(s), abs=1e-5)
+    assert float(head.log_kappa) != 0.0  # not the uncalibrated kappa = 1
