@@ -21,6 +21,7 @@ Cell heads read only the partition's ``centres_xyz [c, 3]``, ``means_xyz [c, 3]`
 from geo.heads import mvmf as _mvmf  # noqa: F401  (registers "mvmf")
 from geo.heads import regression as _regression  # noqa: F401  (registers "regression")
 from geo.heads import softmax as _softmax  # noqa: F401  (registers "softmax")
+from geo.heads import softmax_hier as _softmax_hier  # noqa: F401  (registers "softmax-hier")
 from geo.heads import vmf as _vmf  # noqa: F401  (registers "vmf")
 from geo.heads import vmf_mixture as _vmf_mixture  # noqa: F401  (registers "vmf-mixture")
 from geo.heads.base import CellHead, Head, LowPrecisionLinear, resolve_matmul_dtype

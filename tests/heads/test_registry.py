@@ -11,6 +11,7 @@ import torch
 
 from geo.errors import ConfigError
 from geo.heads import Head, create_head, head_class, list_heads, register_head
+from geo.sphere.partition import Partition
 from support.sphere import CubePartition, fibonacci_sphere
 
 # Per head: options that make its density resolvable by the quadrature grid (kappa = 50 for MvMF,
@@ -20,6 +21,7 @@ C = CubePartition.n_cells
 HEADS = {
     "mvmf": dict(options={"kappa0": math.log(50.0)}, shape=lambda b: (b, C), k=2),
     "softmax": dict(options={}, shape=lambda b: (b, C), k=2),
+    "softmax-hier": dict(options={}, shape=lambda b: (b, 48 + 12 + 6), k=2, partition=lambda: _real_partition(48)),
     "regression": dict(options={}, shape=lambda b: (b, 3), k=1),
     "vmf": dict(options={"log_kappa0": 3.0}, shape=lambda b: (b, 1, 5), k=1),
     "vmf-mixture": dict(options={"n_components": 3, "log_kappa0": 3.0}, shape=lambda b: (b, 3, 5), k=2),
@@ -30,9 +32,20 @@ BUILT_IN = [name for name in list_heads() if head_class(name).__module__.startsw
 FEATURE_DIM = 8
 
 
+def _real_partition(n_cells: int):
+    """A PlaNet partition of scattered points (for heads that read cell ids and counts)."""
+    rng = np.random.default_rng(0)
+    return Partition.build(np.degrees(np.arcsin(rng.uniform(-1, 1, 4000))), rng.uniform(-180, 180, 4000), n_cells)
+
+
+def partition_of(name: str):
+    return HEADS.get(name, {}).get("partition", CubePartition)()
+
+
 def make(name: str, **extra) -> Head:
     torch.manual_seed(0)
-    return create_head(name, feature_dim=FEATURE_DIM, partition=CubePartition(), **{**TEST_OPTIONS.get(name, {}), **extra})
+    return create_head(name, feature_dim=FEATURE_DIM, partition=partition_of(name),
+                       **{**TEST_OPTIONS.get(name, {}), **extra})
 
 
 def batch(n=5, seed=0):
@@ -111,7 +124,7 @@ def test_density_integrates_to_one(name):
 def test_options_recreate_the_head(name):
     head = make(name)
     json.dumps(head.options)  # JSON-able: it goes into config.json
-    again = create_head(name, feature_dim=FEATURE_DIM, partition=CubePartition(), **head.options)
+    again = create_head(name, feature_dim=FEATURE_DIM, partition=partition_of(name), **head.options)
     assert again.options == head.options and again.name == head.name == name
     again.load_state_dict(head.state_dict())
     x, y = batch()
