@@ -56,6 +56,7 @@ class FitConfig:
     mu_init: str = _option("centre", "MvMF: initial means at the cell centres or the cells' training-point means.",
                            choices=("centre", "mean"))
     mixture_components: int = _option(4, "vmf-mixture: K, the input-dependent vMF components (1-16).")
+    knn_k: int = _option(16, "knn: neighbours retrieved from the train split (cosine similarity).")
     hier_levels: int = _option(3, "softmax-hier: nested partitions trained jointly (c, ~c/4, ~c/16 ...; 1-4).")
     label_smoothing_km: float = _option(0.0, "Softmax: haversine label smoothing tau in km (PIGEON's target "
                                              "exp(-(d(y, centre_j) - d(y, centre_true)) / tau)); 0 = cross-entropy.")
@@ -85,7 +86,7 @@ def fit_config_fields() -> list[dataclasses.Field]:
 
 def check_options(config: FitConfig) -> None:
     """Refuse impossible values, naming the option, before anything is built or written."""
-    for name in ("n_cells", "batch_size", "epochs", "max_memory_mb", "mixture_components", "hier_levels"):
+    for name in ("n_cells", "batch_size", "epochs", "max_memory_mb", "mixture_components", "hier_levels", "knn_k"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, not {getattr(config, name)}")
     if config.eval_every < 0 or config.lr <= 0 or not 0 <= config.warmup_fraction < 1:

@@ -23,6 +23,8 @@ HEADS = {
     "softmax": dict(options={}, shape=lambda b: (b, C), k=2),
     "softmax-hier": dict(options={}, shape=lambda b: (b, 48 + 12 + 6), k=2, partition=lambda: _real_partition(48)),
     "regression": dict(options={}, shape=lambda b: (b, 3), k=1),
+    "knn": dict(options={"k": 4, "block_rows": 7}, shape=lambda b: (b, 4, 4), k=2, linear=False,
+                prepare=lambda head: head.fit_gallery(*_gallery())),
     "vmf": dict(options={"log_kappa0": 3.0}, shape=lambda b: (b, 1, 5), k=1),
     "vmf-mixture": dict(options={"n_components": 3, "log_kappa0": 3.0}, shape=lambda b: (b, 3, 5), k=2),
 }
@@ -38,14 +40,22 @@ def _real_partition(n_cells: int):
     return Partition.build(np.degrees(np.arcsin(rng.uniform(-1, 1, 4000))), rng.uniform(-180, 180, 4000), n_cells)
 
 
+def _gallery(n: int = 40):
+    """Random train features [n, FEATURE_DIM] and locations (degrees) for retrieval heads."""
+    rng = np.random.default_rng(5)
+    return rng.normal(size=(n, FEATURE_DIM)), np.degrees(np.arcsin(rng.uniform(-1, 1, n))), rng.uniform(-180, 180, n)
+
+
 def partition_of(name: str):
     return HEADS.get(name, {}).get("partition", CubePartition)()
 
 
 def make(name: str, **extra) -> Head:
     torch.manual_seed(0)
-    return create_head(name, feature_dim=FEATURE_DIM, partition=partition_of(name),
+    head = create_head(name, feature_dim=FEATURE_DIM, partition=partition_of(name),
                        **{**TEST_OPTIONS.get(name, {}), **extra})
+    HEADS.get(name, {}).get("prepare", lambda h: None)(head)
+    return head
 
 
 def batch(n=5, seed=0):
@@ -100,8 +110,11 @@ def test_shapes_and_finite_values(name, feature_dtype):
 def test_every_trainable_parameter_gets_a_gradient(name):
     head = make(name)
     x, y = batch(16)
-    head.loss(head(x), y).backward()
     trainable = [(n, p) for n, p in head.named_parameters() if p.requires_grad]
+    if not head.trainable:  # retrieval: nothing to train, and it says so
+        assert not trainable and torch.isfinite(head.loss(head(x), y))
+        return
+    head.loss(head(x), y).backward()
     assert trainable
     for n, p in trainable:
         assert p.grad is not None, n
@@ -133,6 +146,9 @@ def test_options_recreate_the_head(name):
 
 @pytest.mark.parametrize("name", BUILT_IN)
 def test_bf16_matmul_agrees_with_float32(name):
+    if not HEADS[name].get("linear", True):
+        assert "matmul_dtype" not in head_class(name).__init__.__code__.co_varnames  # no product to lower
+        return
     head32 = make(name)
     head16 = make(name, matmul_dtype="bfloat16")
     head16.load_state_dict(head32.state_dict())

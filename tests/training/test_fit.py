@@ -46,7 +46,8 @@ def _mean_baseline_acc750(cache_path) -> float:
 @pytest.mark.parametrize("head, options", [
     ("mvmf", {}), ("softmax", {"n_cells": 128}), ("softmax", {"predict": "mean"}),
     ("softmax", {"n_cells": 128, "label_smoothing_km": 300.0}),
-    ("softmax-hier", {"n_cells": 128}), ("vmf", {"epochs": 15}), ("regression", {"epochs": 15}), ("vmf-mixture", {"epochs": 15, "mixture_components": 4, "predict": "mode"}),
+    ("softmax-hier", {"n_cells": 128}), ("vmf", {"epochs": 15}), ("regression", {"epochs": 15}),
+    ("knn", {"epochs": 1}), ("knn", {"epochs": 1, "predict": "nn", "knn_k": 4}), ("vmf-mixture", {"epochs": 15, "mixture_components": 4, "predict": "mode"}),
 ])
 def test_heads_beat_the_mean_baseline(cache, tmp_path, head, options):
     # Softmax predicts at cell centres: it needs cells small enough around the cities.

@@ -174,7 +174,7 @@ def test_bad_input_is_refused_before_anything_is_written(cache, tmp_path):
     for grid, match in [(dict(heads=[]), "--head: the list is empty"),
                         (dict(n_cells=[]), "--n-cells: the list is empty"),
                         (dict(heads=["mvmf"], kappa0s=[]), "--kappa0: the list is empty"),
-                        (dict(heads=["mvmf", "vmf"]), "unknown head 'vmf'; known heads: .*mvmf.*softmax"),
+                        (dict(heads=["mvmf", "planet"]), "unknown head 'planet'; known heads: .*mvmf.*softmax"),
                         (dict(n_cells=[24, 10**6]), r"--n-cells 1000000: n_cells=1000000 is more than the \d+ train"),
                         (dict(heads=["mvmf", "softmax"], n_cells=[3]), "--n-cells 3: .*at least 6")]:
         with pytest.raises(ConfigError, match=match):
