@@ -136,7 +136,7 @@ class HeadTrainer:
                 self.head.fit_gallery(cache.load_features(train), cache.lat_deg[train], cache.lon_deg[train])
             # written only now that the partition and head exist: bad options leave no run behind
             runs.write_json(self.out_dir / runs.CONFIG_FILE, config)
-        self.partition_state = partition.state_dict() if partition is not None else None
+        self.partition_state = partition.state_dict() if partition is not None and self.head.uses_partition else None
         self.optimizer = make_optimizer(self.head, config) if self.head.trainable else None
         self.state = dict(step=0, epoch=0, batch_in_epoch=0, elapsed_s=0.0, loss_sum=0.0, loss_count=0,
                           best={"step": None, "score": None, "metrics": None, "head_state": None})
