@@ -203,6 +203,13 @@ class Head(nn.Module):
         with torch.no_grad():
             return cached.copy_(weight)
 
+    def _check_mode(self, mode: str) -> str:
+        """``mode`` if it is one of ``predict_modes``; ConfigError listing them otherwise."""
+        if mode not in self.predict_modes:
+            raise ConfigError(f"predict mode for the {self.name} head must be one of {', '.join(self.predict_modes)}, "
+                              f"not {mode!r}")
+        return mode
+
     def _check_k(self, k: int) -> int:
         if not 1 <= int(k) <= self.max_k:
             raise ConfigError(f"k must be between 1 and {self.max_k} (this head's max_k), not {k}")

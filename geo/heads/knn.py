@@ -26,7 +26,6 @@ neighbours: ``geo.heads.mixture_modes``), "nn" the nearest neighbour's location
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import torch
@@ -176,9 +175,7 @@ class KnnHead(Head):
     def predict(self, output: torch.Tensor, k: int = 1, mode: str = "mode") -> tuple[torch.Tensor, torch.Tensor]:
         """Predicted locations ``(lat_deg [B, k], lon_deg [B, k])``, float64 degrees (module docstring)."""
         k = self._check_k(k)
-        if mode not in self.predict_modes:
-            raise ConfigError(f"predict mode for the knn head must be one of {', '.join(self.predict_modes)}, "
-                              f"not {mode!r}")
+        self._check_mode(mode)
         with torch.no_grad():
             out = output.detach().to("cpu", torch.float64)
             log_w, mu, log_kappa = self._mixture(out)

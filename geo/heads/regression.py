@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from geo.errors import ConfigError
 from geo.geometry import normalize, vmf_log_normalizer, xyz_to_latlon
 from geo.heads.base import Head, VmfMixture, matmul_dtype_of, resolve_matmul_dtype
 from geo.heads.registry import register_head
@@ -135,7 +134,5 @@ class RegressionHead(Head):
     def predict(self, output: torch.Tensor, k: int = 1, mode: str = "argmax") -> tuple[torch.Tensor, torch.Tensor]:
         """The predicted point ``(lat_deg [B, 1], lon_deg [B, 1])``, float64 degrees, in either mode."""
         self._check_k(k)
-        if mode not in self.predict_modes:
-            raise ConfigError(f"predict mode for the regression head must be one of {', '.join(self.predict_modes)}, "
-                              f"not {mode!r}")
+        self._check_mode(mode)
         return xyz_to_latlon(normalize(output.detach().to("cpu", torch.float64))[:, None, :])

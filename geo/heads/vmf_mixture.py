@@ -150,9 +150,7 @@ class VmfMixtureHead(Head):
                 max_iter: int = 10_000) -> tuple[torch.Tensor, torch.Tensor]:
         """Predicted locations ``(lat_deg [B, k], lon_deg [B, k])``, float64 degrees (module docstring)."""
         k = self._check_k(k)
-        if mode not in self.predict_modes:
-            raise ConfigError(f"predict mode for the {self.name} head must be one of "
-                              f"{', '.join(self.predict_modes)}, not {mode!r}")
+        self._check_mode(mode)
         with torch.no_grad():
             out = output.detach().to("cpu", torch.float64)
             log_pi, mu, log_kappa = self._parts(out)
