@@ -19,12 +19,12 @@ Usage:
     python benchmarks/sweep.py --quick    # 5k train rows, 1 epoch
     python benchmarks/sweep.py --train-rows 50000 --epochs 3 --keep /tmp/bench
     python benchmarks/sweep.py --quick --train-fraction 0.1,0.3,1
+    python benchmarks/sweep.py --quick --heads all --n-cells 64,256   # one head of every family
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import shutil
 import subprocess
@@ -102,7 +102,15 @@ def main() -> None:
     parser.add_argument("--train-fraction", default=None,
                         help="Comma list of train fractions (learning curves), e.g. 0.1,0.3,1; default: the whole split.")
     parser.add_argument("--keep", type=Path, default=None, help="Work here and keep the files (default: a temp dir).")
+    parser.add_argument("--heads", default=",".join(HEADS),
+                        help="Comma list of heads; 'all' = one of every registered head family.")
+    parser.add_argument("--n-cells", default=",".join(map(str, CLASSES)), help="Comma list of c.")
     args = parser.parse_args()
+    from geo.heads import head_class, list_heads
+    from geo.training.sweep import run_name
+
+    heads = list_heads() if args.heads == "all" else args.heads.split(",")
+    classes = [int(c) for c in args.n_cells.split(",")]
     n_train = args.train_rows or (5000 if args.quick else 20000)
     epochs = args.epochs or (1 if args.quick else 2)
     work = args.keep or Path(tempfile.mkdtemp(prefix="geo-bench-sweep-"))
@@ -113,29 +121,32 @@ def main() -> None:
         print(f"cache: {cache} ({n_train} train rows, d = 2048, float16), written in {time.perf_counter() - t0:.1f} s")
         common = ["--epochs", str(epochs), "--batch-size", str(args.batch_size), "--quiet"]
         fractions = [float(f) for f in args.train_fraction.split(",")] if args.train_fraction else [None]
-        n_heads = len(CLASSES) * (len(KAPPA0S) + 1) * len(fractions)
-        print(f"{n_heads} heads: mvmf x c {CLASSES} x kappa0 {KAPPA0S} + softmax x c {CLASSES}"
+        # One run per (head, c), per kappa0 for heads that sweep it (MvMF) and per train fraction, as
+        # `geo sweep` names them.
+        grid = [(head, c, kappa0, fraction) for head in heads for c in classes
+                for kappa0 in (KAPPA0S if "kappa0" in head_class(head).sweep_options else [None])
+                for fraction in fractions]
+        n_heads = len(grid)
+        print(f"{n_heads} heads: {', '.join(heads)} x c {classes} (x kappa0 {KAPPA0S} where swept)"
               + (f", each on train fractions {fractions}" if args.train_fraction else "")
               + f"; {epochs} epoch(s) of batch {args.batch_size}")
 
         for d in ("sweep", "one-by-one"):
             shutil.rmtree(work / d, ignore_errors=True)
-        t_sweep = geo("sweep", str(cache), "--head", ",".join(HEADS), "--n-cells", ",".join(map(str, CLASSES)),
+        t_sweep = geo("sweep", str(cache), "--head", ",".join(heads), "--n-cells", ",".join(map(str, classes)),
                       "--kappa0", ",".join(f"{k:g}" for k in KAPPA0S), *common, "--out", str(work / "sweep"),
                       *(["--train-fraction", args.train_fraction] if args.train_fraction else []))
         print(f"geo sweep (1 process, {n_heads} heads):     {t_sweep:8.1f} s")
 
         t_alone, names = 0.0, []
-        for head in HEADS:
-            for c in CLASSES:
-                for kappa0, fraction in itertools.product(KAPPA0S if head == "mvmf" else [None], fractions):
-                    name = (f"{head}-c{c}" + (f"-k{kappa0:g}" if kappa0 is not None else "")
-                            + (f"-f{fraction:g}" if len(fractions) > 1 else ""))
-                    extra = (["--kappa0", f"{kappa0:g}"] if kappa0 is not None else []) + (
-                        ["--train-fraction", f"{fraction:g}"] if fraction is not None else [])
-                    t_alone += geo("fit-head", str(cache), "--head", head, "--n-cells", str(c), *extra, *common,
-                                   "--out", str(work / "one-by-one" / name))
-                    names.append(name)
+        for head, c, kappa0, fraction in grid:
+            name = (run_name(head, c, {"kappa0": kappa0} if kappa0 is not None else None)
+                    + (f"-f{fraction:g}" if len(fractions) > 1 else ""))
+            extra = (["--kappa0", f"{kappa0:g}"] if kappa0 is not None else []) + (
+                ["--train-fraction", f"{fraction:g}"] if fraction is not None else [])
+            t_alone += geo("fit-head", str(cache), "--head", head, "--n-cells", str(c), *extra, *common,
+                           "--out", str(work / "one-by-one" / name))
+            names.append(name)
         print(f"geo fit-head x {n_heads} (one after another): {t_alone:8.1f} s")
         print(f"sweep speed-up: {t_alone / t_sweep:.2f}x (target >= 3x)")
 

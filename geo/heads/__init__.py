@@ -18,8 +18,13 @@ Cell heads read only the partition's ``centres_xyz [c, 3]``, ``means_xyz [c, 3]`
 ``geo.heads`` never imports ``geo.pipeline`` or ``geo.training``.
 """
 
+from geo.heads import knn as _knn  # noqa: F401  (registers "knn")
 from geo.heads import mvmf as _mvmf  # noqa: F401  (registers "mvmf")
+from geo.heads import regression as _regression  # noqa: F401  (registers "regression")
 from geo.heads import softmax as _softmax  # noqa: F401  (registers "softmax")
+from geo.heads import softmax_hier as _softmax_hier  # noqa: F401  (registers "softmax-hier")
+from geo.heads import vmf as _vmf  # noqa: F401  (registers "vmf")
+from geo.heads import vmf_mixture as _vmf_mixture  # noqa: F401  (registers "vmf-mixture")
 from geo.heads.base import CellHead, Head, LowPrecisionLinear, resolve_matmul_dtype
 from geo.heads.registry import create_head, head_class, list_heads, register_head
 

@@ -27,6 +27,17 @@ Declared facts, read by training, sweeps, reports, credible radii and
   (``{"kappa0": "k"}`` for MvMF: runs ``mvmf-c1024-k16``);
 - ``options_from_config(config)``: the keyword options of ``create_head`` from a
   run's resolved configuration (``config.json``), i.e. how it is rebuilt;
+- ``needs_calibration`` and ``calibrate(outputs, target_xyz)``: a head that fits
+  something on held-out data after (or while) its parameters are trained declares
+  ``needs_calibration = True``; the trainer then calls ``calibrate`` with the head's
+  outputs on the whole val split and the true points ``[n, 3]`` before every val
+  evaluation, so the selected state carries its own calibration (e.g. the
+  regression head's one kappa, a buffer). The default does nothing;
+- ``trainable``: False for a head with nothing to train (retrieval): the trainer
+  makes no optimizer and takes no steps for it;
+- ``needs_gallery`` and ``fit_gallery(features [n, d], lat_deg [n], lon_deg [n])``:
+  a head that keeps the train split itself (retrieval) gets it once from the
+  trainer, before anything else; it keeps it in its state (buffers);
 - ``vmf_mixture(output)`` / ``cell_density(output)``: the density in a form the
   credible radii and maps integrate exactly (a vMF mixture, or a piecewise-constant
   density over a partition's cells); None when the head's density is not of that form.
@@ -92,6 +103,10 @@ class Head(nn.Module):
     has_density: ClassVar[bool] = False
     predict_modes: ClassVar[tuple[str, ...]] = ("argmax",)
     sweep_options: ClassVar[dict[str, str]] = {}
+    trainable: ClassVar[bool] = True  # False: nothing to optimise (the trainer takes no steps)
+    needs_gallery: ClassVar[bool] = False  # the trainer calls fit_gallery() with the train split once
+    needs_calibration: ClassVar[bool] = False  # the trainer calls calibrate() on val outputs before evaluating
+    shared_components: ClassVar[bool] = False  # a mixture whose components do not depend on the input (MvMF)
 
     def __init__(self, feature_dim: int):
         super().__init__()
@@ -141,6 +156,15 @@ class Head(nn.Module):
         """The parameters decoupled weight decay applies to (matrices acting on features)."""
         return [p for p in self.parameters() if p.requires_grad and p.ndim >= 2 and p.shape[-1] == self.feature_dim]
 
+    def fit_gallery(self, features, lat_deg, lon_deg) -> None:
+        """Keep the train split: features ``[n, d]`` and locations in degrees ``[n]`` (heads with ``needs_gallery``)."""
+
+    def calibrate(self, outputs: torch.Tensor, target_xyz: torch.Tensor) -> None:
+        """Fit what the head fits on held-out data: its ``outputs`` on the val split and the true points ``[n, 3]``.
+
+        Called by the trainer only for heads declaring ``needs_calibration``; the default does nothing.
+        """
+
     def vmf_mixture(self, output_row: torch.Tensor) -> VmfMixture | None:
         """One row's density as a vMF mixture, or None when it is not one."""
         return None
@@ -148,6 +172,43 @@ class Head(nn.Module):
     def cell_density(self, output_row: torch.Tensor) -> CellDensity | None:
         """One row's density as cell probabilities over a partition, or None when it is not one."""
         return None
+
+    # ---- the product W x + b of heads with a ``linear`` layer and a ``matmul_dtype`` ----------
+
+    def linear_product(self, features: torch.Tensor) -> torch.Tensor:
+        """``self.linear(features)`` ``[B, out]`` in float32 (float64 for a float64 head), features of any float dtype.
+
+        With ``self.matmul_dtype = bfloat16`` only the products run in bf16 (inputs cast
+        explicitly, no autocast): W x in forward and the weight gradient in backward
+        (``LowPrecisionLinear``); the result, the bias and all gradients are float32.
+        """
+        weight, bias = self.linear.weight, self.linear.bias
+        if getattr(self, "matmul_dtype", None) is None:
+            return F.linear(features.to(weight.dtype), weight, bias)
+        return LowPrecisionLinear.apply(features, weight, bias, self._low_precision_weight(weight))
+
+    def _low_precision_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """W cast to ``matmul_dtype``, written into a buffer kept between calls.
+
+        Recast on every call (the fused AdamW updates W without bumping its version
+        counter, so a cached copy could not tell it is stale), but into the same
+        memory: a fresh [c, d] tensor costs more in page faults than the cast itself.
+        A plain attribute, not a registered buffer: it is not part of the state.
+        """
+        cached = getattr(self, "_weight_cast", None)
+        if cached is None or cached.shape != weight.shape or cached.device != weight.device \
+                or cached.dtype != self.matmul_dtype:
+            cached = torch.empty(weight.shape, dtype=self.matmul_dtype, device=weight.device)
+            self._weight_cast = cached
+        with torch.no_grad():
+            return cached.copy_(weight)
+
+    def _check_mode(self, mode: str) -> str:
+        """``mode`` if it is one of ``predict_modes``; ConfigError listing them otherwise."""
+        if mode not in self.predict_modes:
+            raise ConfigError(f"predict mode for the {self.name} head must be one of {', '.join(self.predict_modes)}, "
+                              f"not {mode!r}")
+        return mode
 
     def _check_k(self, k: int) -> int:
         if not 1 <= int(k) <= self.max_k:
@@ -191,32 +252,8 @@ class CellHead(Head):
         return [self.linear.weight] if self.linear.weight.requires_grad else []
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, c]`` (float32, or float64 for a float64 head) from features ``[B, d]`` of any float dtype.
-
-        With ``matmul_dtype=bfloat16`` only the products run in bf16 (inputs cast
-        explicitly, no autocast): W x in forward and the weight gradient in backward
-        (``LowPrecisionLinear``); the logits, the bias and all gradients are float32.
-        """
-        weight, bias = self.linear.weight, self.linear.bias
-        if self.matmul_dtype is None:
-            return F.linear(features.to(weight.dtype), weight, bias)
-        return LowPrecisionLinear.apply(features, weight, bias, self._low_precision_weight(weight))
-
-    def _low_precision_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """W cast to ``matmul_dtype``, written into a buffer kept between calls.
-
-        Recast on every call (the fused AdamW updates W without bumping its version
-        counter, so a cached copy could not tell it is stale), but into the same
-        memory: a fresh [c, d] tensor costs more in page faults than the cast itself.
-        A plain attribute, not a registered buffer: it is not part of the state.
-        """
-        cached = getattr(self, "_weight_cast", None)
-        if cached is None or cached.shape != weight.shape or cached.device != weight.device \
-                or cached.dtype != self.matmul_dtype:
-            cached = torch.empty(weight.shape, dtype=self.matmul_dtype, device=weight.device)
-            self._weight_cast = cached
-        with torch.no_grad():
-            return cached.copy_(weight)
+        """Logits ``[B, c]`` (float32, or float64 for a float64 head) from features ``[B, d]`` of any float dtype."""
+        return self.linear_product(features)
 
     def topk(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k largest softmax probabilities ``[B, k]`` and their cell/component indices ``[B, k]`` int64.
@@ -230,13 +267,31 @@ class CellHead(Head):
         return torch.topk(probs, k, dim=-1)
 
 
-class LowPrecisionLinear(torch.autograd.Function):
-    """``x [B, d] @ W.T + b`` with both products in a low precision (bf16) and float32 results.
+def low_precision_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a [m, k] @ b [k, n]`` of two low-precision (bf16) operands, accumulated and returned in float32.
 
-    Forward: ``x`` and ``weight_cast`` (W already in the low dtype) multiply in bf16
-    (fp32 accumulation inside oneDNN); the product is rounded once into a float32
-    tensor that the bias is added to. Backward: the weight gradient is one bf16
-    product ``grad.T @ x`` cast once to W's dtype; the input gradient is computed
+    Only the *operands* are rounded: the result is never rounded to bf16's 8-bit
+    mantissa (which costs 0.2 nats of log Gamma at |logit| ~ 38). On CUDA one
+    kernel with ``out_dtype=float32`` (bf16 tensor cores, fp32 accumulator and
+    output); elsewhere (CPU, MPS: no such kernel) the bf16 operands are widened to
+    float32 and multiplied there, which is the same arithmetic: a product of two
+    bf16 numbers (8-bit mantissas) is exact in float32, so only the summation order differs.
+    """
+    if a.device.type == "cuda":
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch without the out_dtype overload
+            pass
+    return a.to(torch.float32) @ b.to(torch.float32)
+
+
+class LowPrecisionLinear(torch.autograd.Function):
+    """``x [B, d] @ W.T + b`` with both products on low-precision (bf16) operands and float32 results.
+
+    Forward: ``x`` and ``weight_cast`` (W already in the low dtype) multiply with
+    fp32 accumulation and a float32 result (``low_precision_product``) that the
+    bias is added to. Backward: the weight gradient is one such product
+    ``grad.T @ x`` (float32) cast to W's dtype; the input gradient is computed
     only when ``x`` requires it (never in training: features are fixed), from a
     private copy of the cast weight (the shared one is overwritten by the next call).
     """
@@ -244,10 +299,9 @@ class LowPrecisionLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, weight_cast):
         x_low = x.to(weight_cast.dtype)
-        product = F.linear(x_low, weight_cast)
+        out = low_precision_product(x_low, weight_cast.T)
         out_dtype = torch.promote_types(weight.dtype, torch.float32)
-        out = torch.empty(product.shape, dtype=out_dtype, device=product.device).copy_(product)
-        out.add_(bias.to(out_dtype))
+        out = out.to(out_dtype).add_(bias.to(out_dtype))
         ctx.save_for_backward(x_low, weight_cast.clone() if ctx.needs_input_grad[0] else None)
         ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
         return out
@@ -259,9 +313,9 @@ class LowPrecisionLinear(torch.autograd.Function):
         grad_low = grad_out.to(x_low.dtype)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_low @ weight_cast).to(x_dtype)
+            grad_x = low_precision_product(grad_low, weight_cast).to(x_dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = (grad_low.T @ x_low).to(w_dtype)
+            grad_w = low_precision_product(grad_low.T, x_low).to(w_dtype)
         if ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(0).to(b_dtype)
         return grad_x, grad_w, grad_b, None

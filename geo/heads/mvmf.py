@@ -44,6 +44,7 @@ from geo.errors import ConfigError
 from geo.geometry import normalize, vmf_log_density_pairwise, vmf_log_normalizer, xyz_to_latlon
 from geo.heads.registry import register_head
 from geo.heads.base import CellHead, VmfMixture, matmul_dtype_of
+from geo.heads.mixture_modes import mixture_modes
 from geo.heads.mvmf_loss import mvmf_log_density_at
 
 MU_INITS = ("centre", "mean")
@@ -207,7 +208,7 @@ class MvMFHead(CellHead):
         return torch.cat(out, dim=1) if out else log_weights.new_zeros((n_rows, 0))
 
     def predict(self, logits: torch.Tensor, k: int = 1, mode: str = "argmax", *, n_starts: int = 8,
-                n_components: int = 256, max_iter: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+                n_components: int = 256, max_iter: int = 10_000) -> tuple[torch.Tensor, torch.Tensor]:
         """Predicted locations ``(lat_deg [B, k], lon_deg [B, k])``, float64 degrees.
 
         mode="argmax" (eq. 7, the paper's): the means of the k components with the
@@ -215,10 +216,13 @@ class MvMFHead(CellHead):
         mode="mode" (eq. 6): local maxima of the density, best first, found by the
         fixed-point iteration y <- normalize(sum_i r_i(y) kappa_i mu_i) (r = posterior
         responsibilities, computed in log space) from the ``max(n_starts, 2k)``
-        components with the highest peak Gamma_i C(kappa_i), which is an MM ascent, so
-        each start climbs monotonically to a local maximum. The search uses the
-        ``n_components`` components of highest peak: the neglected ones add at most
-        their summed peaks to the density. Distinct maxima (further apart than
+        component means where the mixture density is highest (so clusters of light
+        overlapping components are searched, not only the heaviest isolated ones),
+        which is an MM ascent, so each start climbs monotonically to a local maximum;
+        it runs until converged (a RuntimeWarning names rows still moving after
+        ``max_iter`` iterations). The search uses the ``n_components`` components of
+        highest peak Gamma_i C(kappa_i): the neglected ones add at most their summed
+        peaks to the density. Distinct maxima (further apart than
         ~1 m) come first; fewer than k distinct maxima are padded with repeats.
         """
         k = self._check_k(k)
@@ -230,7 +234,8 @@ class MvMFHead(CellHead):
                               f"not {mode!r}")
         n_starts = max(n_starts, 2 * k)
         # The search's temporaries are [rows, starts, components, 3] float64: chunk the rows.
-        rows = max(1, self.max_chunk_bytes // (4 * 8 * 3 * n_starts * min(n_components, self.n_cells)))
+        n_comp = min(n_components, self.n_cells)  # + the [rows, L, L] densities at the means that rank the starts
+        rows = max(1, self.max_chunk_bytes // (4 * 8 * (3 * n_starts * n_comp + n_comp * n_comp)))
         with torch.no_grad():
             points = torch.cat([_density_modes(self, logits[r:r + rows], k, n_starts, n_components, max_iter)
                                 for r in range(0, logits.shape[0], rows)]) if logits.shape[0] else \
@@ -239,46 +244,19 @@ class MvMFHead(CellHead):
 
 
 def _density_modes(head: MvMFHead, logits: torch.Tensor, k: int, n_starts: int, n_components: int,
-                   max_iter: int, tol_rad: float = 1e-13) -> torch.Tensor:
-    """k highest local maxima of each row's MvMF density, ``[B, k, 3]`` float64 unit vectors."""
+                   max_iter: int) -> torch.Tensor:
+    """k highest local maxima of each row's MvMF density, ``[B, k, 3]`` float64 unit vectors.
+
+    Each row keeps its ``n_components`` components of highest peak log Gamma_i + log C(kappa_i);
+    the search itself is ``geo.heads.mixture_modes.mixture_modes``.
+    """
     f64 = torch.float64
     # float64 throughout (on the CPU for devices without it): the iteration resolves metres.
     device = head.mu_raw.device if head._exact(head.mu_raw.device) else torch.device("cpu")
     log_weights = torch.log_softmax(logits.to(device=device, dtype=f64), dim=-1)
     mu_all = normalize(head.mu_raw.detach().to(device=device, dtype=f64))
     log_kappa_all = head.log_kappa.detach().to(device=device, dtype=f64)
-    # Restrict every row to its components with the highest peak log Gamma_i + log C(kappa_i).
     peak = log_weights + vmf_log_normalizer(log_kappa_all)[None, :]
-    n_comp = min(n_components, head.n_cells)
-    comp = torch.topk(peak, n_comp, dim=-1).indices                      # [B, L]
-    lw = torch.gather(log_weights, 1, comp)                              # [B, L]
-    mu = mu_all[comp]                                                    # [B, L, 3]
-    lk = log_kappa_all[comp]                                             # [B, L]
-    kappa_mu = torch.exp(lk)[..., None] * mu                             # [B, L, 3]
-    log_norm = vmf_log_normalizer(lk)                                    # [B, L]
-
-    def log_terms(y: torch.Tensor) -> torch.Tensor:                     # y [B, S, 3] -> [B, S, L]
-        sq_chord = (y[:, :, None, :] - mu[:, None, :, :]).pow(2).sum(-1)
-        return lw[:, None, :] + log_norm[:, None, :] - 0.5 * torch.exp(lk)[:, None, :] * sq_chord
-
-    n_start = min(n_starts, n_comp)
-    y = mu[:, :n_start, :].clone()                                       # topk is sorted: best peaks first
-    for _ in range(max_iter):
-        resp = torch.softmax(log_terms(y), dim=-1)                       # responsibilities, in log space
-        y_new = normalize(torch.einsum("bsl,bld->bsd", resp, kappa_mu))
-        step = (y_new - y).norm(dim=-1).max()
-        y = y_new
-        if step <= tol_rad:
-            break
-    log_dens = torch.logsumexp(log_terms(y), dim=-1)                     # [B, S]
-    # Rank by density, putting repeats of an earlier (higher) maximum last.
-    order = torch.argsort(log_dens, dim=-1, descending=True)
-    y = torch.gather(y, 1, order[..., None].expand(-1, -1, 3))
-    close = (y[:, :, None, :] - y[:, None, :, :]).norm(dim=-1) < 1.6e-7  # ~1 m on the earth
-    earlier = torch.tril(torch.ones(n_start, n_start, dtype=torch.bool, device=device), diagonal=-1)
-    repeat = (close & earlier).any(dim=-1)                               # [B, S]
-    rank = repeat.to(f64) * n_start + torch.arange(n_start, device=device, dtype=f64)
-    pick = torch.argsort(rank, dim=-1)[:, :k]
-    if pick.shape[1] < k:  # k > n_components: fewer starts than k
-        pick = torch.cat([pick, pick[:, :1].expand(-1, k - pick.shape[1])], dim=1)
-    return torch.gather(y, 1, pick[..., None].expand(-1, -1, 3))
+    comp = torch.topk(peak, min(n_components, head.n_cells), dim=-1).indices   # [B, L]
+    return mixture_modes(torch.gather(log_weights, 1, comp), mu_all[comp], log_kappa_all[comp], k, n_starts,
+                         max_iter)

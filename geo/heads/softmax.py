@@ -11,6 +11,20 @@ them from the xyz points unless given: a trainer should compute
 pass it, which makes the loss exactly ``F.cross_entropy(logits, target_cell)``
 with no host round trip per batch.
 
+Haversine label smoothing (PIGEON, ``label_smoothing_km`` = tau > 0): the
+training target over cells is
+
+    q_j(y) = exp(-(d(y, centre_j) - d(y, centre_true)) / tau) / Z
+
+(d the great-circle distance in km; the d(y, centre_true) shift cancels in Z, so
+q = softmax(-d(y, centres) / tau)) and the loss is the cross-entropy
+-sum_j q_j log p_j. tau = 0 is exactly plain cross-entropy on the true cell. As
+tau -> 0, q tends to the cell whose centre is nearest y, which is the true cell
+except for points near a cell's edge that are nearer a neighbour's centre. The
+distances come from one float64 product of unit vectors, d = 2 R asin(|y - c| / 2),
+exact to centimetres. Only the training loss changes: the density, the NLL and
+the predictions are the plain softmax's.
+
 Predictions, float64 degrees ``(lat_deg [B, k], lon_deg [B, k])`` as CPU
 tensors:
 
@@ -31,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from geo.errors import ConfigError
-from geo.geometry import normalize, wrap_lon_deg, xyz_to_latlon
+from geo.geometry import EARTH_RADIUS_KM, normalize, wrap_lon_deg, xyz_to_latlon
 from geo.heads.registry import register_head
 from geo.heads.base import CellDensity, CellHead, matmul_dtype_of
 
@@ -47,6 +61,7 @@ class SoftmaxHead(CellHead):
         partition: object with ``centres_xyz [c, 3]``, ``means_xyz [c, 3]``, ``areas_sr [c]``
             and ``assign(lat_deg, lon_deg) -> int64 [n]``; kept as ``self.partition``.
         predict_at: where a predicted cell is placed: "centre" (PlaNet) or "mean".
+        label_smoothing_km: tau of the haversine label smoothing (PIGEON), km; 0 = plain cross-entropy.
         matmul_dtype: None or bfloat16, for the W x product only.
     """
 
@@ -54,7 +69,8 @@ class SoftmaxHead(CellHead):
     # "centre" (PlaNet's) first: the default of a run; "argmax" places the top cell at predict_at.
     predict_modes = ("centre", "mean", "argmax", "mode")
 
-    def __init__(self, feature_dim: int, partition: Any, *, predict_at: str = "centre", matmul_dtype: Any = None):
+    def __init__(self, feature_dim: int, partition: Any, *, predict_at: str = "centre",
+                 label_smoothing_km: float = 0.0, matmul_dtype: Any = None):
         centres = torch.as_tensor(np.asarray(partition.centres_xyz), dtype=torch.float64)
         super().__init__(feature_dim, centres.shape[0], matmul_dtype)
         if predict_at not in PREDICT_AT:
@@ -62,20 +78,26 @@ class SoftmaxHead(CellHead):
         areas = torch.as_tensor(np.asarray(partition.areas_sr), dtype=torch.float64)
         if areas.shape != (self.n_cells,) or not bool((areas > 0).all()):
             raise ConfigError(f"partition areas_sr must be {self.n_cells} positive areas in steradians")
+        if not (0.0 <= float(label_smoothing_km) < float("inf")):
+            raise ConfigError(f"label_smoothing_km must be a finite number >= 0, not {label_smoothing_km!r}")
         self.partition = partition
         self.predict_at = predict_at
+        self.label_smoothing_km = float(label_smoothing_km)
         # Buffers so that they follow .to(device) and are saved with the head state; float32
         # (~0.4 m) because MPS has no float64.
         means = torch.as_tensor(np.asarray(partition.means_xyz), dtype=torch.float64)
         self.register_buffer("centres_xyz", normalize(centres).to(torch.float32))
         self.register_buffer("means_xyz", normalize(means).to(torch.float32))
         self.register_buffer("log_areas_sr", torch.log(areas).to(torch.float32))
-        self.options = {"predict_at": predict_at, "matmul_dtype": self.matmul_dtype_name}
+        self.options = {"predict_at": predict_at, "label_smoothing_km": self.label_smoothing_km,
+                        "matmul_dtype": self.matmul_dtype_name}
 
     @classmethod
     def options_from_config(cls, config: dict) -> dict:
         predict = config.get("predict")
-        return dict(predict_at=predict if predict in PREDICT_AT else PREDICT_AT[0], matmul_dtype=matmul_dtype_of(config))
+        return dict(predict_at=predict if predict in PREDICT_AT else PREDICT_AT[0],
+                    label_smoothing_km=float(config.get("label_smoothing_km") or 0.0),
+                    matmul_dtype=matmul_dtype_of(config))
 
     def row_targets(self, lat_deg, lon_deg) -> dict[str, torch.Tensor]:
         """Each row's cell, assigned once for the whole dataset: the loss is then a plain cross-entropy."""
@@ -107,10 +129,30 @@ class SoftmaxHead(CellHead):
         """Mean cross-entropy in nats: ``logits [B, c]``, ``target_xyz [B, 3]`` or ``target_cell [B]`` -> ``[]``.
 
         This is the training loss (the log-area term of the density NLL is a
-        constant that does not depend on the parameters).
+        constant that does not depend on the parameters). With label smoothing
+        (``label_smoothing_km > 0``, which needs ``target_xyz``) the target is
+        ``smoothed_target(target_xyz)`` instead of the true cell.
         """
-        target = self._cells(target_xyz, target_cell, logits.device)
-        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if self.label_smoothing_km > 0:
+            if target_xyz is None:
+                raise ValueError("label smoothing needs the target points (target_xyz [B, 3])")
+            return F.cross_entropy(logits, self.smoothed_target(target_xyz).to(logits.dtype))
+        return F.cross_entropy(logits, self._cells(target_xyz, target_cell, logits.device))
+
+    @torch.no_grad()
+    def smoothed_target(self, target_xyz: torch.Tensor) -> torch.Tensor:
+        """PIGEON's haversine-smoothed target ``[B, c]`` (rows sum to 1, float64) for points ``[B, 3]``.
+
+        softmax over cells of -d(y, centre_j) / tau, d in km (the true cell's
+        distance, a per-row constant, cancels); see the module docstring.
+        """
+        y = normalize(torch.as_tensor(target_xyz).to(self.centres_xyz.device, torch.float64))
+        centres = normalize(self.centres_xyz.to(torch.float64))
+        # |y - c|^2 = 2 - 2 y.c in float64: ~1e-16 absolute, i.e. centimetres after the sqrt
+        chord = (2.0 - 2.0 * (y @ centres.T)).clamp(0.0, 4.0).sqrt()
+        dist_km = 2.0 * EARTH_RADIUS_KM * torch.asin((0.5 * chord).clamp(max=1.0))
+        return torch.softmax(-dist_km / self.label_smoothing_km, dim=-1)
 
     def log_density_at(self, logits: torch.Tensor, target_xyz: torch.Tensor | None = None, *,
                        target_cell: torch.Tensor | None = None) -> torch.Tensor:

@@ -196,8 +196,10 @@ def make_maps(runs: list[Run], *, cache_path: str | Path | None = None, n_images
     figures: list[tuple[str, Figure, str]] = []
     mvmf = next((e for e in loaded if e.head.shared_components), None)
     reference = mvmf or loaded[0]
-    figures.append(("partition.png", partition_figure(reference.partition),
-                    f"Cells of the partition of {reference.run.name}, coloured by training images per cell."))
+    with_cells = mvmf or next((e for e in loaded if e.partition is not None), None)  # heads without cells have none
+    if with_cells is not None:
+        figures.append(("partition.png", partition_figure(with_cells.partition),
+                        f"Cells of the partition of {with_cells.run.name}, coloured by training images per cell."))
     if mvmf is not None:
         figures.append(("mvmf_means.png", centres_figure(mvmf),
                         f"MvMF component means of {mvmf.run.name} before (open circles) and after training "

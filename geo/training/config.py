@@ -67,6 +67,11 @@ class FitConfig:
     train_kappa: bool = _option(True, "MvMF: learn the concentrations.", flag="--train-kappa/--fixed-kappa")
     mu_init: str = _option("centre", "MvMF: initial means at the cell centres or the cells' training-point means.",
                            choices=("centre", "mean"))
+    mixture_components: int = _option(4, "vmf-mixture: K, the input-dependent vMF components (1-16).")
+    knn_k: int = _option(16, "knn: neighbours retrieved from the train split (cosine similarity).")
+    hier_levels: int = _option(3, "softmax-hier: nested partitions trained jointly (c, ~c/4, ~c/16 ...; 1-4).")
+    label_smoothing_km: float = _option(0.0, "Softmax: haversine label smoothing tau in km (PIGEON's target "
+                                             "exp(-(d(y, centre_j) - d(y, centre_true)) / tau)); 0 = cross-entropy.")
     predict: str | None = _option(None, "Prediction mode; default the head's first (mvmf: argmax | mode; "
                                         "softmax: centre | mean | argmax | mode).")
     batch_size: int = _option(1024, "Rows per step (use 8192+ on a GPU, with a larger --lr).")
@@ -114,11 +119,11 @@ def check_options(config: FitConfig, *, n_train: int | None = None) -> None:
     def refuse(name: str, why: str):
         raise ConfigError(f"{option_flag(name)} {getattr(config, name)!r}: {why}")
 
-    for name in ("kappa0", "lr", "warmup_fraction", "min_lr_fraction", "weight_decay"):
+    for name in ("kappa0", "lr", "warmup_fraction", "min_lr_fraction", "weight_decay", "label_smoothing_km"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             refuse(name, "must be a finite number")
-    for name in ("n_cells", "batch_size", "epochs", "max_memory_mb"):
+    for name in ("n_cells", "batch_size", "epochs", "max_memory_mb", "mixture_components", "hier_levels", "knn_k"):
         if getattr(config, name) < 1:
             refuse(name, "must be >= 1")
     if config.eval_every < 0:
@@ -131,6 +136,8 @@ def check_options(config: FitConfig, *, n_train: int | None = None) -> None:
         refuse("min_lr_fraction", "must be in [0, 1]")
     if config.weight_decay < 0:
         refuse("weight_decay", "must be >= 0 (0 = no decay)")
+    if config.label_smoothing_km < 0:
+        refuse("label_smoothing_km", "must be >= 0 (0 = plain cross-entropy)")
     low, high = KAPPA0_RANGE
     if not low <= config.kappa0 <= high:
         refuse("kappa0", f"must be in [{low:.1f}, {high:.1f}] (log kappa; kappa from 1e-6 to 1e9, "

@@ -55,6 +55,21 @@ def feature_dtype(precision: str) -> torch.dtype:
 
 
 @torch.no_grad()
+def calibrate_on_split(head, cache, split: str, *, device: torch.device, feature_dtype: torch.dtype,
+                       batch_size: int) -> None:
+    """``head.calibrate(outputs, target_xyz)`` with the head's outputs on every row of ``split`` (eval mode).
+
+    For heads that declare ``needs_calibration`` (their outputs are small, e.g. ``[n, 3]``).
+    """
+    outputs, targets = [], []
+    with eval_mode(head):
+        for rows, features in cache.iter_batches(split, batch_size, shuffle=False):
+            outputs.append(head(features_to_tensor(features, device, feature_dtype)))
+            targets.append(torch.from_numpy(latlon_to_xyz(cache.lat_deg[rows], cache.lon_deg[rows])))
+    head.calibrate(torch.cat(outputs), torch.cat(targets).to(device))
+
+
+@torch.no_grad()
 def evaluate_split(
     head,
     cache,

@@ -25,7 +25,8 @@ from geo.geometry import latlon_to_xyz
 from geo.heads import Head, head_class
 from geo.sphere.partition import Partition
 from geo.training import runs
-from geo.training.evaluate import CountryFn, evaluate_split, feature_dtype, features_to_tensor, score_and_write
+from geo.training.evaluate import (CountryFn, calibrate_on_split, evaluate_split, feature_dtype, features_to_tensor,
+                                  score_and_write)
 from geo.training.subsets import train_subset
 
 
@@ -139,15 +140,20 @@ class HeadTrainer:
         self.head = runs.build_head(config, partition, cache.feature_dim, self.device)
         if resume:
             self.head.load_state_dict(saved["head_state"])
-        else:  # written only now that the partition and head exist: bad options leave no run behind
+        else:
+            if self.head.needs_gallery:  # retrieval: the train split itself, kept in the head's state
+                train = self.train_rows  # its --train-fraction: the gallery is what it trains on
+                self.head.fit_gallery(cache.load_features(train), cache.lat_deg[train], cache.lon_deg[train])
+            # written only now that the partition and head exist: bad options leave no run behind
             runs.write_json(self.out_dir / runs.CONFIG_FILE, config)
-        self.partition_state = partition.state_dict() if partition is not None else None
-        self.optimizer = make_optimizer(self.head, config)
+        self.partition_state = partition.state_dict() if partition is not None and self.head.uses_partition else None
+        self.optimizer = make_optimizer(self.head, config) if self.head.trainable else None
         self.state = dict(step=0, epoch=0, batch_in_epoch=0, elapsed_s=0.0, loss_sum=0.0, loss_count=0,
                           best={"step": None, "score": None, "metrics": None, "head_state": None})
         self.rng = _rng_state()
         if resume:
-            self.optimizer.load_state_dict(saved["optimizer"])
+            if self.optimizer is not None:
+                self.optimizer.load_state_dict(saved["optimizer"])
             self.rng = saved["rng"]
             self.state.update({k: saved[k] for k in self.state})
         del saved
@@ -178,12 +184,13 @@ class HeadTrainer:
         state, cfg = self.state, self.cfg
         t0 = time.perf_counter()
         torch.set_rng_state(self.rng["torch"])
-        for group in self.optimizer.param_groups:
+        for group in self.optimizer.param_groups if self.optimizer is not None else ():
             group["lr"] = lr_at(state["step"], cfg)
         index = torch.from_numpy(rows)
         targets = {"target_xyz": self.target_xyz[index].to(self.device),
                    **{name: t[index].to(self.device) for name, t in self.row_targets.items()}}
-        loss = float(train_step(self.head, self.optimizer, x, targets, cfg["chunk_rows"]))
+        # A head with nothing to train (retrieval) only counts its steps: evaluations stay on schedule.
+        loss = float(train_step(self.head, self.optimizer, x, targets, cfg["chunk_rows"])) if self.optimizer else 0.0
         self.rng = dict(self.rng, torch=torch.get_rng_state())
         if not math.isfinite(loss):
             last = str(self.checkpoint_path) if self.checkpoint_path.exists() else "none (no evaluation yet)"
@@ -210,6 +217,9 @@ class HeadTrainer:
         """Score the head on val, keep it if best so far, log a line, save the checkpoint; returns the score."""
         state, cfg = self.state, self.cfg
         t0 = time.perf_counter()
+        if self.head.needs_calibration:  # e.g. the regression head's kappa: fitted on val before scoring val
+            calibrate_on_split(self.head, self.cache, "val", device=self.device, feature_dtype=self.x_dtype,
+                               batch_size=cfg["eval_batch_size"])
         metrics, _ = evaluate_split(self.head, self.cache, "val", predict=cfg["predict"], device=self.device,
                                     feature_dtype=self.x_dtype, batch_size=cfg["eval_batch_size"])
         if cfg["select_by"] not in metrics:
@@ -232,7 +242,8 @@ class HeadTrainer:
         runs.append_jsonl(self.out_dir / runs.METRICS_LOG_FILE, line)
         runs.save_checkpoint(self.checkpoint_path, {
             "format": runs.RUN_FORMAT, "config": cfg, "partition": self.partition_state,
-            "head_state": _cpu_state(self.head), "optimizer": self.optimizer.state_dict(), "rng": self.rng, **state,
+            "head_state": _cpu_state(self.head), "rng": self.rng, **state,
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
         })
         self.last_score = score
         return score

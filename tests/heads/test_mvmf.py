@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from types import SimpleNamespace
 
 import mpmath
@@ -14,7 +15,7 @@ from scipy.stats import vonmises_fisher
 
 from geo.errors import ConfigError
 from geo.heads import create_head
-from support.sphere import fibonacci_sphere, latlon_xyz
+from support.sphere import fibonacci_sphere, haversine_km, latlon_xyz
 
 
 def unit(v: np.ndarray) -> np.ndarray:
@@ -304,3 +305,101 @@ def test_mode_at_large_kappa_between_close_components():
     assert found_dens >= dens.max() - 1e-6
     dist_m = 6371.0088e3 * np.arccos(np.clip(found @ arc[np.argmax(dens)], -1, 1))
     assert dist_m < 5.0
+
+
+# ---- the mode search on clustered mixtures and near a bifurcation (the audit's cases) --------
+
+
+def _log_mixture_f64(log_w: np.ndarray, mu: np.ndarray, kappa: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """log sum_i w_i vMF(y; mu_i, kappa_i) in float64 by squared-chord differences, chunked over y ([n])."""
+    log_c = np.log(kappa) - np.log(2 * np.pi) - np.log1p(-np.exp(-2 * kappa))
+    out = []
+    for start in range(0, len(y), 4096):
+        sq = ((y[start:start + 4096, None, :] - mu[None]) ** 2).sum(-1)
+        out.append(logsumexp(log_w + log_c - 0.5 * kappa * sq, axis=1))
+    return np.concatenate(out)
+
+
+def _local_grid(centre: np.ndarray, half_width_rad: float, n: int) -> np.ndarray:
+    """An n x n grid of unit vectors on the tangent plane at ``centre``, +- half_width_rad."""
+    e1 = unit(np.cross(centre, [0.0, 0.0, 1.0] if abs(centre[2]) < 0.9 else [1.0, 0.0, 0.0]))
+    e2 = np.cross(centre, e1)
+    s, t = np.meshgrid(np.linspace(-half_width_rad, half_width_rad, n), np.linspace(-half_width_rad, half_width_rad, n))
+    return unit(centre + s.reshape(-1, 1) * e1 + t.reshape(-1, 1) * e2)
+
+
+def _check_global_mode(head, logits: torch.Tensor, spread_rad: float, n_grid: int = 121, **predict_kw) -> float:
+    """The predicted mode is at least as dense as every point of dense grids around every mean; returns
+    how many nats the mode beats the best component mean by."""
+    mu = unit(head.mu_raw.detach().double().numpy())
+    kappa = np.exp(head.log_kappa.detach().double().numpy())
+    log_w = torch.log_softmax(logits.double(), -1)[0].numpy()
+    lat, lon = head.predict(logits, mode="mode", **predict_kw)
+    found = latlon_xyz(lat.item(), lon.item())
+    found_dens = _log_mixture_f64(log_w, mu, kappa, found[None])[0]
+    at_means = _log_mixture_f64(log_w, mu, kappa, mu)
+    centres = mu[np.argsort(-at_means)[:32]]  # grids around the 32 densest means (each +- spread_rad)
+    grid = np.concatenate([_local_grid(c, spread_rad, n_grid) for c in centres])
+    grid_dens = _log_mixture_f64(log_w, mu, kappa, grid)
+    assert found_dens >= grid_dens.max() - 1e-9
+    return found_dens - at_means.max()
+
+
+def test_mode_search_finds_a_cluster_of_light_components():
+    # 8 isolated components with Gamma = 0.06, 16 clustered ones with Gamma = 0.0325, all at kappa = e^12:
+    # the cluster's summed density is the global maximum although each member is lighter than
+    # any isolated component (the heaviest-peak starts all lie on isolated components).
+    rng = np.random.default_rng(7)
+    sigma = math.exp(-6.0)  # 1 / sqrt(kappa) radians, ~16 km
+    isolated = latlon_xyz(np.array([60.0, -40.0, 10.0, 30.0, -10.0, 45.0, -60.0, 5.0]),
+                          np.array([-150.0, -100.0, -60.0, 0.0, 40.0, 80.0, 120.0, 170.0]))
+    centre = latlon_xyz(20.0, 100.0)
+    clustered = unit(centre + rng.normal(size=(16, 3)) * sigma * 0.8)
+    mu = np.concatenate([isolated, clustered])
+    head = create_head("mvmf", feature_dim=2, partition=stand_in_partition(mu), kappa0=12.0).double()
+    with torch.no_grad():
+        head.mu_raw.copy_(torch.from_numpy(mu))
+    logits = torch.from_numpy(np.log(np.r_[np.full(8, 0.06), np.full(16, 0.0325)]))[None]
+    gain = _check_global_mode(head, logits, spread_rad=4 * sigma)
+    assert gain > 0  # beyond every mean: the mode lies inside the cluster
+    lat, lon = head.predict(logits, mode="mode")
+    assert haversine_km(lat.item(), lon.item(), 20.0, 100.0) < 100  # not on an isolated component
+
+
+def test_mode_search_with_many_random_overlapping_components():
+    # c = 1024 components with random weights and means scattered over a few clusters, kappa = e^12
+    rng = np.random.default_rng(3)
+    sigma = math.exp(-6.0)
+    centres = unit(rng.normal(size=(6, 3)))
+    mu = unit(centres[rng.integers(0, 6, 1024)] + rng.normal(size=(1024, 3)) * 3 * sigma)
+    head = create_head("mvmf", feature_dim=2, partition=stand_in_partition(mu), kappa0=12.0).double()
+    with torch.no_grad():
+        head.mu_raw.copy_(torch.from_numpy(mu))
+    logits = torch.from_numpy(rng.normal(size=1024))[None]
+    _check_global_mode(head, logits, spread_rad=6 * sigma, n_grid=41, n_components=1024)
+
+
+def _symmetric_pair(ratio: float) -> tuple:
+    """Two equal vMF components at kappa = e^16 whose half-separation a solves kappa sin^2 a = ratio cos a
+    (ratio = 1: the bifurcation of one mode into two); their mode (ratio <= 1) is the midpoint (1, 0, 0)."""
+    kappa = math.exp(16.0)
+    a = math.acos((-ratio + math.sqrt(ratio ** 2 + 4 * kappa ** 2)) / (2 * kappa))
+    mu = np.array([[math.cos(a), math.sin(a), 0.0], [math.cos(a), -math.sin(a), 0.0]])
+    head = create_head("mvmf", feature_dim=2, partition=stand_in_partition(mu), kappa0=16.0).double()
+    with torch.no_grad():
+        head.mu_raw.copy_(torch.from_numpy(mu))
+    return head, torch.zeros(1, 2, dtype=torch.float64)
+
+
+def test_mode_search_converges_near_the_two_component_bifurcation():
+    head, logits = _symmetric_pair(0.99)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # converged: no warning
+        lat, lon = head.predict(logits, mode="mode")
+    assert haversine_km(lat.item(), lon.item(), 0.0, 0.0) * 1e3 < 0.01  # metres (200 iterations left 49 m)
+
+
+def test_mode_search_says_when_it_did_not_converge():
+    head, logits = _symmetric_pair(1.0)  # at the bifurcation the iteration converges sublinearly
+    with pytest.warns(RuntimeWarning, match="1 of 1 rows did not converge in 200 iterations"):
+        head.predict(logits, mode="mode", max_iter=200)

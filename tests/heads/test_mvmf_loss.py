@@ -115,6 +115,33 @@ def test_low_precision_linear_gradients_match_float64_within_bf16_rounding():
     assert torch.all((x.grad.double() - x64.grad).abs() <= gx_bound)
 
 
+def test_bf16_logits_are_accumulated_and_returned_in_float32():
+    # The audit's case: logits |z| ~ 38. Rounding the *output* to bf16 (8-bit mantissa) costs
+    # ~0.1-0.2 nats of log Gamma; with float32 accumulation and output only the operands are
+    # rounded, so the logits equal the float64 product of the rounded operands to float32 accuracy.
+    g = torch.Generator().manual_seed(1)
+    d, c = 256, 64
+    x = torch.randn(256, d, generator=g)
+    w = torch.randn(c, d, generator=g) * (38.0 / (d ** 0.5 * 1.0))  # |z| up to ~38 * a few
+    b = torch.zeros(c)
+    x_low, w_low = x.to(torch.bfloat16), w.to(torch.bfloat16)
+    out = LowPrecisionLinear.apply(x, w, b, w_low)
+    assert out.dtype == torch.float32
+    exact = x_low.double() @ w_low.double().T                        # float64 product of the rounded operands
+    scale = x_low.double().abs() @ w_low.double().abs().T
+    assert torch.all((out.double() - exact).abs() <= d * 2.0**-24 * scale + 1e-6)
+    log_gamma, log_gamma_ref = torch.log_softmax(out.double(), -1), torch.log_softmax(exact, -1)
+    assert (log_gamma - log_gamma_ref).abs().max() < 1e-3             # was 0.2 nats with a bf16 output
+    assert (out.abs().max() > 30) and torch.equal(out.argmax(-1), exact.argmax(-1))
+    # and the weight gradient is accumulated in float32 too
+    upstream = torch.randn(256, c, generator=g)
+    w_req = w.clone().requires_grad_()
+    LowPrecisionLinear.apply(x, w_req, b, w_low).backward(upstream)
+    gw_exact = upstream.to(torch.bfloat16).double().T @ x_low.double()
+    gw_scale = upstream.to(torch.bfloat16).double().abs().T @ x_low.double().abs()
+    assert torch.all((w_req.grad.double() - gw_exact).abs() <= 256 * 2.0**-24 * gw_scale + 1e-6)
+
+
 def test_bf16_head_sees_weight_updates_by_fused_adamw():
     # the cast W lives in a reused buffer: it must be recast after every optimizer step
     from types import SimpleNamespace

@@ -98,7 +98,7 @@ def test_predict_centre_mean_and_density_mode():
 
 def test_options_and_bad_input():
     head = create_head("softmax", feature_dim=3, partition=CubePartition(off_centre_mean=True), predict_at="mean")
-    assert head.options == {"predict_at": "mean", "matmul_dtype": None}
+    assert head.options == {"predict_at": "mean", "label_smoothing_km": 0.0, "matmul_dtype": None}
     with pytest.raises(ConfigError, match="predict_at"):
         create_head("softmax", feature_dim=3, partition=CubePartition(off_centre_mean=True), predict_at="middle")
     with pytest.raises(ConfigError, match="k must be"):
@@ -118,3 +118,51 @@ def test_real_partition_cells_and_density():
     grid = torch.from_numpy(fibonacci_sphere(100_000))
     integral = torch.exp(head.log_density(logits, grid)).sum(1) * (4 * math.pi / len(grid))
     np.testing.assert_allclose(integral.detach().numpy(), 1.0, atol=5e-3)
+
+
+# ---- haversine label smoothing (PIGEON) ---------------------------------------------------
+
+
+def test_label_smoothing_target_and_loss_match_a_float64_haversine_reference():
+    from support.sphere import haversine_km
+
+    part = Partition.build(*_scattered_latlon(3000, seed=2), 24)
+    tau_km = 300.0
+    head = create_head("softmax", feature_dim=8, partition=part, label_smoothing_km=tau_km)
+    assert head.options["label_smoothing_km"] == tau_km
+    x, lat, lon = random_batch(seed=4)
+    y = torch.from_numpy(latlon_xyz(lat, lon))
+    centres = head.centres_xyz.double().numpy()  # the head's cell centres (float32 buffers, ~0.4 m)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    c_lat, c_lon = np.degrees(np.arcsin(centres[:, 2])), np.degrees(np.arctan2(centres[:, 1], centres[:, 0]))
+    true = part.assign(lat, lon)
+    dist = haversine_km(lat[:, None], lon[:, None], c_lat[None], c_lon[None])     # [B, c]
+    weights = np.exp(-(dist - dist[np.arange(len(lat)), true][:, None]) / tau_km)  # the formula
+    q_ref = weights / weights.sum(1, keepdims=True)
+    np.testing.assert_allclose(head.smoothed_target(y).numpy(), q_ref, rtol=1e-9, atol=1e-12)
+    logits = head(x)
+    lg = logits.detach().double().numpy()
+    log_p = lg - np.log(np.exp(lg).sum(1, keepdims=True))
+    assert head.loss(logits, y.float()).item() == pytest.approx(-np.mean((q_ref * log_p).sum(1)), rel=1e-5)
+    head.loss(logits, y.float()).backward()
+    assert torch.isfinite(head.linear.weight.grad).all()
+
+
+def test_label_smoothing_zero_and_its_limit_are_cross_entropy():
+    part = CubePartition()  # the face holding a point is the face whose centre is nearest it
+    x, lat, lon = random_batch(seed=5)
+    y = torch.from_numpy(latlon_xyz(lat, lon)).float()
+    target = torch.from_numpy(part.assign(lat, lon))
+    plain = create_head("softmax", feature_dim=8, partition=part)
+    for tau_km in (0.0, 1e-3):
+        head = create_head("softmax", feature_dim=8, partition=part, label_smoothing_km=tau_km)
+        head.load_state_dict(plain.state_dict())
+        logits = head(x)
+        torch.testing.assert_close(head.loss(logits, y), F.cross_entropy(logits, target))
+    with pytest.raises(ConfigError, match="label_smoothing_km"):
+        create_head("softmax", feature_dim=8, partition=part, label_smoothing_km=-1.0)
+
+
+def _scattered_latlon(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    return np.degrees(np.arcsin(rng.uniform(-1, 1, n))), rng.uniform(-180, 180, n)

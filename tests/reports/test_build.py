@@ -175,3 +175,18 @@ def test_kappa0_note_gives_the_half_mass_radius_of_each_kappa0(tmp_path):
     assert kappa0_note(runs) == ("Half of an initial MvMF component's mass lies within "
                                  "(κ0 = 8: 137 km, κ0 = 16: 2.52 km).")
     assert kappa0_note([r for r in runs if r.head == "softmax"]) == ""
+
+
+def test_report_of_heads_without_cells_draws_their_maps_and_no_partition(tmp_path):
+    # retrieval and regression runs have no partition: the report still draws their density maps
+    from geo.training.config import FitConfig
+    from geo.training.sweep import sweep
+    from support.caches import make_location_cache
+
+    cache = make_location_cache(tmp_path / "c.h5", n=600)
+    sweep(cache, tmp_path / "sw", heads=["knn", "regression"], n_cells=[16], kappa0s=[12.0],
+          base_config=FitConfig(batch_size=128, epochs=1, precision="fp32", device="cpu"), progress=False)
+    build_report([tmp_path / "sw"], tmp_path / "report")
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "figures/density_maps.png" in text and "partition.png" not in text
+    assert (tmp_path / "report" / "figures" / "density_maps.png").exists()

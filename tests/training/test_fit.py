@@ -22,6 +22,7 @@ from geo.heads.mvmf import MvMFHead
 from geo.training import runs
 from geo.training.config import FitConfig
 from geo.training.fit import fit_head
+from geo.training.runs import load_head
 from geo.training.trainer import TrainingError, lr_at, train_step
 from support.sphere import haversine_km
 
@@ -45,7 +46,12 @@ def _mean_baseline_acc750(cache_path) -> float:
         return float(np.mean(haversine_km(c.lat_deg[test], c.lon_deg[test], lat, lon) <= 750))
 
 
-@pytest.mark.parametrize("head, options", [("mvmf", {}), ("softmax", {"n_cells": 128}), ("softmax", {"predict": "mean"})])
+@pytest.mark.parametrize("head, options", [
+    ("mvmf", {}), ("softmax", {"n_cells": 128}), ("softmax", {"predict": "mean"}),
+    ("softmax", {"n_cells": 128, "label_smoothing_km": 300.0}),
+    ("softmax-hier", {"n_cells": 128}), ("vmf", {"epochs": 15}), ("regression", {"epochs": 15}),
+    ("knn", {"epochs": 1}), ("knn", {"epochs": 1, "predict": "nn", "knn_k": 4}), ("vmf-mixture", {"epochs": 15, "mixture_components": 4, "predict": "mode"}),
+])
 def test_heads_beat_the_mean_baseline(cache, tmp_path, head, options):
     # Softmax predicts at cell centres: it needs cells small enough around the cities.
     metrics = fit_head(cache, FitConfig(head=head, **dict(FAST, **options)), tmp_path / head, progress=False)
@@ -61,7 +67,7 @@ def test_heads_beat_the_mean_baseline(cache, tmp_path, head, options):
     np.testing.assert_allclose(table["dist_km"], dist, rtol=1e-9, atol=1e-6)
     assert np.mean(np.array(table["dist_km"]) <= 750) == pytest.approx(metrics["acc@750km"])
     probs = np.array(table["topk_prob"])
-    assert probs.shape[1] == 5 and np.all(np.diff(probs, axis=1) <= 0) and np.all(probs.sum(1) <= 1 + 1e-6)
+    assert probs.shape[1] == min(5, load_head(tmp_path / head).head.max_k) and np.all(np.diff(probs, axis=1) <= 0) and np.all(probs.sum(1) <= 1 + 1e-6)
     # the NLL in metrics.json is the mean of the per-row log densities
     assert metrics["nll_nats"] == pytest.approx(-np.mean(table["log_density"]), rel=1e-9)
 
@@ -231,3 +237,20 @@ def test_chunked_step_equals_one_whole_batch_step():
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-12)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_calibrating_head_is_calibrated_on_val_before_selection(cache, tmp_path):
+    # The regression head declares needs_calibration: its kappa is the MLE on the val split of the
+    # selected weights, saved with them (no `if name ==` anywhere in the trainer).
+    from geo.cache.store import FeatureCache
+    from geo.heads.regression import fit_log_kappa
+
+    fit_head(cache, FitConfig(head="regression", **dict(FAST, epochs=2)), tmp_path / "run", progress=False)
+    head = load_head(tmp_path / "run").head
+    with FeatureCache(cache) as c:
+        val = c.split_rows("val")
+        out = head(torch.from_numpy(c.load_features(np.sort(val)).astype(np.float32))).detach().double().numpy()
+        y = latlon_to_xyz(c.lat_deg[np.sort(val)], c.lon_deg[np.sort(val)])
+    s = np.mean(0.5 * np.sum((out - y) ** 2, axis=1))
+    assert float(head.log_kappa) == pytest.approx(fit_log_kappa(s), abs=1e-5)
+    assert float(head.log_kappa) != 0.0  # not the uncalibrated kappa = 1
