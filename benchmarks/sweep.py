@@ -8,7 +8,7 @@ Prints, in one run (measured side by side on the same machine):
   after another (what a user does without sweep), and the ratio (target >= 3x);
 - whether the two give the same test metrics (they should: same seeds, same batches);
 - the wall time of `geo report` over the 9 sweep runs (with density maps), and over 50
-  synthetic run directories (tests/reports/run_factory.py; no checkpoints, so no maps).
+  synthetic run directories (tests/support/runs.py; no checkpoints, so no maps).
 
 Usage:
     python benchmarks/sweep.py            # 20k train rows, 2 epochs
@@ -73,9 +73,9 @@ def geo(*args: str) -> float:
 
 
 def make_report_runs(root: Path, n: int = 50) -> Path:
-    """``n`` synthetic finished runs (heads x c x kappa0 x seeds) written by tests/reports/run_factory.py."""
-    sys.path.insert(0, str(ROOT / "tests" / "reports"))
-    from run_factory import base_config, write_summarized_run
+    """``n`` synthetic finished runs (heads x c x kappa0 x seeds) written by tests/support/runs.py."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from support.runs import base_config, write_summarized_run
 
     configs = [(h, c, k) for c in (64, 256, 1024, 4096, 16384) for h, ks in (("mvmf", (8.0, 12.0, 16.0)),
                                                                              ("softmax", (None,))) for k in ks]
