@@ -148,10 +148,13 @@ class KnnHead(Head):
     def calibrate(self, outputs: torch.Tensor, target_xyz: torch.Tensor) -> None:
         """kappa of highest mean log-likelihood of the val points ``[n, 3]`` under their densities (float64)."""
         out = outputs.detach().to("cpu", torch.float64)
-        y = torch.as_tensor(target_xyz).detach().to("cpu", torch.float64)[:, None, :]
+        y = torch.as_tensor(target_xyz).detach().to("cpu", torch.float64)
+        log_w, mu, _ = self._mixture(out)
+        sq_chord = (y[:, None, :] - mu).pow(2).sum(-1)                  # [n, k], once for every kappa tried
 
         def mean_ll(log_kappa: float) -> float:
-            return float(self._log_density_rows(out, y, torch.tensor(log_kappa, dtype=torch.float64)).mean())
+            lk = torch.tensor(log_kappa, dtype=torch.float64)
+            return float(torch.logsumexp(log_w + vmf_log_normalizer(lk) - 0.5 * torch.exp(lk) * sq_chord, -1).mean())
 
         scores = [mean_ll(v) for v in LOG_KAPPA_GRID]
         best = int(np.argmax(scores))
