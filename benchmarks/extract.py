@@ -92,7 +92,7 @@ def bench(backbone: str, precision: str, args, manifest_path: Path, tmp: Path) -
 
     out = {"px": size, "forward": rate(forward, args.batch_size, max(1, args.repeats))}
     country = np.zeros(n, np.int16)
-    cache = tmp / f"bench-{precision}.h5"
+    cache = tmp / f"bench-{backbone.replace('/', '_')}-{precision}.h5"
     with CacheWriter(cache, feature_dim=model.feature_dim, countries=["XX"], provenance={"bench": precision},
                      overwrite=True) as writer:
         t0 = time.perf_counter()
@@ -120,7 +120,7 @@ def bench(backbone: str, precision: str, args, manifest_path: Path, tmp: Path) -
     config = FinetuneConfig(epochs=1, lr=1e-4, batch_size=args.train_batch, workers=args.workers,
                             image_size=size)
     result = finetune(model, manifest.paths, labels, manifest.split, config, place,
-                      tmp / f"ft-{precision}.pt")
+                      tmp / f"ft-{backbone.replace('/', '_')}-{precision}.pt")
     n_train = int((manifest.split == 0).sum())
     out["finetune"] = n_train / result.history[0]["elapsed_s"]
     return out
