@@ -165,6 +165,22 @@ def few_steps_warning(resolved: dict) -> str | None:
             "learns next to nothing. Use a smaller --batch-size or more --epochs.")
 
 
+# FitConfig fields added after the first run format (geo 0.1): a run directory written before
+# them was trained with what is now their default.
+_FIELDS_ADDED_SINCE_0_1 = ("train_fraction", "mixture_components", "knn_k", "hier_levels", "label_smoothing_km")
+
+
+def implied_by_older_runs(resolved: dict) -> dict:
+    """For the config.json keys an older run lacks, the value it implicitly had (``runs.check_run_dir``).
+
+    Added options had their defaults; the derived keys of ``--train-fraction`` follow from
+    keys that are compared anyway (``n_train``, ``seed``).
+    """
+    defaults = {f.name: f.default for f in fit_config_fields() if f.name in _FIELDS_ADDED_SINCE_0_1}
+    return {**defaults, "n_train_split": resolved.get("n_train_split"),
+            "train_subset_seed": resolved.get("train_subset_seed")}
+
+
 def resolve_config(config: FitConfig, cache, cache_path: Path, n_train: int, n_val: int) -> dict:
     """``config`` with every automatic choice made, plus what the run was built from (config.json).
 

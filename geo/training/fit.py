@@ -30,7 +30,7 @@ from geo.errors import ConfigError
 from geo.heads import head_class
 from geo.sphere.partition import Partition
 from geo.training import runs
-from geo.training.config import FitConfig, few_steps_warning, resolve_config
+from geo.training.config import FitConfig, few_steps_warning, implied_by_older_runs, resolve_config
 from geo.training.evaluate import CountryFn
 from geo.training.trainer import HeadTrainer, split_rows, train_rows, train_together
 
@@ -79,7 +79,7 @@ def fit_head(
                 partition = Partition.build(cache.lat_deg[train], cache.lon_deg[train], cfg["n_cells"])
             except ConfigError as err:
                 raise ConfigError(f"--n-cells {cfg['n_cells']}: {err}") from None
-        resume = runs.check_run_dir(out_dir, cfg, overwrite=overwrite)
+        resume = runs.check_run_dir(out_dir, cfg, overwrite=overwrite, implied=implied_by_older_runs(cfg))
         trainer = HeadTrainer(cache, cfg, out_dir, resume=resume, partition=partition)
         bar = tqdm(total=cfg["total_steps"], initial=trainer.state["step"], disable=not progress, unit="step",
                    desc=f"fit {cfg['head']}", dynamic_ncols=True)

@@ -207,13 +207,15 @@ def read_config(run_dir: Path) -> dict:
     return config
 
 
-def check_run_dir(run_dir: Path, config: dict, *, overwrite: bool) -> bool:
+def check_run_dir(run_dir: Path, config: dict, *, overwrite: bool, implied: dict | None = None) -> bool:
     """Prepare ``run_dir`` for ``config``; True when it holds a run to resume.
 
     An empty or missing directory is created. A directory holding the same
     configuration is resumed (True if it has a checkpoint). A different
     configuration raises ``ConfigError`` listing the differing keys, unless
-    ``overwrite``, which deletes the run's files (and only those).
+    ``overwrite``, which deletes the run's files (and only those). ``implied``
+    gives, for keys a run written by an older geo lacks, the value it implicitly
+    had (``geo.training.config.implied_by_older_runs``), so such runs still resume.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -226,7 +228,7 @@ def check_run_dir(run_dir: Path, config: dict, *, overwrite: bool) -> bool:
     if overwrite:
         clear_run_files(run_dir)
         return False
-    old = read_json(config_path)
+    old = {**(implied or {}), **read_json(config_path)}
     diffs = config_differences(old, _clean_json(json.loads(json.dumps(config, default=json_default))))
     if diffs:
         raise ConfigError(

@@ -56,7 +56,8 @@ from geo.geometry import latlon_to_xyz
 from geo.heads import head_class
 from geo.sphere.partition import Partition
 from geo.training import runs
-from geo.training.config import BYTES_PER_ROW_CELL, FitConfig, few_steps_warning, resolve_config
+from geo.training.config import (BYTES_PER_ROW_CELL, FitConfig, few_steps_warning, implied_by_older_runs,
+                                 resolve_config)
 from geo.training.evaluate import CountryFn
 from geo.training.subsets import check_fraction
 from geo.training.trainer import HeadTrainer, split_rows, train_rows, train_together
@@ -246,7 +247,8 @@ def sweep(
                 with_fraction = f" with --train-fraction {fraction:g}" if fraction != 1 else ""
                 raise ConfigError(f"--n-cells {c}{with_fraction}: {err}") from None
         # Directories holding other configurations are refused here, before anything is trained.
-        resume = {name: runs.check_run_dir(out_dir / name, config, overwrite=overwrite)
+        resume = {name: runs.check_run_dir(out_dir / name, config, overwrite=overwrite,
+                                           implied=implied_by_older_runs(config))
                   for name, config in configs.items()}
         finished = {name for name in configs if (out_dir / name / runs.METRICS_FILE).exists()}
         sizes = {name: estimate_memory_bytes(config, cache.feature_dim) for name, config in configs.items()}

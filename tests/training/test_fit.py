@@ -112,6 +112,24 @@ def test_a_different_configuration_is_refused_unless_overwrite(cache, tmp_path):
     assert metrics["n"] > 0
 
 
+def test_a_run_written_before_the_added_options_still_resumes(cache, tmp_path):
+    """config.json of geo 0.1 lacks the options added since (train fraction, mixture K, ...): such a
+    run is the same configuration while those keep their defaults, and different once one changes."""
+    from geo.training.config import implied_by_older_runs
+
+    first = fit_head(cache, FitConfig(head="mvmf", **dict(FAST, epochs=1)), tmp_path / "run", progress=False)
+    path = tmp_path / "run" / "config.json"
+    config = json.loads(path.read_text())
+    added = set(implied_by_older_runs(config))
+    assert added <= set(config)
+    path.write_text(json.dumps({k: v for k, v in config.items() if k not in added}))
+    again = fit_head(cache, FitConfig(head="mvmf", **dict(FAST, epochs=1)), tmp_path / "run", progress=False)
+    assert again["acc@750km"] == first["acc@750km"] and again["median_km"] == first["median_km"]
+    with pytest.raises(ConfigError, match=r"train_fraction: 1.0 -> 0.5"):
+        fit_head(cache, FitConfig(head="mvmf", train_fraction=0.5, **dict(FAST, epochs=1)), tmp_path / "run",
+                 progress=False)
+
+
 def test_config_json_holds_every_option_and_checkpoint_loads_weights_only(cache, tmp_path):
     config = FitConfig(head="mvmf", kappa0=10.0, train_kappa=False, mu_init="mean", **dict(FAST, epochs=1))
     fit_head(cache, config, tmp_path / "run", progress=False)
