@@ -8,8 +8,10 @@
 #   5. geo report      - table, plots, maps and the paper's claims checked on these runs, per test set
 # Each stage reuses what a previous run completed and rebuilds what is incomplete.
 # DEMO_SIZE=small (default, ~8.5 min on 2 cores from a clean clone) | medium | large (| tiny: the smoke test's).
+# DEMO_PRECISION=fp32 forces float32 where auto would use bf16: how a CPU without native bf16 runs it.
 set -euo pipefail
 SIZE=${DEMO_SIZE:-small}
+PRECISION=${DEMO_PRECISION:-auto}
 OUT=${1:-demo}/$SIZE   # one folder per size: a rerun of the same size reuses its stages
 case "$SIZE" in
   # resnet18 at 64 px: WideResNet50 trained from scratch on a 2-core CPU did not beat the
@@ -37,7 +39,8 @@ if [ -f "$OUT/cache.h5" ] && geo cache info "$OUT/cache.h5" >/dev/null 2>&1; the
   echo "   reusing the complete cache $OUT/cache.h5"
 else
   geo extract "$OUT/data/manifest.parquet" --out "$OUT/cache.h5" --backbone "$BACKBONE" --weights none \
-      --image-size "$PX" --finetune-epochs "$EPOCHS" --batch-size 64 --checkpoint-dir "$OUT/backbone"
+      --image-size "$PX" --finetune-epochs "$EPOCHS" --batch-size 64 --checkpoint-dir "$OUT/backbone" \
+      --precision "$PRECISION"
 fi
 geo cache info "$OUT/cache.h5"
 TIMES+=("extract: $(( $(stamp) - t )) s")
@@ -45,7 +48,7 @@ TIMES+=("extract: $(( $(stamp) - t )) s")
 echo "== 3/5 geo sweep: heads mvmf,softmax x c in {$CLASSES} x kappa0 in {$KAPPA0} -> $OUT/runs"
 t=$(stamp)
 # batch 256 x 30 epochs: the demo train split is small (~10k rows), so smaller batches, more steps
-geo sweep "$OUT/cache.h5" --head mvmf,softmax --n-cells "$CLASSES" --kappa0 "$KAPPA0" --epochs 30 --batch-size 256 --out "$OUT/runs"
+geo sweep "$OUT/cache.h5" --head mvmf,softmax --n-cells "$CLASSES" --kappa0 "$KAPPA0" --epochs 30 --batch-size 256 --precision "$PRECISION" --out "$OUT/runs"
 TIMES+=("sweep: $(( $(stamp) - t )) s")
 geo baseline "$OUT/cache.h5" --n-cells "$CLASSES"
 
