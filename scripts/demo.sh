@@ -7,7 +7,7 @@
 #                        cache (same backbone, no fine-tuning) and evaluated with every run (RUN/eval/relief)
 #   5. geo report      - table, plots, maps and the paper's claims checked on these runs, per test set
 # Each stage reuses what a previous run completed and rebuilds what is incomplete.
-# DEMO_SIZE=small (default, ~8.5 min on 2 cores from a clean clone) | medium | large (| tiny: the smoke test's).
+# DEMO_SIZE=small (default; from a clean clone ~8.5 min on 2 cores with native bf16, ~18 min without) | medium | large (| tiny: the smoke test's).
 # DEMO_PRECISION=fp32 forces float32 where auto would use bf16: how a CPU without native bf16 runs it.
 set -euo pipefail
 SIZE=${DEMO_SIZE:-small}
