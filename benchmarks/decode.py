@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from geo.pipeline.images import eval_resize_px, eval_transform, load_rgb
+from geo.pipeline.images import TORCHVISION_PREPROCESS, eval_transform, load_rgb
 
 SIZES = {"0.5 MP": (816, 612), "2 MP": (1632, 1224), "8 MP": (3264, 2448)}
 
@@ -78,7 +78,7 @@ def main() -> None:
     torch.set_num_threads(1)
     n = 6 if args.quick else 24
     transform = eval_transform(args.image_size)
-    short = eval_resize_px(args.image_size)
+    short = TORCHVISION_PREPROCESS.at_size(args.image_size).resize_size
     with tempfile.TemporaryDirectory() as tmp:
         crops = write_crops(Path(tmp), n)
         print(f"{'size':>7} {'plain img/s':>12} {'geo img/s':>10} {'ratio':>6} {'diff mean':>10} {'diff p99':>9}")

@@ -69,6 +69,11 @@ def resolve_matmul_dtype(matmul_dtype: Any) -> torch.dtype | None:
     return MATMUL_DTYPES[matmul_dtype]
 
 
+def matmul_dtype_option(matmul_dtype: torch.dtype | None) -> str | None:
+    """The JSON-able ``matmul_dtype`` option of a resolved dtype (what a head's ``options`` record)."""
+    return None if matmul_dtype is None else "bfloat16"
+
+
 def matmul_dtype_of(config: dict) -> str | None:
     """The ``matmul_dtype`` option a run's ``precision`` implies: "bfloat16" under bf16, else None."""
     return "bfloat16" if config.get("precision") == "bf16" else None
@@ -246,7 +251,7 @@ class CellHead(Head):
 
     @property
     def matmul_dtype_name(self) -> str | None:
-        return None if self.matmul_dtype is None else "bfloat16"
+        return matmul_dtype_option(self.matmul_dtype)
 
     def weight_decay_parameters(self) -> list[nn.Parameter]:
         return [self.linear.weight] if self.linear.weight.requires_grad else []

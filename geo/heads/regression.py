@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from geo.geometry import normalize, vmf_log_normalizer, xyz_to_latlon
-from geo.heads.base import Head, VmfMixture, matmul_dtype_of, resolve_matmul_dtype
+from geo.heads.base import Head, VmfMixture, matmul_dtype_of, matmul_dtype_option, resolve_matmul_dtype
 from geo.heads.registry import register_head
 
 LOG_KAPPA_RANGE = (-14.0, 21.0)  # kappa from ~1e-6 to ~1.3e9, the range the vMF terms are exact over
@@ -79,7 +79,7 @@ class RegressionHead(Head):
         nn.init.xavier_uniform_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
         self.register_buffer("log_kappa", torch.zeros(()))
-        self.options = {"matmul_dtype": None if self.matmul_dtype is None else "bfloat16"}
+        self.options = {"matmul_dtype": matmul_dtype_option(self.matmul_dtype)}
 
     @classmethod
     def options_from_config(cls, config: dict) -> dict:

@@ -32,7 +32,7 @@ from torch import nn
 
 from geo.errors import ConfigError
 from geo.geometry import normalize, vmf_log_normalizer, xyz_to_latlon
-from geo.heads.base import Head, VmfMixture, matmul_dtype_of, resolve_matmul_dtype
+from geo.heads.base import Head, VmfMixture, matmul_dtype_of, matmul_dtype_option, resolve_matmul_dtype
 from geo.heads.mixture_modes import mixture_modes
 from geo.heads.registry import register_head
 
@@ -83,7 +83,7 @@ class VmfMixtureHead(Head):
                 torch.tensor([1.0, 0.0, 0.0])
             self.linear.bias.copy_(bias.reshape(-1))
         self.options = {"n_components": self.n_components, "log_kappa0": self.log_kappa0,
-                        "matmul_dtype": None if self.matmul_dtype is None else "bfloat16"}
+                        "matmul_dtype": matmul_dtype_option(self.matmul_dtype)}
 
     @classmethod
     def options_from_config(cls, config: dict) -> dict:

@@ -235,11 +235,6 @@ def eval_transform(image_size: int) -> T.Compose:
     return TORCHVISION_PREPROCESS.at_size(image_size).eval_transform()
 
 
-def eval_resize_px(image_size: int) -> int:
-    """The short side the evaluation transform resizes to (before its centre crop)."""
-    return round(image_size * 256 / 224)
-
-
 def describe_transform(transform: Callable) -> str:
     """A one-line, deterministic description of a transform (for cache provenance)."""
     steps = getattr(transform, "transforms", [transform])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geo.pipeline.images import draft_request, eval_resize_px, eval_transform, load_rgb
+from geo.pipeline.images import TORCHVISION_PREPROCESS, draft_request, eval_transform, load_rgb
 
 
 def _photo(path, width, height):
@@ -29,7 +29,7 @@ def test_draft_request_keeps_the_short_side_at_or_above_the_target():
 
 def test_draft_decoding_gives_the_same_tensor_shape_and_nearly_the_same_pixels(tmp_path):
     path = _photo(tmp_path / "photo.jpg", 2400, 1800)
-    target = eval_resize_px(224)
+    target = TORCHVISION_PREPROCESS.at_size(224).resize_size
     full = load_rgb(path)
     draft = load_rgb(path, draft_short_side=target)
     assert full.size == (2400, 1800)
