@@ -91,33 +91,55 @@ _SPLIT = click.option("--split", default=None, type=click.Choice(["train", "val"
                            "[default: test for a test set, hash for a training set].")
 
 
-def _places365_command(name: str, test_set: bool):
-    @manifest_group.command(name)
-    @click.option("--csv", "csv_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=str),
-                  help=f"The places365-style CSV ({name}_places365.csv: IMG_ID,AUTHOR,LAT,LON,...).")
-    @click.option("--images", required=True, type=click.Path(exists=True, file_okay=False, path_type=str),
-                  help="A folder of MessagePack shards (*.msg) or of images named by IMG_ID.")
-    @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=str),
-                  help="Parquet manifest to write (also OUT.skipped.csv).")
-    @_SPLIT
-    def command(csv_path, images, out, split):
+def _places365_command(name: str, test_set: bool, yfcc100m: bool = False):
+    """The subcommand ``name``: a places365 CSV (``--csv``) or, for YFCC, raw YFCC100M rows (``--metadata``)."""
+    def command(csv_path, images, out, split, metadata_path=None):
         from geo.pipeline.datasets.common import split_codes, write_dataset_manifest
-        from geo.pipeline.datasets.places365 import read_places365
 
-        rows = read_places365(csv_path, images)
+        if (csv_path is None) == (metadata_path is None):
+            raise click.UsageError("give exactly one of --csv (a places365 CSV) and --metadata (YFCC100M rows)")
+        if csv_path is not None:
+            from geo.pipeline.datasets.places365 import read_places365
+
+            rows, source = read_places365(csv_path, images), csv_path
+        else:
+            from geo.pipeline.datasets.yfcc100m import read_yfcc100m
+
+            rows, source = read_yfcc100m(metadata_path, images), metadata_path
         manifest, counts = write_dataset_manifest(
-            out, rows, split=split_codes(rows.ids, split, default="test" if test_set else "hash"), source=csv_path)
+            out, rows, split=split_codes(rows.ids, split, default="test" if test_set else "hash"), source=source)
         _print_summary(out, manifest, counts)
 
+    either = " Give it or --metadata." if yfcc100m else ""
+    options = [
+        click.option("--csv", "csv_path", required=not yfcc100m, default=None,
+                     type=click.Path(exists=True, dir_okay=False, path_type=str),
+                     help=f"The places365-style CSV ({name}_places365.csv: IMG_ID,AUTHOR,LAT,LON,...).{either}"),
+        *([click.option("--metadata", "metadata_path", default=None,
+                        type=click.Path(exists=True, dir_okay=False, path_type=str),
+                        help="YFCC100M's raw tab-separated metadata rows (25 or 23 fields, optionally .gz); "
+                             "images named by photo id (or photo hash).")] if yfcc100m else []),
+        click.option("--images", required=True, type=click.Path(exists=True, file_okay=False, path_type=str),
+                     help="A folder of MessagePack shards (*.msg) or of images named by IMG_ID."),
+        click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=str),
+                     help="Parquet manifest to write (also OUT.skipped.csv)."),
+        _SPLIT,
+    ]
+    for option in reversed(options):  # click lists options in decorator order
+        command = option(command)
+
     kind = "test set: every row in test" if test_set else "training set: rows hashed into train/val/test"
-    command.help = (f"{name} as distributed: a places365 CSV and its images ({kind}).\n\n"
-                    f"\b\nExample:\n  geo manifest {name} --csv {name}_places365.csv "
-                    f"--images {name}/ --out {name}.parquet")
-    return command
+    source = "a places365 CSV or YFCC100M's raw metadata rows" if yfcc100m else "a places365 CSV"
+    help_text = (f"{name} as distributed: {source} and its images ({kind}).\n\n"
+                 f"\b\nExample:\n  geo manifest {name} --csv {name}_places365.csv "
+                 f"--images {name}/ --out {name}.parquet")
+    if yfcc100m:
+        help_text += f"\n  geo manifest {name} --metadata {name}.tsv --images {name}/ --out {name}.parquet"
+    return manifest_group.command(name, help=help_text)(command)
 
 
 for _name, _test in (("mp16", False), ("im2gps", True), ("im2gps3k", True), ("yfcc4k", True), ("yfcc26k", True)):
-    _places365_command(_name, _test)
+    _places365_command(_name, _test, yfcc100m=_name.startswith("yfcc"))
 
 
 @manifest_group.command("osv5m")

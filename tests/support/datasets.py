@@ -6,6 +6,9 @@ and an image: exactly what a reader must give back.
 
 from __future__ import annotations
 
+import csv
+import gzip
+import hashlib
 import io
 import json
 import tarfile
@@ -13,8 +16,11 @@ import zipfile
 
 import msgpack
 import numpy as np
+import pytest
 from PIL import Image
 
+from geo.pipeline.images import load_rgb
+from geo.pipeline.manifest import read_manifest
 from support.images import PLACES
 
 PLACES365_HEADER = "IMG_ID,AUTHOR,LAT,LON,S3_Label,S16_Label,S365_Label,Prob_indoor,Prob_natural,Prob_urban"
@@ -130,3 +136,90 @@ def write_webdataset(root, *, n=24, n_shards=3, no_json=(6,), lat_key="lat", lon
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
     return expected
+
+
+def yfcc_photo_id(i: int) -> str:
+    return str(5_000_000_000 + 7919 * i)  # YFCC100M's ids are decimal, ~10 digits
+
+
+def yfcc_hash(i: int) -> str:
+    return hashlib.md5(yfcc_photo_id(i).encode()).hexdigest()  # 32 hex digits, like the dataset's hashes
+
+
+def yfcc_place(i: int) -> tuple[float, float]:
+    """(lat_deg, lon_deg): every third row near Sydney, so that swapped fields leave [-90, 90] and show."""
+    return (round(-33.9 + 0.01 * i, 6), round(151.2 + 0.01 * i, 6)) if i % 3 == 2 else place(i)[:2]
+
+
+def write_yfcc100m(root, *, n_fields=25, gz=False, header=False, n=24, no_image=(5,), no_metadata=(30, 33),
+                   no_coordinates=(8,), videos=(9,), swap=False, duplicate=None):
+    """``root/yfcc4k.tsv`` (``.tsv.gz`` when gz): raw YFCC100M rows, and ``root/yfcc4k/`` with their JPEGs.
+
+    n_fields: 25 (Multimedia Commons), 23 (Webscope) or 24 (Webscope with a key). In the
+    25-field layout rows ``i % 4 == 1`` have images named by photo hash, in Multimedia Commons'
+    ``abc/def/<hash>.jpg`` folders; the others are named by photo id (every third in a sub-folder).
+    Rows ``no_coordinates`` have empty longitude and latitude, ``videos`` marker 1 (both have an
+    image); swap writes latitude into the longitude field and back; duplicate: a row index
+    written again on the last line.
+    """
+    folder = root / "yfcc4k"
+    folder.mkdir(parents=True)
+    by_hash = n_fields == 25
+    lines = []
+    if header:
+        names = ["line", "photoid", "hash", "usernsid", "usernick", "datetaken", "dateuploaded", "capturedevice",
+                 "title", "description", "usertags", "machinetags", "longitude", "latitude", "accuracy", "pageurl",
+                 "downloadurl", "licensename", "licenseurl", "serverid", "farmid", "secret", "secretoriginal",
+                 "extensionoriginal", "marker"]
+        lines.append(names)
+    for i in [*range(n), *([duplicate] if duplicate is not None else [])]:
+        lat, lon = ("", "") if i in no_coordinates else yfcc_place(i)
+        lon_field, lat_field = (lat, lon) if swap else (lon, lat)
+        id_ = yfcc_photo_id(i)
+        # Fields never read hold numbers too (accuracy 16, farm 3), so a reader off by one field shows.
+        lines.append([str(len(lines)), id_, yfcc_hash(i), f"{1000 + i}@N00", f"user+{i}", "2010-05-01 12:00:00.0",
+                      "1272715200", "Canon+EOS+400D", f"title+{i}", "a+description%0Awith+lines", "paris,tour",
+                      "", str(lon_field), str(lat_field), "16", f"http://www.flickr.com/photos/u/{id_}/",
+                      f"http://farm3.staticflickr.com/2/{id_}_s.jpg", "Attribution License",
+                      "http://creativecommons.org/licenses/by/2.0/", "2", "3", "abc", "def", "jpg",
+                      "1" if i in videos else "0"])
+    if n_fields != 25:
+        lines = [[f for k, f in enumerate(fields) if k not in (0, 2)] for fields in lines]  # no line number, hash
+    if n_fields == 24:
+        lines = [fields + ["key"] for fields in lines]
+    text = "".join("\t".join(fields) + "\n" for fields in lines).encode()
+    path = root / ("yfcc4k.tsv.gz" if gz else "yfcc4k.tsv")
+    path.write_bytes(gzip.compress(text) if gz else text)
+    for i in [*range(n), *no_metadata]:
+        if i in no_image:
+            continue
+        if by_hash and i % 4 == 1:
+            name = f"{yfcc_hash(i)[:3]}/{yfcc_hash(i)[3:6]}/{yfcc_hash(i)}.jpg"
+        else:
+            name = f"sub/{yfcc_photo_id(i)}.jpg" if i % 3 == 0 else f"{yfcc_photo_id(i)}.jpg"
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(jpeg(i))
+    return {yfcc_photo_id(i): yfcc_place(i) for i in range(n)
+            if i not in no_image and i not in no_coordinates and i not in videos}
+
+
+def read_written(out):
+    """(manifest, {id: (lat_deg, lon_deg)}, rows of OUT.skipped.csv as dicts) of what `geo manifest` wrote."""
+    manifest = read_manifest(out)
+    got = {i: (la, lo) for i, la, lo in zip(manifest.ids.tolist(), manifest.lat_deg, manifest.lon_deg)}
+    with open(f"{out}.skipped.csv", newline="") as handle:
+        skipped = list(csv.DictReader(handle))
+    return manifest, got, skipped
+
+
+def assert_coordinates(got: dict, expected: dict) -> None:
+    """Exactly the expected ids, each with its coordinates."""
+    assert sorted(got) == sorted(expected)
+    for key, (lat, lon) in expected.items():
+        assert got[key] == pytest.approx((lat, lon), abs=1e-12), key
+
+
+def assert_same_pixels(path, i):
+    """The manifest's path decodes to the very JPEG written for row i."""
+    written = Image.open(io.BytesIO(jpeg(i))).convert("RGB")
+    np.testing.assert_array_equal(np.asarray(load_rgb(path)), np.asarray(written))

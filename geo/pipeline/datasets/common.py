@@ -91,21 +91,22 @@ def shard_order(path: str) -> tuple:
 
 
 def match_rows(rows: Rows, ids: list[str], lat_deg, lon_deg, located: dict[str, str], *, images, csv_name: str,
-               country: list[str] | None = None) -> None:
+               country: list[str] | None = None, row_names: list[str] | None = None) -> None:
     """Add to ``rows`` every metadata row that has an image in ``located`` ({id: path}), in shard order.
 
-    Rows without an image, images without a row, and bad coordinates go to ``rows.skipped``
-    (CSV rows are named by line: the header is line 1).
+    Rows without an image, images without a row, and bad coordinates go to ``rows.skipped``.
+    row_names: how each row is named in a reason (default ``CSV line N``: the header is line 1).
     """
     kept = []
     for i, id_ in enumerate(ids):
+        name = row_names[i] if row_names is not None else f"CSV line {i + 2}"
         where = located.get(id_)
         if where is None:
-            rows.skipped.append((id_, f"no image: CSV line {i + 2} has no image in {images}"))
+            rows.skipped.append((id_, f"no image: {name} has no image in {images}"))
             continue
         problem = coordinate_problem(float(lat_deg[i]), float(lon_deg[i]))
         if problem:
-            rows.skipped.append((id_, f"{problem} (CSV line {i + 2})"))
+            rows.skipped.append((id_, f"{problem} ({name})"))
             continue
         kept.append((where, id_, float(lat_deg[i]), float(lon_deg[i]), country[i].upper() if country else None))
     kept.sort(key=lambda r: shard_order(r[0]))  # each worker then reads its shards front to back

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import csv
-import io
-
-import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
 
-from support.datasets import jpeg, write_mp16, write_osv5m, write_places365_folder, write_webdataset
+from support.datasets import (assert_coordinates, assert_same_pixels, read_written, write_mp16, write_osv5m,
+                              write_places365_folder, write_webdataset)
 from geo.cli import cli
 from geo.errors import ManifestError
 from geo.pipeline.datasets.places365 import read_places365
@@ -24,33 +20,13 @@ def _invoke(*args):
     return result
 
 
-def _read(out):
-    manifest = read_manifest(out)
-    got = {i: (la, lo) for i, la, lo in zip(manifest.ids.tolist(), manifest.lat_deg, manifest.lon_deg)}
-    with open(f"{out}.skipped.csv", newline="") as handle:
-        skipped = list(csv.DictReader(handle))
-    return manifest, got, skipped
-
-
-def _assert_coordinates(got: dict, expected: dict) -> None:
-    """Exactly the expected ids, each with its coordinates."""
-    assert sorted(got) == sorted(expected)
-    for key, (lat, lon) in expected.items():
-        assert got[key] == pytest.approx((lat, lon), abs=1e-12), key
-
-
-def _same_pixels(path, i):
-    """The manifest's path decodes to the very JPEG written for row i."""
-    np.testing.assert_array_equal(np.asarray(load_rgb(path)), np.asarray(Image.open(io.BytesIO(jpeg(i))).convert("RGB")))
-
-
 def test_mp16_messagepack_shards(tmp_path):
     expected = write_mp16(tmp_path)
     out = tmp_path / "mp16.parquet"
     result = _invoke("mp16", "--csv", tmp_path / "mp16_places365.csv", "--images", tmp_path / "shards", "--out", out)
     assert result.exit_code == 0, result.output
-    manifest, got, skipped = _read(out)
-    _assert_coordinates(got, expected)
+    manifest, got, skipped = read_written(out)
+    assert_coordinates(got, expected)
     reasons = sorted(r["reason"].split(":")[0] for r in skipped)
     assert reasons == ["no image"] * 2 + ["no metadata"] * 2
     assert "wrote 28 images" in result.output and "left out 4" in result.output
@@ -61,7 +37,7 @@ def test_mp16_messagepack_shards(tmp_path):
     keys = [(c, int(m)) for c, m in members]
     assert keys == sorted(keys)
     row = manifest.ids.tolist().index("00/00/1000.jpg")
-    _same_pixels(manifest.paths[row], 0)
+    assert_same_pixels(manifest.paths[row], 0)
 
 
 def test_mp16_corrupt_shard_keeps_the_rest_and_duplicates_are_refused(tmp_path):
@@ -83,11 +59,11 @@ def test_places365_test_sets_with_a_folder(tmp_path, name):
     out = tmp_path / f"{name}.parquet"
     result = _invoke(name, "--csv", tmp_path / f"{name}_places365.csv", "--images", tmp_path / name, "--out", out)
     assert result.exit_code == 0, result.output
-    manifest, got, skipped = _read(out)
-    _assert_coordinates(got, expected)
+    manifest, got, skipped = read_written(out)
+    assert_coordinates(got, expected)
     assert manifest.split_counts() == {"train": 0, "val": 0, "test": len(expected)}
     assert sorted(r["reason"].split(":")[0] for r in skipped) == ["no image", "no metadata"]
-    _same_pixels(manifest.paths[manifest.ids.tolist().index("0_1000_a0.jpg")], 0)
+    assert_same_pixels(manifest.paths[manifest.ids.tolist().index("0_1000_a0.jpg")], 0)
 
 
 def test_swapped_latitude_and_longitude_columns_are_refused(tmp_path):
@@ -108,8 +84,8 @@ def test_osv5m_zip_shards_and_extracted_folders(tmp_path, zipped):
     out = tmp_path / "osv_test.parquet"
     result = _invoke("osv5m", tmp_path / "osv", "--split", "test", "--out", out)
     assert result.exit_code == 0, result.output
-    manifest, got, skipped = _read(out)
-    _assert_coordinates(got, expected)
+    manifest, got, skipped = read_written(out)
+    assert_coordinates(got, expected)
     assert manifest.split_counts()["test"] == len(expected) == 23
     assert [r["reason"].split(":")[0] for r in skipped] == ["no image"]
     # OSV-5M's own labels are kept; one was made wrong on purpose: 22 of 23 agree with geo's.
@@ -117,8 +93,8 @@ def test_osv5m_zip_shards_and_extracted_folders(tmp_path, zipped):
     assert codes["9000004"] == "BR" and codes["9000000"] == "FR"
     assert "agree with geo's offline labels on 22 of 23 images" in result.output
     assert all(("#" in p) == zipped for p in manifest.paths.tolist())
-    _same_pixels(manifest.paths[manifest.ids.tolist().index("9000001")], 1)  # top-level member of 01.zip
-    _same_pixels(manifest.paths[manifest.ids.tolist().index("9000002")], 2)  # 00/ member of 00.zip
+    assert_same_pixels(manifest.paths[manifest.ids.tolist().index("9000001")], 1)  # top-level member of 01.zip
+    assert_same_pixels(manifest.paths[manifest.ids.tolist().index("9000002")], 2)  # 00/ member of 00.zip
 
 
 def test_corrupt_zip_member_is_skipped_with_its_reason(tmp_path):
@@ -129,7 +105,7 @@ def test_corrupt_zip_member_is_skipped_with_its_reason(tmp_path):
     bad = manifest.paths[manifest.ids.tolist().index("9000006")]
     with pytest.raises(ImageError, match="corrupt"):
         load_rgb(bad)
-    _same_pixels(manifest.paths[manifest.ids.tolist().index("9000008")], 8)  # its neighbours read fine
+    assert_same_pixels(manifest.paths[manifest.ids.tolist().index("9000008")], 8)  # its neighbours read fine
 
 
 def test_webdataset_tars(tmp_path):
@@ -138,15 +114,15 @@ def test_webdataset_tars(tmp_path):
     pattern = f"{tmp_path}/wds/shard-{{000000..000002}}.tar"
     result = _invoke("webdataset", pattern, "--split", "test", "--out", out)
     assert result.exit_code == 0, result.output
-    manifest, got, skipped = _read(out)
-    _assert_coordinates(got, expected)
+    manifest, got, skipped = read_written(out)
+    assert_coordinates(got, expected)
     assert len(got) == 23
     assert [r["id"] for r in skipped] == ["sample0006"] and skipped[0]["reason"].startswith("no metadata")
-    _same_pixels(manifest.paths[manifest.ids.tolist().index("sample0004")], 4)
+    assert_same_pixels(manifest.paths[manifest.ids.tolist().index("sample0004")], 4)
     # Other JSON field names; duplicates across shards.
     other = write_webdataset(tmp_path / "gps", lat_key="gps_lat", lon_key="gps_lon", no_json=())
     rows = read_webdataset(f"{tmp_path}/gps/shard-{{000000..000002}}.tar", lat_key="gps_lat", lon_key="gps_lon")
-    _assert_coordinates(dict(zip(rows.ids, zip(rows.lat_deg, rows.lon_deg))), other)
+    assert_coordinates(dict(zip(rows.ids, zip(rows.lat_deg, rows.lon_deg))), other)
     write_webdataset(tmp_path / "dup", duplicate=True)
     with pytest.raises(ManifestError, match="(?s)1 duplicate ids.*'sample0000' in .*shard-000000.tar, .*shard-000002.tar"):
         read_webdataset(f"{tmp_path}/dup/shard-{{000000..000002}}.tar")
