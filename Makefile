@@ -9,16 +9,23 @@ DEMO_DIR ?= demo
 
 .PHONY: demo test test-fast lint-imports install clean-demo
 
-$(VENV)/.installed: pyproject.toml
+# What the demo needs: torch, geo and its demo data. `make demo` on a fresh clone installs only
+# this (the test tools and backbone families below take ~25 s more to install).
+$(VENV)/.installed-demo: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	printf 'torch==2.14.1\ntorchvision==0.29.1\n' > $(VENV)/torch-pins.txt
-	# -c pins torch/torchvision: timm, open_clip_torch and transformers must not pull another torch.
-	$(PIP) install -q -e '.[test,demo,backbones]' -c $(VENV)/torch-pins.txt
+	# -c pins torch/torchvision: no dependency may pull another torch.
+	$(PIP) install -q -e '.[demo]' -c $(VENV)/torch-pins.txt
 	# geoclip ships the MP-16 photo-location sample the demo draws from; its own
 	# dependencies (transformers ...) are not needed, hence --no-deps.
 	$(PIP) install -q --no-deps geoclip==1.3.0
+	touch $@
+
+# Everything: the above, the test tools and the timm / OpenCLIP / hf backbone families.
+$(VENV)/.installed: $(VENV)/.installed-demo
+	$(PIP) install -q -e '.[test,demo,backbones]' -c $(VENV)/torch-pins.txt
 	touch $@
 
 install: $(VENV)/.installed
@@ -34,7 +41,7 @@ test-fast: lint-imports
 lint-imports: $(VENV)/.installed
 	$(VENV)/bin/lint-imports
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.installed-demo
 	DEMO_SIZE=$(DEMO_SIZE) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh $(DEMO_DIR)
 
 clean-demo:

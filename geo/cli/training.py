@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from geo.cli.group import cli
@@ -54,7 +56,7 @@ def fit_head_cmd(cache, out, overwrite, quiet, **options):
 
 
 @cli.command("evaluate")
-@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=str))
 @click.option("--cache", "cache_path", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str),
               help="Evaluate on this cache instead of the run's own.")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
@@ -64,25 +66,36 @@ def fit_head_cmd(cache, out, overwrite, quiet, **options):
 @click.option("--allow-other-provenance", is_flag=True,
               help="Accept a cache made by another backbone / weights / transform than the run's.")
 @click.option("--device", default=None, help="auto, cpu, cuda ... (default auto).")
-def evaluate_cmd(run, cache_path, split, name, predict, allow_other_provenance, device):
-    """Score a trained run's selected model on a test set; write RUN/eval/NAME/.
+@click.option("--quiet", is_flag=True, help="One line per run instead of its metrics.")
+def evaluate_cmd(runs, cache_path, split, name, predict, allow_other_provenance, device, quiet):
+    """Score trained runs' selected models on a test set; write RUN/eval/NAME/ for each RUN.
 
     RUN/eval/NAME/ gets metrics.json and predictions.parquet; the run's own files
     are never modified. A test set extracted with `geo extract TEST --like TRAIN_CACHE`
     shares the training cache's features (only the manifest differs) and is accepted
     as is. `geo report` shows every evaluation of every run, one table per test set.
+    Several RUNs are evaluated in one process, one after the other (an error stops at
+    that run; the evaluations already written stay).
 
     \b
     Example:
       geo evaluate runs/mvmf-8k --cache im2gps3k.h5          # -> runs/mvmf-8k/eval/im2gps3k/
+      geo evaluate runs/*/ --cache im2gps3k.h5 --quiet       # every run of a sweep
       geo evaluate runs/mvmf-8k --split val --predict mode --name val-mode
     """
     from geo.training.evaluate import evaluate_run, format_metrics
 
-    metrics = evaluate_run(run, cache_path=cache_path, split=split, name=name, predict=predict, device=device,
-                           allow_other_provenance=allow_other_provenance, country_fn=_country_fn())
-    click.echo(format_metrics(metrics))
-    click.echo(f"wrote {metrics['eval_dir']}/metrics.json and predictions.parquet")
+    not_runs = [run for run in runs if not (Path(run) / "config.json").is_file()]
+    if not_runs:  # refused before any evaluation is written
+        raise click.BadParameter(f"{', '.join(not_runs)}: not a run directory (no config.json); "
+                                 "pass folders written by geo fit-head or geo sweep", param_hint="RUNS")
+    country_fn = _country_fn()
+    for run in runs:
+        metrics = evaluate_run(run, cache_path=cache_path, split=split, name=name, predict=predict, device=device,
+                               allow_other_provenance=allow_other_provenance, country_fn=country_fn)
+        if not quiet:
+            click.echo(format_metrics(metrics))
+        click.echo(f"wrote {metrics['eval_dir']}/metrics.json and predictions.parquet")
 
 
 @cli.command("sweep")

@@ -10,12 +10,14 @@ seen fail, the run stops and says so.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -63,11 +65,14 @@ class FinetuneResult:
 
 
 def image_loader(paths, transform, *, batch_size, workers, sampler=None, generator=None,
-                 pin_memory=False, draft_short_side: int | None = None) -> DataLoader:
+                 pin_memory=False, draft_short_side: int | None = None,
+                 batch_transform: Callable | None = None) -> DataLoader:
     """A DataLoader over ``ImageRows(paths, transform)``; yields ``collate_rows`` batches.
-    ``draft_short_side``: decode JPEGs at reduced scale (``geo.pipeline.images.load_rgb``)."""
-    return DataLoader(ImageRows(list(paths), transform, draft_short_side=draft_short_side), batch_size=batch_size, sampler=sampler, shuffle=False,
-                      num_workers=workers, collate_fn=collate_rows, generator=generator,
+    ``draft_short_side``: decode JPEGs at reduced scale (``geo.pipeline.images.load_rgb``);
+    ``batch_transform``: applied to each collated batch, in the worker (training colour jitter)."""
+    collate = collate_rows if batch_transform is None else functools.partial(collate_rows, batch_transform=batch_transform)
+    return DataLoader(ImageRows(list(paths), transform, draft_short_side=draft_short_side), batch_size=batch_size,
+                      sampler=sampler, shuffle=False, num_workers=workers, collate_fn=collate, generator=generator,
                       pin_memory=pin_memory, persistent_workers=False)
 
 
@@ -150,8 +155,9 @@ def finetune(model: Backbone, paths, labels: np.ndarray, split: np.ndarray, conf
             sampler.set_epoch(epoch)
         else:
             sampler = RandomSampler(range(len(train_rows)), generator=generator)
-        loader = image_loader(train_paths, model.preprocess.at_size(config.image_size).train_transform(),
-                              sampler=sampler,
+        preprocess = model.preprocess.at_size(config.image_size)
+        loader = image_loader(train_paths, preprocess.train_transform(),
+                              batch_transform=preprocess.train_batch_transform(), sampler=sampler,
                               batch_size=config.batch_size, workers=config.workers,
                               generator=generator, pin_memory=place.device.type == "cuda")
         model.train()

@@ -212,13 +212,79 @@ class Preprocess:
                           T.CenterCrop(self.image_size), *self._normalize()])
 
     def train_transform(self) -> T.Compose:
-        """Training augmentation: PIL RGB -> float32 [3, image_size, image_size], normalised."""
+        """Training augmentation of one image: PIL RGB -> uint8 [3, image_size, image_size].
+
+        Random resized crop and flip; the colour jitter and normalisation run on the whole
+        batch afterwards (``train_batch_transform``, applied by ``collate_rows``).
+        """
         return T.Compose([
             T.RandomResizedCrop(self.image_size, scale=(0.25, 1.0), interpolation=self._mode(), antialias=True),
             T.RandomHorizontalFlip(),
-            T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
-            *self._normalize(),
+            T.PILToTensor(),
         ])
+
+    def train_batch_transform(self) -> "BatchColorJitter":
+        """The batch half of the training augmentation: uint8 [b, 3, S, S] -> float32, normalised."""
+        return BatchColorJitter(0.2, self.mean, self.std)
+
+
+# ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
+
+
+@dataclass(frozen=True)
+class BatchColorJitter:
+    """Colour jitter and normalisation of a training batch: uint8 [b, 3, H, W] -> float32 [b, 3, H, W].
+
+    Per image, brightness, contrast and saturation factors are drawn uniformly from
+    [1 - jitter, 1 + jitter], as torchvision's ``ColorJitter`` does: brightness ``x * f``,
+    contrast ``f x + (1 - f) mean(gray(x))``, saturation ``f x + (1 - f) gray(x)`` on [0, 1]
+    pixels. Each step is affine in the pixel's colour (the contrast step's image mean is the
+    same map of the input's channel means), so the three compose into one 3x3 matrix and
+    offset per image, applied in one batched matmul: torchvision's per-image jitter costs
+    ~0.6 ms an image of 64 px, most of the training loader's CPU time on 2 cores
+    (``benchmarks/finetune.py``). Pixels are clamped to [0, 1] once at the end, where
+    torchvision clamps after each step and applies the steps in a random order; without the
+    intermediate clamps the steps commute (the gray weights sum to 1), so the two differ only
+    where an intermediate step leaves [0, 1]. Then ``(x - mean) / std`` per channel.
+    """
+
+    jitter: float
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def sample(self, batch: int) -> torch.Tensor:
+        """factors float32 [b, 3]: brightness, contrast, saturation per image (torch's RNG)."""
+        return torch.empty(batch, 3).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+
+    @staticmethod
+    def colour_maps(channel_mean: torch.Tensor, factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image affine colour map (matrix float64 [b, 3, 3], offset [b, 3, 1]) of
+        brightness, then contrast, then saturation. channel_mean: float [b, 3], each input
+        image's mean colour on [0, 1] (the contrast step's reference)."""
+        f = factors.to(torch.float64)[:, :, None, None]  # [b, 3, 1, 1]
+        brightness, contrast, saturation = f[:, 0], f[:, 1], f[:, 2]
+        eye = torch.eye(3, dtype=torch.float64)
+        to_gray = torch.ones(3, 1, dtype=torch.float64) @ torch.tensor([GRAY_WEIGHTS], dtype=torch.float64)  # 1 w^T
+        mean_gray = to_gray @ (brightness * channel_mean.to(torch.float64)[:, :, None])  # of the brightened image
+        matrix = (saturation * eye + (1 - saturation) * to_gray) @ (contrast * brightness * eye)
+        offset = (saturation * eye + (1 - saturation) * to_gray) @ ((1 - contrast) * mean_gray)
+        return matrix, offset
+
+    def apply(self, images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+        """``images`` uint8 (0..255) or float ([0, 1]) [b, 3, H, W] jittered by ``factors`` [b, 3], normalised."""
+        b, c, h, w = images.shape
+        x = images.reshape(b, c, h * w).to(torch.float32)
+        if images.dtype == torch.uint8:
+            x = x.div_(255.0)
+        matrix, offset = self.colour_maps(x.mean(dim=2, dtype=torch.float64), factors)
+        out = torch.baddbmm(offset.to(torch.float32), matrix.to(torch.float32), x).clamp_(0.0, 1.0)
+        mean = torch.tensor(self.mean, dtype=torch.float32)[None, :, None]
+        std = torch.tensor(self.std, dtype=torch.float32)[None, :, None]
+        return out.sub_(mean).div_(std).reshape(b, c, h, w)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.apply(images, self.sample(images.shape[0]))
 
 
 # torchvision's ImageNet classifiers: Resize(256) -> CenterCrop(224), bilinear.
@@ -226,7 +292,7 @@ TORCHVISION_PREPROCESS = Preprocess(224, 256)
 
 
 def train_transform(image_size: int) -> T.Compose:
-    """Training augmentation of torchvision models: PIL RGB -> float32 [3, image_size, image_size]."""
+    """Per-image training augmentation of torchvision models: PIL RGB -> uint8 [3, image_size, image_size]."""
     return TORCHVISION_PREPROCESS.at_size(image_size).train_transform()
 
 
@@ -271,9 +337,11 @@ class ImageRows(Dataset):
             return i, None, f"transform failed: {type(err).__name__}: {err}"
 
 
-def collate_rows(items):
+def collate_rows(items, batch_transform: Callable | None = None):
     """Collate ``ImageRows`` items, dropping the failed ones.
 
+    batch_transform: applied to the stacked images (e.g. ``BatchColorJitter`` in training);
+        it runs where the collation runs, in the DataLoader worker.
     Returns:
         (indices int64 [b], images float [b, 3, H, W], failures list[(index, reason)]);
         with no good row, indices is empty and images has shape [0, 3, 0, 0].
@@ -283,4 +351,5 @@ def collate_rows(items):
     if not good:
         return torch.zeros(0, dtype=torch.int64), torch.zeros(0, 3, 0, 0), failures
     indices = torch.tensor([int(i) for i, _ in good], dtype=torch.int64)
-    return indices, torch.stack([x for _, x in good]), failures
+    images = torch.stack([x for _, x in good])
+    return indices, batch_transform(images) if batch_transform is not None else images, failures

@@ -48,6 +48,24 @@ def test_fit_head_then_evaluate(cache, tmp_path):
     assert result.exit_code == 2 and "--name '../up'" in result.output
 
 
+def test_evaluate_several_runs_in_one_call(cache, tmp_path):
+    runs = [tmp_path / "runs" / head for head in ("mvmf", "softmax")]
+    for run in runs:
+        result = CliRunner().invoke(cli, ["fit-head", cache, "--head", run.name, *ARGS, "--out", str(run)])
+        assert result.exit_code == 0, result.output
+    # a folder that is not a run is refused before anything is written
+    result = CliRunner().invoke(cli, ["evaluate", *map(str, runs), str(tmp_path), "--cache", cache, "--name", "x"])
+    assert result.exit_code == 2 and f"{tmp_path}: not a run directory" in result.output
+    assert not any((run / "eval" / "x").exists() for run in runs)
+    result = CliRunner().invoke(cli, ["evaluate", *map(str, runs), "--cache", cache, "--name", "x", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("wrote ") == 2 and "GeoScore" not in result.output
+    for run in runs:
+        again = json.loads((run / "eval" / "x" / "metrics.json").read_text())
+        own = json.loads((run / "metrics.json").read_text())
+        assert again["test_set"] == "x" and again["acc@750km"] == own["acc@750km"]
+
+
 def test_user_errors_exit_2_with_a_message(cache, tmp_path):
     runner = CliRunner()
     # A mode the head does not offer (softmax offers "mode": its density is p(cell) / area, see test_softmax).

@@ -1,12 +1,15 @@
 """Image decoding (modes, orientation, bad files), transforms, the Dataset and its collate."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image, ImageFile
 from torch.utils.data import DataLoader
 
-from geo.pipeline.images import (IMAGENET_MEAN, IMAGENET_STD, ImageError, ImageRows, collate_rows,
+from geo.pipeline.images import (IMAGENET_MEAN, IMAGENET_STD, BatchColorJitter, ImageError, ImageRows, collate_rows,
                                  describe_transform, eval_transform, load_rgb, train_transform)
 
 
@@ -126,9 +129,67 @@ def test_train_transform_shape_and_randomness():
     transform = train_transform(48)
     torch.manual_seed(0)
     a, b = transform(image), transform(image)
-    assert a.shape == b.shape == (3, 48, 48) and not torch.equal(a, b)
+    assert a.shape == b.shape == (3, 48, 48) and a.dtype == torch.uint8 and not torch.equal(a, b)
     torch.manual_seed(0)
     assert torch.equal(transform(image), a)  # reproducible under a seed
+
+
+def _torchvision_jitter(image: torch.Tensor, factors, order) -> torch.Tensor:
+    """The reference: torchvision's own functional ops on one image, in ``order``."""
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    for op in order:
+        image = ops[op](image, float(factors[op]))
+    return image
+
+
+def test_batch_colour_jitter_equals_torchvision_ops_in_any_order():
+    gen = torch.Generator().manual_seed(0)
+    # values in [0.3, 0.55]: no step leaves [0, 1] for factors in [0.8, 1.2] (0.55 * 1.2^3 < 1), so
+    # torchvision's clamp after each step and geo's single clamp at the end give the same pixels.
+    images = 0.3 + 0.25 * torch.rand(12, 3, 9, 7, generator=gen)
+    jitter = BatchColorJitter(0.2, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+    factors = 0.8 + 0.4 * torch.rand(12, 3, generator=gen)
+    out = jitter.apply(images, factors)
+    mean, std = torch.tensor([0.4, 0.5, 0.6])[:, None, None], torch.tensor([0.2, 0.25, 0.3])[:, None, None]
+    for i in range(12):
+        for order in itertools.permutations(range(3)):  # torchvision draws one; unclamped, they commute
+            reference = (_torchvision_jitter(images[i], factors[i], order) - mean) / std
+            assert torch.allclose(out[i], reference, atol=1e-4), (i, order)
+        reference = (_torchvision_jitter(images[i], factors[i], (0, 1, 2)) - mean) / std
+        assert torch.allclose(out[i], reference, atol=2e-6), i
+    # each factor does something: jittering with other factors changes the pixels
+    assert not torch.allclose(out[:1], jitter.apply(images[:1], factors[:1].flip(1)), atol=1e-3)
+
+
+def test_batch_colour_jitter_clamps_and_reads_uint8():
+    jitter = BatchColorJitter(0.2)
+    u8 = torch.randint(0, 256, (4, 3, 5, 5), dtype=torch.uint8)
+    factors = torch.full((4, 3), 1.2)
+    out = jitter.apply(u8, factors)
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    pixels = out * std + mean
+    assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6 and torch.isclose(pixels.max(), torch.tensor(1.0))
+    assert torch.allclose(out, jitter.apply(u8.float() / 255, factors), atol=1e-6)
+    identity = jitter.apply(u8, torch.ones(4, 3))  # factors 1: normalisation only
+    assert torch.allclose(identity * std + mean, u8.float() / 255, atol=1e-6)
+
+
+def test_batch_colour_jitter_draws():
+    torch.manual_seed(0)
+    factors = BatchColorJitter(0.2).sample(3000)
+    assert factors.shape == (3000, 3) and factors.min() >= 0.8 and factors.max() <= 1.2
+    assert torch.allclose(factors.mean(0), torch.ones(3), atol=0.01) and factors.std(0).min() > 0.1
+    torch.manual_seed(0)
+    out = BatchColorJitter(0.2)(torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8))
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 4, 4)
+
+
+def test_collate_applies_the_batch_transform():
+    items = [(0, torch.zeros(3, 2, 2, dtype=torch.uint8), ""), (1, None, "bad"),
+             (2, torch.full((3, 2, 2), 255, dtype=torch.uint8), "")]
+    indices, images, failures = collate_rows(items, batch_transform=lambda x: x.float() / 255)
+    assert indices.tolist() == [0, 2] and failures == [(1, "bad")]
+    assert images.dtype == torch.float32 and images[0].max() == 0 and images[1].min() == 1
 
 
 def test_describe_transform():
