@@ -7,7 +7,9 @@
 #                        cache (same backbone, no fine-tuning) and evaluated with every run (RUN/eval/relief)
 #   5. geo report      - table, plots, maps and the paper's claims checked on these runs, per test set
 # Each stage reuses what a previous run completed and rebuilds what is incomplete.
-# DEMO_SIZE=small (default; from a clean clone ~8.5 min on 2 cores with native bf16, ~18 min without) | medium | large (| tiny: the smoke test's).
+# DEMO_SIZE=small (default; measured from a clean clone, install included, on 2 cores without native bf16:
+#   13 min 32 s, of which 4 fine-tuning epochs ~8.5 min) | medium | large (| tiny: the smoke test's).
+# DEMO_EPOCHS=N fine-tunes N epochs instead of the size's own.
 # DEMO_PRECISION=fp32 forces float32 where auto would use bf16: how a CPU without native bf16 runs it.
 set -euo pipefail
 SIZE=${DEMO_SIZE:-small}
@@ -16,13 +18,17 @@ OUT=${1:-demo}/$SIZE   # one folder per size: a rerun of the same size reuses it
 case "$SIZE" in
   # resnet18 at 64 px: WideResNet50 trained from scratch on a 2-core CPU did not beat the
   # majority country on val within this budget (measured: 3 epochs on 2,400 patches, 28.7 %
-  # against 30.7 %); resnet18 fits 6 epochs on 9,600 patches in the 15 minutes.
+  # against 30.7 %). small: 4 epochs on 9,600 patches keep `make demo` within 15 minutes on a
+  # CPU without native bf16, where the fp32 step is compute-bound (benchmarks/finetune.py);
+  # 6 epochs took 1000 s there (install excluded). Val country accuracy, 6 epochs: 38.4 %; 4 epochs:
+  # 35.6 and 37.5 % in two runs (majority 35.6 %); best MvMF @750 km 56.7 % against 51-52 %.
   tiny)   N=300;   N2=300;  PX=32; EPOCHS=1;  BACKBONE=resnet18;        CLASSES=16,64;               KAPPA0=8,16 ;;  # smoke test
-  small)  N=12000; N2=3000; PX=64; EPOCHS=${DEMO_EPOCHS:-4};  BACKBONE=resnet18;        CLASSES=16,64,256;           KAPPA0=8,12,16 ;;
+  small)  N=12000; N2=3000; PX=64; EPOCHS=4;  BACKBONE=resnet18;        CLASSES=16,64,256;           KAPPA0=8,12,16 ;;
   medium) N=30000; N2=5000; PX=64; EPOCHS=8;  BACKBONE=resnet18;        CLASSES=16,64,256,1024;      KAPPA0=8,12,16 ;;
   large)  N=40000; N2=5000; PX=96; EPOCHS=10; BACKBONE=wide_resnet50_2; CLASSES=16,64,256,1024,4096; KAPPA0=4,8,12,16 ;;
   *) echo "DEMO_SIZE must be small, medium or large (got '$SIZE')" >&2; exit 2 ;;
 esac
+EPOCHS=${DEMO_EPOCHS:-$EPOCHS}
 mkdir -p "$OUT"
 stamp() { date +%s; }
 t0=$(stamp)
