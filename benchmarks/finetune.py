@@ -35,13 +35,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import torchvision.transforms as T
 
-from geo.devices import cpu_supports_bf16
+from geo.devices import autocast, cpu_supports_bf16
 from geo.pipeline.backbone import Placement, create_backbone, placement
 from geo.pipeline.earth import make_earth_dataset
-from geo.pipeline.finetune import image_loader
+from geo.pipeline.finetune import image_loader, train_step
 from geo.pipeline.images import Preprocess
 from geo.pipeline.manifest import read_manifest
 
@@ -85,18 +84,13 @@ LOADER_WORKERS = {**FEEDS, "loader-w0-per-image-jitter": 0}
 
 
 def train_steps(place: Placement, paths, feed: str, steps: int) -> list[float]:
-    """Seconds per training step (the wait for the batch included), warm-up left out."""
-    from geo.devices import autocast
+    """Seconds per training step of ``geo.pipeline.finetune.train_step`` (the wait for the
+    batch included), warm-up left out."""
     model = _model(place, train=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     times, t = [], time.perf_counter()
     for images, labels in _batches(paths, feed, steps):
-        with autocast(place.device, place.precision):
-            logits = model(place.inputs(images))
-        loss = F.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(model, optimizer, images, labels, place)
         now = time.perf_counter()
         times.append(now - t)
         t = now
@@ -106,14 +100,13 @@ def train_steps(place: Placement, paths, feed: str, steps: int) -> list[float]:
 @torch.inference_mode()
 def inference_steps(place: Placement, steps: int) -> list[float]:
     """Seconds per feature-dump forward pass of one batch (eval mode), warm-up left out."""
-    from geo.devices import autocast
     model = _model(place, train=False)
     x = torch.randn(BATCH, 3, PX, PX)
     times = []
     for _ in range(steps):
         t = time.perf_counter()
         with autocast(place.device, place.precision):
-            model.features(place.inputs(x)) if hasattr(model, "features") else model(place.inputs(x))
+            model.forward_features(place.inputs(x))
         times.append(time.perf_counter() - t)
     return times[WARMUP:]
 

@@ -97,6 +97,19 @@ def evaluate_countries(model: Backbone, paths, labels: np.ndarray, place: Placem
     return correct, n_read, n_failed
 
 
+def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+               target: torch.Tensor, place: Placement) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step of country cross-entropy on a batch (images [b, 3, S, S] on the CPU,
+    target int64 [b] on ``place.device``). Returns (logits [b, classes], the loss)."""
+    with autocast(place.device, place.precision):
+        logits = net(place.inputs(images))
+    loss = F.cross_entropy(logits.float(), target)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return logits, loss
+
+
 def _save_state(path: Path, payload: dict) -> None:
     atomic_torch_save(path, payload)  # a kill leaves the previous epoch's state intact
 
@@ -186,12 +199,7 @@ def finetune(model: Backbone, paths, labels: np.ndarray, split: np.ndarray, conf
                     model.train()
                 continue
             target = train_labels[index].to(place.device)
-            with autocast(place.device, place.precision):
-                logits = net(place.inputs(images))
-            loss = F.cross_entropy(logits.float(), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            logits, loss = train_step(net, optimizer, images, target, place)
             loss_sum += float(loss.detach()) * len(index)
             hits += float((logits.argmax(1) == target).sum())
             seen += len(index)
