@@ -1,8 +1,13 @@
 """Local maxima of vMF mixtures on the sphere (the density mode, paper eq. 6), shared by the mixture heads.
 
-``mixture_modes`` runs the fixed-point iteration y <- normalize(sum_i r_i(y) kappa_i mu_i)
-(r = posterior responsibilities, computed in log space), an MM ascent: each start
-climbs monotonically to a local maximum. Everything is float64: it resolves metres.
+``mixture_modes`` climbs from several starts by the fixed-point iteration
+y <- normalize(sum_i r_i(y) kappa_i mu_i) (r = posterior responsibilities, computed
+in log space), an MM ascent: each step raises the density, so a start climbs to a
+local maximum. Its convergence is linear and slow near a bifurcation of two modes
+(rate -> 1: thousands of steps), so once a start is close to a maximum (the
+density is locally concave there and the step is short) it takes safeguarded
+Newton steps on the sphere instead, which converge quadratically to the same point.
+Everything is float64: it resolves metres.
 """
 
 from __future__ import annotations
@@ -13,6 +18,22 @@ import warnings
 import torch
 
 from geo.geometry import EARTH_RADIUS_KM, normalize, vmf_log_normalizer
+
+# A Newton step is taken only where it is at most this many kernel widths 1 / sqrt(kappa_eff)
+# long (kappa_eff = the responsibility-weighted kappa): inside the concave cap around the
+# maximum being climbed to, where the quadratic model of log p is good, never across a saddle.
+NEWTON_TRUST_WIDTHS = 0.25
+# A Newton step that lowers log p by more than rounding (nats) is undone: an MM step is taken
+# from the same point instead, so the climb stays monotone.
+ASCENT_SLACK_NATS = 1e-12
+
+
+def _tangent_basis(y: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis ``[n, 3, 2]`` of the tangent plane at each unit vector ``y [n, 3]``."""
+    # The coordinate axis least aligned with y is at least ~55 degrees from it: no cancellation.
+    axis = torch.nn.functional.one_hot(y.abs().argmin(dim=-1), 3).to(y)
+    e1 = normalize(axis - (axis * y).sum(-1, keepdim=True) * y)
+    return torch.stack([e1, torch.linalg.cross(y, e1)], dim=-1)
 
 
 def mixture_modes(log_weights: torch.Tensor, mu_xyz: torch.Tensor, log_kappa: torch.Tensor, k: int, n_starts: int,
@@ -25,26 +46,28 @@ def mixture_modes(log_weights: torch.Tensor, mu_xyz: torch.Tensor, log_kappa: to
     Starts: the ``max(n_starts, 2k)`` component means where the *mixture* density is
     highest (not the highest own peak): a cluster of overlapping light components
     whose sum beats an isolated heavy one is then searched from inside the cluster.
-    Convergence: a start stops when its step is below ``step_tol_rad`` or its
-    estimated remaining distance to the fixed point, ``step * rho / (1 - rho)`` with
-    rho the ratio of its last two steps (the iteration converges linearly, slowly
-    near a bifurcation of two modes), is below ``tol_rad`` (~0.6 mm). Rows still
-    moving after ``max_iter`` iterations raise a ``RuntimeWarning`` naming them and
-    the estimated error; only unconverged rows keep iterating, so the long tail is cheap.
-    Distinct maxima (further apart than ~1 m) come first; fewer than k distinct
-    maxima are padded with repeats.
+    Each (row, start) pair climbs on its own and stops on its own:
+
+    - MM step (the fixed point above) by default; it stops when its step is below
+      ``step_tol_rad`` or its estimated remaining distance to the fixed point,
+      ``step * rho / (1 - rho)`` with rho the ratio of its last two steps, is below
+      ``tol_rad`` (~0.6 mm).
+    - Newton step on the sphere (tangent-plane gradient g and Riemannian Hessian H of
+      log p, step -H^-1 g, retracted by normalising) where H is negative definite and
+      the step is at most ``NEWTON_TRUST_WIDTHS`` kernel widths; it stops when the
+      Newton step is below ``tol_rad`` (quadratic convergence: the distance left is far
+      smaller). A Newton step that lowers the density is undone (MM step instead).
+
+    Pairs still moving after ``max_iter`` iterations raise a ``RuntimeWarning`` naming
+    their rows and the estimated error. Distinct maxima (further apart than ~1 m)
+    come first; fewer than k distinct maxima are padded with repeats.
     """
     n_starts = max(n_starts, 2 * k)
     f64, device = torch.float64, log_weights.device
     lw, mu, lk = log_weights, normalize(mu_xyz), log_kappa
-    n_comp = lw.shape[1]
+    n_rows, n_comp = lw.shape
     kappa = torch.exp(lk)
-    kappa_mu = kappa[..., None] * mu                                     # [B, L, 3]
     log_norm = vmf_log_normalizer(lk)                                    # [B, L]
-
-    def log_terms(y: torch.Tensor, rows=slice(None)) -> torch.Tensor:   # y [b, S, 3] -> [b, S, L]
-        sq_chord = (y[:, :, None, :] - mu[rows, None, :, :]).pow(2).sum(-1)
-        return (lw[rows] + log_norm[rows])[:, None, :] - 0.5 * kappa[rows, None, :] * sq_chord
 
     # The mixture's log density at each retained mean ([B, L]), by the float64 dot form
     # |a - b|^2 = 2 - 2 a.b (error ~1e-16 kappa nats: enough to rank starts).
@@ -52,29 +75,90 @@ def mixture_modes(log_weights: torch.Tensor, mu_xyz: torch.Tensor, log_kappa: to
     at_means = torch.logsumexp((lw + log_norm)[:, None, :] - 0.5 * kappa[:, None, :] * sq_chord_means, dim=-1)
     n_start = min(n_starts, n_comp)
     starts = torch.topk(at_means, n_start, dim=-1).indices               # [B, S]
-    y = torch.gather(mu, 1, starts[..., None].expand(-1, -1, 3)).clone()
-    active = torch.arange(y.shape[0], device=device)                    # rows still iterating
-    last_step = torch.full(y.shape[:2], math.inf, dtype=f64, device=device)
-    error = torch.zeros(y.shape[:2], dtype=f64, device=device)          # estimated distance left (rad)
+
+    # One flat axis of (row, start) pairs [P = B S], so a pair stops as soon as it has converged.
+    pair_row = torch.arange(n_rows, device=device).repeat_interleave(n_start)
+    y = torch.gather(mu, 1, starts[..., None].expand(-1, -1, 3)).reshape(-1, 3).clone()  # [P, 3]
+    n_pairs = y.shape[0]
+    last_step = torch.full((n_pairs,), math.inf, dtype=f64, device=device)  # the last plain MM step (rad)
+    error = torch.zeros(n_pairs, dtype=f64, device=device)              # estimated distance left (rad)
+    prev_log_p = torch.full((n_pairs,), -math.inf, dtype=f64, device=device)  # log p where the last step began
+    fallback = y.clone()                                                 # the MM point of the last step
+    last_move = torch.zeros_like(y)                                      # the last step taken, y_new - y
+    trial = torch.zeros(n_pairs, dtype=torch.bool, device=device)       # y came from a Newton or stretched step
+    trust = torch.full((n_pairs,), NEWTON_TRUST_WIDTHS, dtype=f64, device=device)  # in kernel widths
+    stretch = torch.ones(n_pairs, dtype=f64, device=device)             # factor on the next MM step
+    eye = torch.eye(2, dtype=f64, device=device)
+    active = torch.arange(n_pairs, device=device)                       # pairs still climbing
     for _ in range(max_iter):
         if active.numel() == 0:
             break
-        ya = y[active]
-        resp = torch.softmax(log_terms(ya, active), dim=-1)              # responsibilities, in log space
-        y_new = normalize(torch.einsum("bsl,bld->bsd", resp, kappa_mu[active]))
-        step = (y_new - ya).norm(dim=-1)                                 # [b, S]
+        rows, ya = pair_row[active], y[active]
+        mu_a, kappa_a = mu[rows], kappa[rows]                            # [n, L, 3], [n, L]
+        sq_chord = (ya[:, None, :] - mu_a).pow(2).sum(-1)                # [n, L]
+        terms = (lw + log_norm)[rows] - 0.5 * kappa_a * sq_chord
+        log_p = torch.logsumexp(terms, dim=-1)                           # [n]
+        # A trial step that went downhill: back to its start's MM point (an ascent), shorter
+        # trials from now on, no update now.
+        undo = trial[active] & (log_p < prev_log_p[active] - ASCENT_SLACK_NATS)
+        resp = torch.softmax(terms, dim=-1)                              # responsibilities, in log space
+        r_kappa = resp * kappa_a
+        m = torch.einsum("nl,nld->nd", r_kappa, mu_a)                    # gradient of log p in R^3
+        y_mm = normalize(m)
+        mm_move = y_mm - ya
+        step = mm_move.norm(dim=-1)                                      # [n]
         rho = step / last_step[active]
-        linear = (rho < 1) & torch.isfinite(last_step[active])          # no rate estimate on the first step
+        linear = (rho < 1) & torch.isfinite(last_step[active])          # no rate estimate after a trial step
         left = torch.where(linear, step * rho / (1 - rho), torch.full_like(step, math.inf))
-        done = (step <= step_tol_rad) | (left <= tol_rad)
-        y[active], last_step[active] = y_new, step
-        error[active] = torch.where(done, torch.zeros_like(left), torch.where(linear, left, step))
-        active = active[~done.all(dim=-1)]
+
+        # Newton on the sphere in tangent coordinates t = E^T mu_i: g = E^T m and
+        # H = sum_i r_i kappa_i^2 t_i t_i^T - g g^T - (y.m) I (the Hessian of log p in R^3,
+        # projected, plus the curvature term of the sphere).
+        basis = _tangent_basis(ya)                                       # [n, 3, 2]
+        t = torch.einsum("nld,nde->nle", mu_a, basis)                    # [n, L, 2]
+        g = torch.einsum("nd,nde->ne", m, basis)                         # [n, 2]
+        h = torch.einsum("nl,nle,nlf->nef", r_kappa * kappa_a, t, t) - g[:, :, None] * g[:, None, :]
+        h = h - (ya * m).sum(-1)[:, None, None] * eye
+        h00, h01, h11 = h[:, 0, 0], h[:, 0, 1], h[:, 1, 1]
+        det = h00 * h11 - h01 * h01
+        concave = (h00 < 0) & (det > 0)
+        safe_det = torch.where(concave, det, torch.ones_like(det))
+        v = -torch.stack([h11 * g[:, 0] - h01 * g[:, 1], h00 * g[:, 1] - h01 * g[:, 0]], dim=-1) / safe_det[:, None]
+        newton_len = v.norm(dim=-1)
+        reach = trust[active] * r_kappa.sum(-1).rsqrt()                  # trust x 1 / sqrt(kappa_eff), rad
+        newton = concave & (newton_len <= reach) & ~undo
+        y_nt = normalize(ya + torch.einsum("nde,ne->nd", basis, v))
+        # Where log p is not concave (leaving a saddle, crossing a plateau) the MM step can be
+        # ~1e-3 kernel widths for hundreds of steps: while successive steps point the same
+        # way, stretch them (x2 each time, at most ``reach`` long).
+        straight = (mm_move * last_move[active]).sum(-1) > 0.99 * step * last_move[active].norm(dim=-1)
+        factor = torch.where(straight & ~concave & ~undo, 2.0 * stretch[active], torch.ones_like(step))
+        factor = torch.minimum(factor, (reach / step.clamp_min(1e-300)).clamp_min(1.0))
+        stretched = factor > 1
+        y_st = normalize(ya + factor[:, None] * mm_move)
+
+        done = ~undo & torch.where(newton, newton_len <= tol_rad, (step <= step_tol_rad) | (left <= tol_rad))
+        y_next = torch.where(undo[:, None], fallback[active],
+                             torch.where(newton[:, None], y_nt, torch.where(stretched[:, None], y_st, y_mm)))
+        y[active] = y_next
+        last_move[active] = y_next - ya
+        fallback[active] = y_mm
+        prev_log_p[active] = log_p
+        trial[active] = newton | stretched
+        trust[active] = torch.where(undo, 0.5 * trust[active], trust[active])
+        stretch[active] = torch.where(undo, torch.ones_like(factor), factor)
+        last_step[active] = torch.where(newton | stretched | undo, torch.full_like(step, math.inf), step)
+        error[active] = torch.where(done, torch.zeros_like(left),
+                                    torch.where(newton, newton_len, torch.where(linear, left, step)))
+        active = active[~done]
     if active.numel():
-        warnings.warn(f"vMF mixture mode search: {active.numel()} of {y.shape[0]} rows did not converge in {max_iter} "
+        n_bad = pair_row[active].unique().numel()
+        warnings.warn(f"vMF mixture mode search: {n_bad} of {n_rows} rows did not converge in {max_iter} "
                       f"iterations (estimated error up to {float(error[active].max()) * EARTH_RADIUS_KM * 1e3:.3g} m; "
                       f"raise max_iter)", RuntimeWarning, stacklevel=3)
-    log_dens = torch.logsumexp(log_terms(y), dim=-1)                     # [B, S]
+    y = y.reshape(n_rows, n_start, 3)
+    sq_chord = (y[:, :, None, :] - mu[:, None, :, :]).pow(2).sum(-1)     # [B, S, L]
+    log_dens = torch.logsumexp((lw + log_norm)[:, None, :] - 0.5 * kappa[:, None, :] * sq_chord, dim=-1)  # [B, S]
     # Rank by density, putting repeats of an earlier (higher) maximum last.
     order = torch.argsort(log_dens, dim=-1, descending=True)
     y = torch.gather(y, 1, order[..., None].expand(-1, -1, 3))
