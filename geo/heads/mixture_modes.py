@@ -80,12 +80,12 @@ def mixture_modes(log_weights: torch.Tensor, mu_xyz: torch.Tensor, log_kappa: to
     lw, mu, lk = log_weights, normalize(mu_xyz), log_kappa
     n_rows, n_comp = lw.shape
     kappa = torch.exp(lk)
-    log_norm = vmf_log_normalizer(lk)                                    # [B, L]
+    log_base = lw + vmf_log_normalizer(lk)                               # [B, L] log weight + log normaliser
 
     # The mixture's log density at each retained mean ([B, L]), by the float64 dot form
     # |a - b|^2 = 2 - 2 a.b (error ~1e-16 kappa nats: enough to rank starts).
     sq_chord_means = (2.0 - 2.0 * torch.einsum("bld,bmd->blm", mu, mu)).clamp_min(0.0)
-    at_means = torch.logsumexp((lw + log_norm)[:, None, :] - 0.5 * kappa[:, None, :] * sq_chord_means, dim=-1)
+    at_means = torch.logsumexp(log_base[:, None, :] - 0.5 * kappa[:, None, :] * sq_chord_means, dim=-1)
     n_start = min(n_starts, n_comp)
     starts = torch.topk(at_means, n_start, dim=-1).indices               # [B, S]
 
@@ -109,7 +109,7 @@ def mixture_modes(log_weights: torch.Tensor, mu_xyz: torch.Tensor, log_kappa: to
         rows, ya = pair_row[active], y[active]
         mu_a, kappa_a = mu[rows], kappa[rows]                            # [n, L, 3], [n, L]
         sq_chord = (ya[:, None, :] - mu_a).pow(2).sum(-1)                # [n, L]
-        terms = (lw + log_norm)[rows] - 0.5 * kappa_a * sq_chord
+        terms = log_base[rows] - 0.5 * kappa_a * sq_chord
         log_p = torch.logsumexp(terms, dim=-1)                           # [n]
         # A trial step that went downhill: back to its start's MM point (an ascent), shorter
         # trials from now on, no update now.
@@ -171,7 +171,7 @@ def mixture_modes(log_weights: torch.Tensor, mu_xyz: torch.Tensor, log_kappa: to
                       f"raise max_iter)", RuntimeWarning, stacklevel=3)
     y = y.reshape(n_rows, n_start, 3)
     sq_chord = (y[:, :, None, :] - mu[:, None, :, :]).pow(2).sum(-1)     # [B, S, L]
-    log_dens = torch.logsumexp((lw + log_norm)[:, None, :] - 0.5 * kappa[:, None, :] * sq_chord, dim=-1)  # [B, S]
+    log_dens = torch.logsumexp(log_base[:, None, :] - 0.5 * kappa[:, None, :] * sq_chord, dim=-1)  # [B, S]
     # Rank by density, putting repeats of an earlier (higher) maximum last.
     order = torch.argsort(log_dens, dim=-1, descending=True)
     y = torch.gather(y, 1, order[..., None].expand(-1, -1, 3))

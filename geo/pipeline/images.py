@@ -267,9 +267,8 @@ class BatchColorJitter:
         eye = torch.eye(3, dtype=torch.float64)
         to_gray = torch.ones(3, 1, dtype=torch.float64) @ torch.tensor([GRAY_WEIGHTS], dtype=torch.float64)  # 1 w^T
         mean_gray = to_gray @ (brightness * channel_mean.to(torch.float64)[:, :, None])  # of the brightened image
-        matrix = (saturation * eye + (1 - saturation) * to_gray) @ (contrast * brightness * eye)
-        offset = (saturation * eye + (1 - saturation) * to_gray) @ ((1 - contrast) * mean_gray)
-        return matrix, offset
+        saturate = saturation * eye + (1 - saturation) * to_gray                           # [b, 3, 3]
+        return saturate * (contrast * brightness), saturate @ ((1 - contrast) * mean_gray)
 
     def apply(self, images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
         """``images`` uint8 (0..255) or float ([0, 1]) [b, 3, H, W] jittered by ``factors`` [b, 3], normalised."""
