@@ -12,10 +12,17 @@ should. Three parts:
   chunk), fit-head at a random checkpoint save; after "freeing space" the rerun
   must end equal to an uninterrupted run;
 - bad inputs: every refused option and file of tests/training/test_options.py and
-  a few more, through click's CliRunner: a clear "Error: ..." with exit 2, or a traceback.
+  a few more, through click's CliRunner: a clear "Error: ..." with exit 2, or a traceback;
+- tmpfs: ``geo extract`` as a subprocess onto a real 2 MB tmpfs (root only) at a random
+  batch size, with and without the writer's free-space check: the exit status must be 2
+  (not 139), the message must say how many rows are committed, nothing may appear under the
+  final name, and the rerun after growing the tmpfs must end identical.
+
+A rerun that exits non-zero after a kill (a command that refuses to go on, e.g. "already
+exists") is a failure: it is counted under "rerun refused" and its message printed.
 
 Usage (small sizes, about 15 minutes on 2 busy cores):
-    python benchmarks/faults.py [--kills 10] [--disk 10] [--seed 0] [--parts kills,disk,bad]
+    python benchmarks/faults.py [--kills 10] [--disk 10] [--seed 0] [--parts kills,disk,bad,tmpfs]
 """
 
 from __future__ import annotations
@@ -81,14 +88,17 @@ def _report_equal(a: Path, b: Path) -> bool:
 # ---- kills -------------------------------------------------------------------------------
 
 
-def _geo(args: list[str], *, kill_after_s: float | None = None) -> tuple[bool, int]:
-    """Run `python -m geo ARGS`; with ``kill_after_s``, SIGKILL it then. Returns (was killed, exit code)."""
-    process = subprocess.Popen([sys.executable, "-m", "geo", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
+def _geo(args: list[str], *, kill_after_s: float | None = None, prefix: list[str] | None = None
+         ) -> tuple[bool, int]:
+    """Run `python -m geo ARGS` (or ``prefix`` + ARGS); with ``kill_after_s``, SIGKILL it then.
+    Returns (was killed, exit code)."""
+    process = subprocess.Popen([*(prefix or [sys.executable, "-m", "geo"]), *map(str, args)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     if kill_after_s is None:
         _, err = process.communicate()
         if process.returncode != 0:
-            print(f"    geo {' '.join(args[:1])} failed: {err.decode()[-500:]}")
+            print(f"    geo {' '.join(map(str, args[:1]))} exited {process.returncode}: {err.decode()[-500:]}")
+        _geo.last_stderr = err.decode()
         return False, process.returncode
     try:
         process.wait(timeout=kill_after_s)
@@ -102,7 +112,7 @@ def _geo(args: list[str], *, kill_after_s: float | None = None) -> tuple[bool, i
 def kill_trials(name: str, make_args, same, reference: Path, duration_s: float, trials: int, root: Path,
                 rng: random.Random) -> dict:
     """``trials`` kills of `geo NAME` at random points, each followed by a rerun compared with ``reference``."""
-    counts = {"tried": 0, "killed mid-run": 0, "rerun ok": 0, "ended identical": 0}
+    counts = {"tried": 0, "killed mid-run": 0, "rerun ok": 0, "rerun refused": 0, "ended identical": 0}
     for i in range(trials):
         out = root / f"{name}-{i}"
         args = make_args(out)
@@ -111,6 +121,7 @@ def kill_trials(name: str, make_args, same, reference: Path, duration_s: float, 
         counts["killed mid-run"] += killed
         _, code = _geo(args)
         counts["rerun ok"] += code == 0
+        counts["rerun refused"] += code != 0  # a failure: the same command must finish what is missing
         counts["ended identical"] += code == 0 and same(reference, out)
     return counts
 
@@ -227,6 +238,55 @@ def disk_trials(trials: int, root: Path, rng: random.Random) -> dict[str, dict]:
     return {"cache writer": cache_counts, "fit-head": fit_counts}
 
 
+# ---- a real small disk -------------------------------------------------------------------
+
+
+NO_PRECHECK = ("import sys, geo.cache.writer as w; w.free_bytes = lambda path: 1 << 62; "
+               "from geo.cli import main; sys.argv[0] = 'geo'; main()")
+
+
+def tmpfs_trials(trials: int, root: Path, rng: random.Random) -> dict:
+    """``geo extract`` onto a real 2 MB tmpfs (needs root): exit status, message, final name, rerun."""
+    import os
+
+    if os.geteuid() != 0:
+        print("  tmpfs: skipped (mounting needs root)")
+        return {}
+    manifest = write_dataset(root / "tmpfs-images", 1600, size_px=32)
+    base = ["--backbone", "resnet18", "--image-size", "32", "--finetune-epochs", "0", "--workers", "0",
+            "--device", "cpu", "--precision", "fp32"]
+    counts = {"tried": 0, "exit 2": 0, "crashed (139)": 0, "clear message": 0, "nothing final": 0,
+              "ended identical": 0}
+    references = {}
+    for i in range(trials):
+        batch = rng.choice([64, 128, 256, 512])
+        precheck = rng.random() < 0.5
+        extract = [*base, "--batch-size", str(batch)]
+        if batch not in references:
+            references[batch] = root / f"tmpfs-ref-{batch}.h5"
+            _geo(["extract", manifest, "--out", references[batch], "--checkpoint-dir", root / f"tmpfs-ref-{batch}", *extract])
+        disk = root / f"tmpfs-{i}"
+        disk.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)]).returncode != 0:
+            print("  tmpfs: skipped (this machine does not allow mounting a tmpfs)")
+            return counts
+        try:
+            out = disk / "cache.h5"
+            args = ["extract", manifest, "--out", out, "--checkpoint-dir", root / f"tmpfs-ckpt-{i}", *extract]
+            _, code = _geo(args, prefix=None if precheck else [sys.executable, "-c", NO_PRECHECK])
+            counts["tried"] += 1
+            counts["exit 2"] += code == 2
+            counts["crashed (139)"] += code in (139, -11)
+            counts["clear message"] += "rows committed; free space and rerun to resume" in _geo.last_stderr
+            counts["nothing final"] += not out.exists()
+            subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+            _, code = _geo(args)
+            counts["ended identical"] += code == 0 and _cache_equal(references[batch], out)
+        finally:
+            subprocess.run(["umount", "-l", str(disk)])
+    return counts
+
+
 # ---- bad inputs --------------------------------------------------------------------------
 
 
@@ -270,9 +330,9 @@ def bad_inputs(root: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=10, help="kills per command")
-    parser.add_argument("--disk", type=int, default=10, help="disk-full trials of the cache writer")
+    parser.add_argument("--disk", type=int, default=10, help="disk-full trials of the cache writer (and of tmpfs)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--parts", default="kills,disk,bad")
+    parser.add_argument("--parts", default="kills,disk,bad,tmpfs")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     parts = set(args.parts.split(","))
@@ -283,6 +343,8 @@ def main() -> None:
         if "disk" in parts:
             for name, counts in disk_trials(args.disk, root, rng).items():
                 print(f"disk full, {name}: {counts}", flush=True)
+        if "tmpfs" in parts:
+            print(f"disk full, real 2 MB tmpfs: {tmpfs_trials(args.disk, root, rng)}", flush=True)
         if "kills" in parts:
             print("kills (SIGKILL at a random point, then the same command again):", flush=True)
             kills(args.kills, root, rng)

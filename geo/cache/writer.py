@@ -11,7 +11,12 @@ have damaged are verified against their checksums (and rewritten from the first
 that does not match), and writing carries on from ``rows_done`` input rows. A
 ``.partial`` that HDF5 can no longer open or extend is rebuilt from its verified
 committed rows. A full or failing disk stops the writer with a ``DiskError``
-saying how many rows are committed.
+saying how many rows are committed. Before each block the writer checks that the
+file system has room for it (``bytes_needed``): a write that HDF5 cannot finish
+leaves the library holding dirty buffers it can never flush, and its clean-up at
+interpreter exit then crashes (exit 139) — refusing the block beforehand keeps the
+file and the library clean. The check is conservative (whole chunks plus a slack);
+a disk filled by another process mid-write is still caught by the commit protocol.
 
 Example:
     with CacheWriter("cache.h5", feature_dim=2048, countries=codes, provenance=prov) as w:
@@ -47,7 +52,28 @@ from geo.cache.schema import (
     read_provenance,
 )
 from geo.cache.commits import COMMITS_DTYPE, block_digest, read_commits, stored_digest, verified_prefix
-from geo.errors import CacheError, ConfigError, GeoError, disk_error
+from geo.errors import CacheError, ConfigError, DiskError, GeoError, disk_error
+
+# Room left for what a block's chunks do not count: HDF5 metadata (B-tree nodes, object headers,
+# the global heap of the ids' strings) and the commit record. Generous next to a block's own bytes.
+METADATA_SLACK_BYTES = 256 * 1024
+
+
+def _new_chunk_bytes(dataset: h5py.Dataset, n_before: int, n_after: int) -> int:
+    """File bytes HDF5 allocates when a chunked 1-D/2-D dataset grows from ``n_before`` to ``n_after`` rows.
+
+    A chunk is allocated whole the first time a row of it is written, so growth costs the
+    chunks newly touched, whatever fraction of them is filled.
+    """
+    rows = dataset.chunks[0]
+    chunk_bytes = int(np.prod(dataset.chunks)) * dataset.dtype.itemsize
+    return (-(-n_after // rows) - -(-n_before // rows)) * chunk_bytes
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on the file system holding ``path``."""
+    stat = os.statvfs(path.parent if not path.is_dir() else path)
+    return stat.f_bavail * stat.f_frsize
 
 
 class CacheWriter:
@@ -315,6 +341,12 @@ class CacheWriter:
                f"has a country index outside 0..{len(self.countries) - 1}", "country")
         skipped = [(str(i), str(r)) for i, r in skipped]
         consumed = b + len(skipped) if rows_consumed is None else int(rows_consumed)
+        need = self.bytes_needed(b, ids, skipped)
+        free = free_bytes(where)
+        if free < need:  # refused before any byte is written: the file and HDF5 stay clean
+            raise DiskError(f"no space left on device while writing {where}: {free / 2**20:.2f} MiB free, "
+                            f"the next block needs up to {need / 2**20:.2f} MiB; {self._n_rows} rows committed; "
+                            "free space and rerun to resume")
         try:
             self._append(f, x, cols, skipped, consumed)
         except Exception as err:
@@ -323,6 +355,19 @@ class CacheWriter:
             if readable is not None:
                 raise readable from None
             raise
+
+    def bytes_needed(self, b: int, ids: np.ndarray, skipped: list[tuple[str, str]]) -> int:
+        """An upper bound of the file bytes appending a block of ``b`` rows (these ids, these skipped rows) takes.
+
+        New chunks of every row dataset, the ids' and skipped rows' strings in the global heap
+        (16 bytes of heap object header each) and ``METADATA_SLACK_BYTES``.
+        """
+        f, n, k = self._file, self._n_rows, self._n_skipped
+        need = sum(_new_chunk_bytes(f[name], n, n + b) for name in ("features", *ROW_DATASETS))
+        need += _new_chunk_bytes(f["skipped"], k, k + len(skipped))
+        need += sum(len(str(i).encode()) + 16 for i in ids)
+        need += sum(len(i.encode()) + len(r.encode()) + 32 for i, r in skipped)
+        return need + METADATA_SLACK_BYTES
 
     def _append(self, f: h5py.File, x: np.ndarray, cols: dict, skipped: list[tuple[str, str]],
                 consumed: int) -> None:
@@ -333,21 +378,25 @@ class CacheWriter:
         stored = {name: np.asarray(col, dtype=object) if name == "id" else np.asarray(col).astype(ROW_DATASETS[name])
                   for name, col in cols.items()}
         # Data first, flushed; the record and the commit mark only after, so a failure in between
-        # leaves rows beyond the mark, which the next writer cuts off.
-        f["features"].resize(n + b, axis=0)
-        f["features"][n:n + b] = x
+        # leaves rows beyond the mark, which the next writer cuts off. The dataset handles stay open
+        # until the flush: HDF5 writes a dataset's cached chunks when its last handle closes, and a
+        # failure there (a full disk) is only printed by h5py, never raised, so a throwaway handle
+        # per write would lose the error and commit rows that never reached the disk.
+        ds = {name: f[name] for name in ("features", *ROW_DATASETS, "skipped", "commits")}
+        ds["features"].resize(n + b, axis=0)
+        ds["features"][n:n + b] = x
         for name, col in stored.items():
-            f[name].resize(n + b, axis=0)
-            f[name][n:n + b] = col
+            ds[name].resize(n + b, axis=0)
+            ds[name][n:n + b] = col
         if len(skipped_rows):
-            f["skipped"].resize(k + len(skipped_rows), axis=0)
-            f["skipped"][k:] = skipped_rows
+            ds["skipped"].resize(k + len(skipped_rows), axis=0)
+            ds["skipped"][k:] = skipped_rows
         f.flush()
         digest = block_digest(x, stored, skipped)
         done = int(f.attrs["rows_done"]) + consumed
         m = int(f.attrs["blocks_committed"])
-        f["commits"].resize(m + 1, axis=0)
-        f["commits"][m] = np.array((n + b, k + len(skipped_rows), done, digest), dtype=COMMITS_DTYPE)
+        ds["commits"].resize(m + 1, axis=0)
+        ds["commits"][m] = np.array((n + b, k + len(skipped_rows), done, digest), dtype=COMMITS_DTYPE)
         f.flush()
         f.attrs["rows_committed"], f.attrs["skipped_committed"] = n + b, k + len(skipped_rows)
         f.attrs["rows_done"], f.attrs["blocks_committed"] = done, m + 1

@@ -87,6 +87,8 @@ def extract_cmd(ctx, manifest, out, backbone, weights, image_size, clip_features
                            overwrite=overwrite, like=like, decode=decode)
     result = run_extract(manifest, out, config)
     if result.is_main:
+        if result.already_complete:
+            click.echo("already complete: this job's cache is finished; nothing to do (--overwrite redoes it)")
         click.echo(f"cache:      {result.cache_path} ({result.n_rows} rows, {result.n_skipped} skipped)")
         click.echo(f"backbone:   {result.checkpoint_path}")
         click.echo(f"config:     {result.config_path}")

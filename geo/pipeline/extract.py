@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from geo.cache.store import CacheWriter, FeatureCache
-from geo.errors import CacheError, ConfigError, GeoError
+from geo.errors import CacheError, ConfigError, GeoError, ManifestError
 from geo.pipeline import distributed
 from geo.devices import autocast
 from geo.files import atomic_write_text, sha256_file
@@ -71,6 +71,7 @@ class ExtractResult:
     n_skipped: int
     history: list
     is_main: bool = True  # False on torchrun ranks other than 0 (they print nothing)
+    already_complete: bool = False  # a rerun that found this job's cache finished: nothing was redone
 
 
 def default_workers() -> int:
@@ -247,6 +248,75 @@ def _finished_shard(path: Path, provenance: dict, overwrite: bool) -> bool:
     return same
 
 
+# Options that change nothing in the cache or the checkpoint: a rerun may differ in them and still be the same job.
+_NOT_IDENTITY = ("overwrite", "workers")
+
+
+def _requested(config: ExtractConfig) -> dict:
+    """The options as the user gave them (paths resolved): with the manifest's bytes, what makes a job the same job."""
+    requested = {k: v for k, v in asdict(config).items() if k not in _NOT_IDENTITY}
+    for key in ("checkpoint_dir", "like"):
+        if requested[key]:
+            requested[key] = str(Path(requested[key]).expanduser().resolve())
+    if Path(str(requested["weights"])).expanduser().is_file():
+        requested["weights"] = str(Path(requested["weights"]).expanduser().resolve())
+    return requested
+
+
+def _option_differences(stored: dict, requested: dict, out: Path) -> list[str]:
+    """``--option A there, B now`` for each option in which ``requested`` differs from the finished job ``stored``.
+
+    A config.json written before the options as given were recorded (``requested``) holds
+    resolved options only; they are compared with those as they are, so an option left to a
+    default that resolves later (``--image-size``, ``--lr``, ``--precision auto``) does not
+    match and the rerun is refused as before: never taken for a job it may not be.
+    """
+    given = stored.get("requested")
+    legacy = given is None
+    if legacy:
+        given = stored
+    diffs = []
+    for key, now in requested.items():
+        if legacy and key == "checkpoint_dir" and now is None:
+            now = str(default_checkpoint_dir(out))  # the default folder, resolved as run_extract does
+        there = given.get(key)
+        if str(there) != str(now):
+            diffs.append(f"--{key.replace('_', '-')} {there!r} there, {now!r} now")
+    return diffs
+
+
+def _finished_job(out: Path, config_path: Path, manifest_path, config: ExtractConfig) -> ExtractResult:
+    """The result of the finished job at ``out`` when this call asks for the same job; else a CacheError.
+
+    Same job: the same options (``_requested``; workers and --overwrite aside) and a manifest
+    with the same bytes (its sha256 is the cache's ``manifest_sha256``), wherever it now lies. A rerun of a
+    finished extract then reports the cache and exits 0, as a rerun of fit-head does; only
+    another configuration needs --overwrite.
+    """
+    try:
+        stored = json.loads(config_path.read_text())
+        provenance = stored["provenance"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CacheError(f"{out} already exists and its {config_path.name} cannot be read; pass --overwrite to "
+                         "replace it, or another --out") from None
+    diffs = _option_differences(stored, _requested(config), out)
+    manifest = Path(manifest_path)
+    if not manifest.is_file():
+        raise ManifestError(f"{manifest}: no such file")
+    if not diffs and sha256_file(manifest) != provenance.get("manifest_sha256"):
+        diffs.append(f"manifest {manifest} is not the one the cache was made from (sha256 differs)")
+    if diffs:
+        raise CacheError(f"{out} already exists and was made by another job ({'; '.join(diffs)}); pass --overwrite "
+                         "to replace it, or another --out")
+    if not _same_provenance(out, provenance):
+        raise CacheError(f"{out} already exists but does not match its {config_path.name} (provenance differs); "
+                         "pass --overwrite to replace it")
+    with FeatureCache(out, validate=False) as cache:
+        n_rows, n_skipped = cache.n_rows, len(cache.skipped)
+    return ExtractResult(out, Path(stored.get("checkpoint", "")), config_path, n_rows, n_skipped,
+                         list(stored.get("finetune_history", [])), already_complete=True)
+
+
 def run_extract(manifest_path: str | os.PathLike, out: str | os.PathLike, config: ExtractConfig, *,
                 _fail_after_blocks: int | None = None, _stop_after_epochs: int | None = None) -> ExtractResult:
     """Manifest -> fine-tuned backbone checkpoint -> feature cache at ``out``; see the module doc.
@@ -255,10 +325,12 @@ def run_extract(manifest_path: str | os.PathLike, out: str | os.PathLike, config
     per-epoch ``finetune_state.pt``). The ``_`` hooks simulate a kill (tests only).
     """
     out = Path(out).expanduser().resolve()
+    requested = _requested(config)
+    # A finished job (cache and config.json) rerun with the same options is reported, not redone.
     # A cache without its config.json was killed right after its final rename: checked below
     # against this job's provenance, recognised as finished and its config.json written again.
     if out.exists() and not config.overwrite and out.with_name(out.name + ".config.json").exists():
-        raise CacheError(f"{out} already exists; pass --overwrite to replace it")
+        return _finished_job(out, out.with_name(out.name + ".config.json"), manifest_path, config)
     if config.decode not in ("draft", "full"):
         raise ConfigError(f"--decode {config.decode!r}: choose draft or full")
     if config.image_size is not None and config.image_size < 16:
@@ -340,7 +412,8 @@ def run_extract(manifest_path: str | os.PathLike, out: str | os.PathLike, config
                             checkpoint_dir=str(ckpt_dir), checkpoint=str(ckpt_path), device=str(place.device),
                             precision=place.precision, world_size=dist.world_size, classes=classes,
                             lr=FinetuneConfig(lr=config.lr).resolved_lr(init["init_weights"]),
-                            provenance=provenance, n_rows=n_rows, n_skipped=n_skipped, finetune_history=history)
+                            provenance=provenance, n_rows=n_rows, n_skipped=n_skipped, finetune_history=history,
+                            requested=requested)
             atomic_write_text(config_path, json.dumps(resolved, indent=2, default=str) + "\n")
         return ExtractResult(out, ckpt_path, config_path, n_rows, n_skipped, history, dist.is_main)
     finally:

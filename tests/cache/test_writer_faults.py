@@ -152,3 +152,32 @@ def test_a_partial_written_before_checksums_resumes_and_ends_equal(tmp_path):
         assert int(f.attrs["blocks_committed"]) == 3  # one record for the old rows, then one per block
         assert f["commits"]["rows"].tolist() == [180, 240, 300]
     assert file_content(path)["features"].tolist() == file_content(reference)["features"].tolist()
+
+
+def test_the_space_bound_covers_what_each_block_really_adds_to_the_file(tmp_path):
+    # Wide rows and many blocks, so chunks of every dataset get allocated along the way.
+    rows = make_rows(n=6000, d=512, n_blocks=12)
+    bounds = block_bounds(len(rows.ids), len(rows.skipped))
+    with _writer(tmp_path / "c.h5", rows) as w:
+        for b, (lo, hi) in enumerate(bounds):
+            need = w.bytes_needed(hi - lo, rows.ids[lo:hi], rows.skipped[b])
+            before = partial_path(tmp_path / "c.h5").stat().st_size
+            write_blocks(w, rows, [b])
+            grown = partial_path(tmp_path / "c.h5").stat().st_size - before
+            assert grown <= need, (b, grown, need)
+            # ... and is not absurdly loose (a bound that refused a disk with room would be a defect too).
+            assert need <= grown + 2 * (1 << 20) + 512 * 1024, (b, grown, need)
+
+
+def test_a_block_that_cannot_fit_is_refused_before_any_byte_is_written(tmp_path, monkeypatch):
+    rows, reference, path = _three_blocks_written(tmp_path)
+    content = partial_path(path).read_bytes()
+    monkeypatch.setattr("geo.cache.writer.free_bytes", lambda where: 1000)
+    with _writer(path, rows) as w:
+        with pytest.raises(DiskError, match=r"no space left on device while writing .*c\.h5\.partial: .*MiB free, "
+                                            r"the next block needs up to .*MiB; 180 rows committed; free space"):
+            write_blocks(w, rows, [3])
+    assert partial_path(path).read_bytes() == content  # untouched: HDF5 never saw the block
+    monkeypatch.undo()
+    _finish(path, rows)
+    assert_same_content(reference, path)

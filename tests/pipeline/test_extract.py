@@ -81,13 +81,28 @@ def test_killed_and_resumed_extraction_equals_an_uninterrupted_one(tmp_path):
                                                                             ("ids", "skipped") else None))
 
 
-def test_existing_cache_is_refused_and_replaced_with_overwrite(tmp_path):
+def test_existing_cache_of_another_job_is_refused_and_replaced_with_overwrite(tmp_path):
     manifest = write_dataset(tmp_path / "data", 8)
     run_extract(manifest, tmp_path / "c.h5", ExtractConfig(**TINY))
-    with pytest.raises(CacheError, match="already exists"):
-        run_extract(manifest, tmp_path / "c.h5", ExtractConfig(**TINY))
-    result = run_extract(manifest, tmp_path / "c.h5", ExtractConfig(**TINY, overwrite=True))
-    assert result.n_rows == 8
+    with pytest.raises(CacheError, match=r"already exists and was made by another job \(--image-size 32 there, 40 now"):
+        run_extract(manifest, tmp_path / "c.h5", ExtractConfig(**{**TINY, "image_size": 40}))
+    other = write_dataset(tmp_path / "other", 6, seed=1)
+    with pytest.raises(CacheError, match="sha256 differs"):
+        run_extract(other, tmp_path / "c.h5", ExtractConfig(**TINY))
+    result = run_extract(manifest, tmp_path / "c.h5", ExtractConfig(**{**TINY, "image_size": 40}, overwrite=True))
+    assert result.n_rows == 8 and not result.already_complete
+
+
+def test_a_rerun_of_a_finished_extract_reports_it_and_redoes_nothing(tmp_path):
+    manifest = write_dataset(tmp_path / "data", 8)
+    out = tmp_path / "c.h5"
+    first = run_extract(manifest, out, ExtractConfig(**TINY))
+    before = {p: p.read_bytes() for p in (out, first.config_path, first.checkpoint_path)}
+    # The same job, with another number of workers (which changes nothing written): finished.
+    again = run_extract(manifest, out, ExtractConfig(**{**TINY, "workers": 1}))
+    assert again.already_complete and (again.n_rows, again.n_skipped) == (first.n_rows, first.n_skipped)
+    assert again.checkpoint_path == first.checkpoint_path
+    assert {p: p.read_bytes() for p in before} == before
 
 
 def test_a_run_where_most_images_fail_stops_and_says_so(tmp_path):
@@ -107,6 +122,10 @@ def test_cli_extract_prints_outputs_and_writes_config(tmp_path):
     assert json.loads(Path(str(out) + ".config.json").read_text())["image_size"] == 32
     again = runner.invoke(cli, ["extract", str(manifest), "--out", str(out), "--backbone", "resnet18"])
     assert again.exit_code == 2 and "Error:" in again.output and "already exists" in again.output
+    assert "--image-size None there, 32 now" not in again.output and "--image-size 32 there, None now" in again.output
+    same = runner.invoke(cli, ["extract", str(manifest), "--out", str(out), "--backbone", "resnet18",
+                               "--image-size", "32", "--finetune-epochs", "0", "--batch-size", "4"])
+    assert same.exit_code == 0 and "already complete" in same.output and str(out) in same.output
     assert "Example:" in runner.invoke(cli, ["extract", "--help"]).output
 
 
@@ -138,3 +157,19 @@ def test_a_run_killed_while_fine_tuning_resumes_from_its_last_epoch(tmp_path):
     straight = run_extract(manifest, tmp_path / "s.h5", config)
     with FeatureCache(result.cache_path) as a, FeatureCache(straight.cache_path) as b:
         np.testing.assert_array_equal(a.load_features(np.arange(a.n_rows)), b.load_features(np.arange(b.n_rows)))
+
+
+def test_a_config_json_from_before_requested_options_were_recorded_recognises_its_job_by_resolved_options(tmp_path):
+    manifest = write_dataset(tmp_path / "data", 8)
+    out = tmp_path / "c.h5"
+    first = run_extract(manifest, out, ExtractConfig(**TINY))
+    stored = json.loads(first.config_path.read_text())
+    del stored["requested"]  # as geo wrote it before: resolved options only
+    first.config_path.write_text(json.dumps(stored))
+    resolved = {**TINY, "lr": stored["lr"], "device": stored["device"]}
+    assert run_extract(manifest, out, ExtractConfig(**resolved)).already_complete
+    # A default resolved only later cannot be compared with what it resolved to there: refused, as before.
+    with pytest.raises(CacheError, match="--lr 0.001 there, None now; --device 'cpu' there, 'auto' now"):
+        run_extract(manifest, out, ExtractConfig(**TINY))
+    with pytest.raises(CacheError, match="--batch-size 4 there, 8 now"):
+        run_extract(manifest, out, ExtractConfig(**{**resolved, "batch_size": 8}))

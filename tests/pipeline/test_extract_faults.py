@@ -47,8 +47,8 @@ def test_a_finished_extract_without_its_config_json_is_recognised_and_the_config
     again = run_extract(manifest, out, ExtractConfig(**TINY))
     assert _sha(out) == cache_sha and _sha(again.checkpoint_path) == ckpt_sha  # nothing redone, nothing lost
     assert json.loads(again.config_path.read_text()) == json.loads(config_text)
-    with pytest.raises(CacheError, match="already exists"):  # with its config.json: refused as before
-        run_extract(manifest, out, ExtractConfig(**TINY))
+    third = run_extract(manifest, out, ExtractConfig(**TINY))  # with its config.json: finished, nothing redone
+    assert third.already_complete and _sha(out) == cache_sha and third.config_path.read_text() == again.config_path.read_text()
     other = write_dataset(tmp_path / "other", 6)
     again.config_path.unlink()
     with pytest.raises(CacheError, match="made by another job"):  # another manifest: never taken for finished

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 
 class FullDisk:
@@ -58,3 +62,31 @@ class FailingOpen:
 
             handle.write = refuse
         return handle
+
+
+@contextlib.contextmanager
+def small_tmpfs(where, size: str):
+    """A real tmpfs of ``size`` (e.g. "2m") mounted at ``where`` for the block; skips the test where mounting is not allowed.
+
+    A real file system fills as a user's disk does: the kernel's ENOSPC, HDF5's own handling of it,
+    and whatever the interpreter does at exit, none of which an injected error reaches.
+    """
+    import pytest
+
+    where = Path(where)
+    where.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root and mount(8); this machine has neither")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"this machine does not allow mounting a tmpfs: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def resize_tmpfs(where, size: str) -> None:
+    """Grow (or shrink) a tmpfs mounted by ``small_tmpfs``: "freeing space" as a user would."""
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(where)], check=True, capture_output=True)
