@@ -126,7 +126,7 @@ def kill_trials(name: str, make_args, same, reference: Path, duration_s: float, 
     return counts
 
 
-def kills(trials: int, root: Path, rng: random.Random) -> dict[str, dict]:
+def kills(trials: int, root: Path, rng: random.Random, only: set[str] | None = None) -> dict[str, dict]:
     manifest = write_dataset(root / "images", 24, corrupt=(7,))
     cache = make_location_cache(root / "loc.h5", n=1500)
     extract = ["--backbone", "resnet18", "--image-size", "32", "--batch-size", "4", "--finetune-epochs", "1",
@@ -140,12 +140,16 @@ def kills(trials: int, root: Path, rng: random.Random) -> dict[str, dict]:
     }
     results = {}
     for name, (make_args, same) in commands.items():
+        if only and name not in only and not (name == "sweep" and "report" in only):
+            continue
         reference = root / f"{name}-reference"
         start = time.perf_counter()
         _geo(make_args(reference))
         duration = time.perf_counter() - start
         results[name] = kill_trials(name, make_args, same, reference, duration, trials, root, rng)
         print(f"  {name:9s} {results[name]}  (uninterrupted run {duration:.1f} s)", flush=True)
+    if only and "report" not in only:
+        return results
     sweep_ref = root / "sweep-reference"
     report_args = lambda out: ["report", str(sweep_ref), "--out", str(out), "--n-maps", "0"]  # noqa: E731
     reference = root / "report-reference"
@@ -333,6 +337,7 @@ def main() -> None:
     parser.add_argument("--disk", type=int, default=10, help="disk-full trials of the cache writer (and of tmpfs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--parts", default="kills,disk,bad,tmpfs")
+    parser.add_argument("--commands", default="", help="kills: only these commands (extract,fit-head,sweep,report)")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     parts = set(args.parts.split(","))
@@ -347,7 +352,7 @@ def main() -> None:
             print(f"disk full, real 2 MB tmpfs: {tmpfs_trials(args.disk, root, rng)}", flush=True)
         if "kills" in parts:
             print("kills (SIGKILL at a random point, then the same command again):", flush=True)
-            kills(args.kills, root, rng)
+            kills(args.kills, root, rng, set(args.commands.split(",")) if args.commands else None)
 
 
 if __name__ == "__main__":
