@@ -138,3 +138,19 @@ def test_a_run_killed_while_fine_tuning_resumes_from_its_last_epoch(tmp_path):
     straight = run_extract(manifest, tmp_path / "s.h5", config)
     with FeatureCache(result.cache_path) as a, FeatureCache(straight.cache_path) as b:
         np.testing.assert_array_equal(a.load_features(np.arange(a.n_rows)), b.load_features(np.arange(b.n_rows)))
+
+
+def test_the_fine_tunings_val_country_accuracy_and_majority_rate_are_in_the_provenance(tmp_path):
+    # what reports print at the top ("val country accuracy against the majority rate"), read by runs from
+    # config.json's cache_provenance; a cache without fine-tuning records neither
+    manifest = write_dataset(tmp_path / "data", 12)
+    result = run_extract(manifest, tmp_path / "f.h5", ExtractConfig(**dict(TINY, finetune_epochs=1)))
+    with FeatureCache(result.cache_path) as cache:
+        prov = cache.provenance
+        train, val = cache.split == 0, cache.split == 1
+        majority = np.bincount(cache.country[train]).argmax()  # recomputed from the cache's own rows
+        assert val.any() and prov["finetune_val_majority_acc"] == pytest.approx(np.mean(cache.country[val] == majority))
+    assert prov["finetune_val_country_acc"] == pytest.approx(result.history[-1]["val_acc"])
+    frozen = run_extract(manifest, tmp_path / "z.h5", ExtractConfig(**TINY))
+    with FeatureCache(frozen.cache_path) as cache:
+        assert "finetune_val_country_acc" not in cache.provenance
