@@ -41,9 +41,10 @@ def accuracy_at_km(dist_km: np.ndarray, threshold_km: float) -> float:
 
 def uniform_accuracy(threshold_km: float) -> float:
     """Accuracy@``threshold_km`` of guessing uniformly on the sphere: the fraction of its area
-    within that distance of any point, (1 - cos(X / R)) / 2 (a spherical cap), for any truth."""
+    within that distance of any point, (1 - cos(X / R)) / 2 (a spherical cap), for any truth;
+    computed as sin^2(X / 2R), the same without cancellation at small X."""
     angle = min(float(threshold_km) / EARTH_RADIUS_KM, np.pi)
-    return float((1.0 - np.cos(angle)) / 2.0)
+    return float(np.sin(angle / 2.0) ** 2)
 
 def geoscore(dist_km: np.ndarray) -> float:
     """Mean GeoScore, 5000 * exp(-d / 1492.7), of errors ``dist_km`` [n] in km."""
