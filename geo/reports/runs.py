@@ -224,7 +224,10 @@ def reference_of(final: Any) -> dict:
     if not isinstance(final, dict):
         return {}
     metrics = final["metrics"] if isinstance(final.get("metrics"), dict) else final
-    return {k: metrics[k] for k in (TRAIN_DISTANCE_KEY, DENSEST_CELL_KEY) if isinstance(metrics.get(k), dict)}
+    found = {k: metrics[k] for k in (TRAIN_DISTANCE_KEY, DENSEST_CELL_KEY) if isinstance(metrics.get(k), dict)}
+    if isinstance(metrics.get("n"), int):
+        found["n"] = metrics["n"]  # the images evaluated
+    return found
 
 
 def final_metrics(final: Any) -> tuple[dict, dict]:

@@ -68,7 +68,7 @@ class Scope:
 
 def scope_of(name: str, runs: list[Run]) -> Scope:
     """The Scope of test set ``name`` from the ``runs`` evaluated on it."""
-    scope = Scope(name, runs, n_images={int(r.test["n"]) for r in runs if isinstance(r.test.get("n"), int)})
+    scope = Scope(name, runs, n_images={int(r.reference["n"]) for r in runs if "n" in r.reference})
     distances = [r.reference[TRAIN_DISTANCE_KEY] for r in runs if TRAIN_DISTANCE_KEY in r.reference]
     if distances:
         scope.min_km = min(float(d["min"]) for d in distances)

@@ -52,7 +52,9 @@ def test_report_marks_scales_below_the_minimum_train_test_distance_as_not_testab
     md = (root / "report" / "report.md").read_text()
     html = (root / "report" / "index.html").read_text()
     # the block: images and distances, and which scales cannot be tested (1, 25, 200 km < 500 km <= 750 km)
-    assert f"minimum {nearest_km:,.0f} km" in md
+    n_test = json.loads(next((root / "runs").glob("mvmf*/metrics.json")).read_text())["n"]
+    assert f"**What this test set can show.** {n_test} images; from each test image to the nearest of the " \
+           f"1,500 training images: minimum {nearest_km:,.0f} km" in md
     assert "Accuracy at 1, 25, 200 km is **not testable here**" in md
     assert "| testable here | no | no | no | yes | yes |" in md
     assert f"| uniform guessing (%) | 6e-07 | 0.0004 | 0.02 | 0.3 | {100 * uniform_accuracy(2500):.1f} |" in md
