@@ -117,3 +117,17 @@ def test_each_claim_is_one_line_whose_counts_equal_its_sub_cases(tmp_path):
         assert all(f"| {case.case} |" in table for case in claim.subcases)
     with_cases = [c for c in evaluate_claims(runs) + learning_curve_claims(runs) if c.subcases]
     assert len(with_cases) == 3 and html.count("<details>") == 3  # claims 1-3 (4 and 5: not tested, one line)
+
+
+def test_the_report_opens_with_the_fine_tunings_val_country_accuracy_against_the_majority_rate(tmp_path):
+    from support.runs import PROVENANCE, base_config
+
+    provenance = dict(PROVENANCE, finetune_epochs=4, finetune_val_country_acc=0.34, finetune_val_majority_acc=0.36)
+    write_run(tmp_path / "runs" / "a", config=base_config("mvmf", 16, 16.0, provenance=provenance))
+    build_report([tmp_path / "runs"], tmp_path / "out", n_maps=0, fmt="md")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert md.split("\n\n")[2] == ("**Features** (`cache.h5`): the fine-tuning's val country accuracy is 34.0 % "
+                                   "against a majority-country rate of 36.0 % (-2.0 points, after 4 epoch(s)).")
+    write_run(tmp_path / "old" / "a")  # a cache made before geo recorded it
+    build_report([tmp_path / "old"], tmp_path / "out2", n_maps=0, fmt="md")
+    assert "val country accuracy is not recorded" in (tmp_path / "out2" / "report.md").read_text()
