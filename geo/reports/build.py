@@ -76,7 +76,7 @@ def features_text(runs: list[Run]) -> str:
         else:
             text = "the fine-tuning's val country accuracy is not recorded (a cache made before geo recorded it)"
         seen.setdefault(name, text)
-    return "\n".join(f"**Features** (`{name}`): {text}." for name, text in seen.items())
+    return "\n\n".join(f"**Features** (`{name}`): {text}." for name, text in seen.items())
 
 
 def claim_blocks(claim: claims_mod.Claim, on: str = "") -> list:
