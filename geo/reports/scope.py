@@ -126,5 +126,6 @@ def scope_text(scope: Scope) -> str:
                      f"close (\"{NT}\" in the tables; such claim sub-cases are counted apart, not as inconclusive).")
     if scope.flagged:
         lines.append(f"**Flagged:** no head beats uniform guessing at {FLAG_SCALE_KM} km on this test set "
-                     f"({_pct(uniform_accuracy(FLAG_SCALE_KM))} %), so its claims are **{NOT_MEANINGFUL}**.")
+                     f"(uniform guesses land within it {_pct(uniform_accuracy(FLAG_SCALE_KM))} % of the time; no "
+                     f"head's 95 % interval lies above that), so its claims are **{NOT_MEANINGFUL}**.")
     return " ".join(lines)
