@@ -125,6 +125,29 @@ def angle_between_xyz(a: Array, b: Array) -> Array:
     return torch.atan2(cross, (a * b).sum(-1))
 
 
+
+def nearest_distance_km(lat_deg, lon_deg, ref_lat_deg, ref_lon_deg, *, chunk_rows: int = 65_536) -> np.ndarray:
+    """Great-circle km [n] from each point (lat_deg, lon_deg [n]) to its nearest reference point ([m], m >= 1).
+
+    Exact: a KD-tree over the references' unit vectors finds the nearest by chord length,
+    which is monotonic in the great-circle distance (no seam at +-180 deg, no pole
+    distortion), and the chord c is turned into the arc 2 R asin(c / 2). Queries go in
+    chunks of ``chunk_rows`` so memory stays bounded for millions of points.
+    """
+    from scipy.spatial import cKDTree  # lazy: geometry is imported everywhere, scipy only needed here
+
+    lat = np.asarray(lat_deg, np.float64).ravel()
+    lon = np.asarray(lon_deg, np.float64).ravel()
+    ref_lat = np.asarray(ref_lat_deg, np.float64).ravel()
+    if ref_lat.size == 0:
+        raise ValueError("nearest_distance_km needs at least one reference point")
+    tree = cKDTree(latlon_to_xyz(ref_lat, np.asarray(ref_lon_deg, np.float64).ravel()))
+    out = np.empty(lat.size)
+    for lo in range(0, lat.size, chunk_rows):
+        chord, _ = tree.query(latlon_to_xyz(lat[lo:lo + chunk_rows], lon[lo:lo + chunk_rows]), k=1)
+        out[lo:lo + chunk_rows] = 2.0 * EARTH_RADIUS_KM * np.arcsin(np.minimum(chord / 2.0, 1.0))
+    return out
+
 # ---- von Mises-Fisher on S^2 ----------------------------------------------------
 
 

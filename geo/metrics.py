@@ -20,6 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
+from geo.geometry import EARTH_RADIUS_KM
+
 DISTANCE_SCALES_KM: tuple[int, ...] = (1, 25, 200, 750, 2500)
 GEOSCORE_MAX = 5000.0
 GEOSCORE_SCALE_KM = 1492.7
@@ -35,6 +37,14 @@ def accuracy_at_km(dist_km: np.ndarray, threshold_km: float) -> float:
     dist_km = np.asarray(dist_km)
     return float(np.mean(dist_km <= threshold_km))
 
+
+
+def uniform_accuracy(threshold_km: float) -> float:
+    """Accuracy@``threshold_km`` of guessing uniformly on the sphere: the fraction of its area
+    within that distance of any point, (1 - cos(X / R)) / 2 (a spherical cap), for any truth;
+    computed as sin^2(X / 2R), the same without cancellation at small X."""
+    angle = min(float(threshold_km) / EARTH_RADIUS_KM, np.pi)
+    return float(np.sin(angle / 2.0) ** 2)
 
 def geoscore(dist_km: np.ndarray) -> float:
     """Mean GeoScore, 5000 * exp(-d / 1492.7), of errors ``dist_km`` [n] in km."""

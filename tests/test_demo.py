@@ -67,17 +67,22 @@ def test_demo_pipeline_every_stage_and_output(tmp_path):
             assert (Path(run.path) / f).is_file(), (run.path, f)
         assert json.loads((Path(run.path) / "metrics.json").read_text())["n"] == 30
     assert "densest training cell" in result.stdout
-    # stage 4: the second test set, extracted --like the training cache, evaluated with every run
-    with FeatureCache(out / "relief.h5") as relief, FeatureCache(out / "cache.h5") as cache:
-        assert relief.provenance["weights"] == cache.provenance["weights"]
-        assert relief.provenance["like_cache"] == str((out / "cache.h5").resolve())
+    # stage 4: the second test set (the same mosaic at population-weighted places, all test), extracted
+    # --like the training cache, evaluated with every run
+    with FeatureCache(out / "places.h5") as places, FeatureCache(out / "cache.h5") as cache:
+        assert places.provenance["weights"] == cache.provenance["weights"]
+        assert places.provenance["like_cache"] == str((out / "cache.h5").resolve())
+        assert len(places.split_rows("test")) == places.n_rows
     for run in runs:
-        assert (Path(run.path) / "eval" / "relief" / "metrics.json").is_file()
+        evaluation = json.loads((Path(run.path) / "eval" / "places" / "metrics.json").read_text())
+        assert evaluation["train_distance_km"]["min"] >= 100.0  # every patch >= 100 km from train
     # stage 5: the report, with both test sets
     for f in ("index.html", "report.md", "table.csv"):
         assert (out / "report" / f).is_file()
     report = (out / "report" / "report.md").read_text()
-    assert "## Test set cache" in report and "## Test set relief" in report
+    assert "## Test set cache" in report and "## Test set places" in report
+    assert report.count("What this test set can show.") == 2 and "not testable here" in report
+    assert "**Features** (`cache.h5`): the fine-tuning's val country accuracy is" in report
     assert "Wall time by stage" in result.stdout
 
     # a second run reuses every completed stage (nothing is retrained)

@@ -200,3 +200,21 @@ def test_vmf_radius_closed_form():
     samples = vonmises_fisher(mu, kappa).rvs(200_000, random_state=np.random.default_rng(7))
     inside = np.arccos(np.clip(samples[:, 2], -1, 1)) * g.EARTH_RADIUS_KM <= r_km
     assert inside.mean() == pytest.approx(0.9, abs=0.005)
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 65_536])
+def test_nearest_distance_km_equals_brute_force_haversine(chunk_rows):
+    from support.sphere import haversine_km
+
+    rng = np.random.default_rng(5)
+    ref_lat, ref_lon = rng.uniform(-90, 90, 400), rng.uniform(-180, 180, 400)
+    # queries anywhere, near the references (metres to km away), across the antimeridian and at the poles
+    lat = np.concatenate([rng.uniform(-90, 90, 300), ref_lat[:50] + rng.normal(0, 1e-4, 50), [90.0, -90.0, 0.0]])
+    lon = np.concatenate([rng.uniform(-180, 180, 300), ref_lon[:50] + rng.normal(0, 1e-4, 50), [0.0, 0.0, 179.999]])
+    ref_lat, ref_lon = np.append(ref_lat, 0.0), np.append(ref_lon, -179.999)  # 0.22 km from the last query
+    got = g.nearest_distance_km(lat, lon, ref_lat, ref_lon, chunk_rows=chunk_rows)
+    expected = haversine_km(lat[:, None], lon[:, None], ref_lat[None, :], ref_lon[None, :]).min(axis=1)
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-6)
+    assert got[-1] == pytest.approx(0.2224, abs=1e-3)
+    with pytest.raises(ValueError, match="at least one reference"):
+        g.nearest_distance_km(lat, lon, [], [])

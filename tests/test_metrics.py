@@ -72,3 +72,23 @@ def test_bootstrap_ci_of_mean_matches_normal_theory():
     assert lo == pytest.approx(x.mean() - half, abs=0.3 * half)
     assert hi == pytest.approx(x.mean() + half, abs=0.3 * half)
     assert lo <= x.mean() <= hi
+
+
+def test_uniform_accuracy_is_the_spherical_cap_fraction():
+    from scipy.integrate import quad
+
+    # numerical integral of the cap around the north pole: int_0^theta sin(t) dt / 2 (area over 4 pi)
+    for scale_km in (*m.DISTANCE_SCALES_KM, 10_000.0, 20_000.0):
+        theta = min(scale_km / 6371.0088, math.pi)
+        integral, _ = quad(math.sin, 0.0, theta, epsabs=1e-15, epsrel=1e-12)
+        assert m.uniform_accuracy(scale_km) == pytest.approx(integral / 2, rel=1e-9, abs=1e-18)
+    # Monte Carlo: uniform guesses (normalised Gaussians) around a fixed truth, 10^6 draws
+    rng = np.random.default_rng(0)
+    guesses = rng.normal(size=(1_000_000, 3))
+    guesses /= np.linalg.norm(guesses, axis=1, keepdims=True)
+    truth = np.array([0.3, -0.5, 0.8]) / np.linalg.norm([0.3, -0.5, 0.8])
+    dist_km = 6371.0088 * np.arccos(np.clip(guesses @ truth, -1, 1))
+    for scale_km in (750.0, 2500.0, 10_000.0):
+        p = m.uniform_accuracy(scale_km)
+        assert np.mean(dist_km <= scale_km) == pytest.approx(p, abs=5 * math.sqrt(p * (1 - p) / 1e6))
+    assert m.uniform_accuracy(20_037.5) == pytest.approx(1.0)  # past the antipode: the whole sphere

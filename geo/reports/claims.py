@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 
 from geo.reports.paired import PairedDifference, matched_errors, paired_accuracy_difference
 from geo.reports.runs import ACC_KEYS, SCALES_KM, Run, group_series, pick_one, series_label
+from geo.reports.scope import NOT_MEANINGFUL, NOT_TESTABLE, testable
 from geo.reports.tables import format_cells
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "fails", "inconclusive"
+NOT_TESTED = "not tested"  # a claim the runs cannot test ("not tested: needs ..."), in summaries
 FINE_SCALES_KM, COARSE_SCALES_KM = (1, 25), (2500,)
 MVMF, SOFTMAX = "mvmf", "softmax"
 # Retrieval (nearest neighbours in feature space, Im2GPS-style): claim 5 compares it when runs of it exist.
@@ -29,18 +31,65 @@ METHOD = (
     "were trained on (`geo sweep --train-fraction`), each head's best run on validation at that size: as "
     "accuracy rises with data, \"reaches every accuracy with less data\" is the same as \"its learning curve "
     "lies above\", so a sub-case (competitor, size, scale) holds when the MvMF's interval lies above the "
-    "other's and fails when it lies below."
+    "other's and fails when it lies below. "
+    "A sub-case at a scale below the test set's smallest train–test distance is \"not testable here\" and "
+    "left out of the verdict (a claim with only such sub-cases is not testable here); on a test set where no "
+    "head beats uniform guessing at 2500 km every claim is \"not meaningful here\"."
 )
 
 
 @dataclass
+class SubCase:
+    """One comparison a claim is checked on: what (series, scale), the numbers, and its verdict."""
+
+    case: str
+    evidence: str
+    verdict: str
+
+    @property
+    def line(self) -> str:
+        return f"{self.case}: {self.evidence}: {self.verdict}"
+
+
+@dataclass
 class Claim:
-    """A claim of the paper, its verdict on these runs, and the numbers behind it."""
+    """A claim of the paper, its verdict on these runs, and the numbers behind it: ``subcases``, and
+    ``notes`` about what was left out."""
 
     number: int
     statement: str
     verdict: str
-    details: list[str] = field(default_factory=list)
+    subcases: list[SubCase] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def details(self) -> list[str]:
+        """The notes, then one line per sub-case ("c=2^6 @2500 km: mvmf (r0) ... : fails")."""
+        return self.notes + [s.line for s in self.subcases]
+
+    def counts(self) -> dict[str, int]:
+        """Sub-cases per verdict, in the order holds, fails, inconclusive, not testable here (zeros left out)."""
+        order = (HOLDS, FAILS, INCONCLUSIVE, NOT_TESTABLE)
+        return {v: n for v in order if (n := sum(s.verdict == v for s in self.subcases))}
+
+    def counts_text(self) -> str:
+        """E.g. "12 sub-cases: 3 hold, 1 fails, 4 inconclusive, 4 not testable here" ("" without sub-cases)."""
+        if not self.subcases:
+            return ""
+        words = {HOLDS: "hold", FAILS: "fail", INCONCLUSIVE: "inconclusive", NOT_TESTABLE: NOT_TESTABLE}
+        parts = [f"{n} {words[v] if n != 1 else v}" for v, n in self.counts().items()]
+        return f"{len(self.subcases)} sub-case{'s' if len(self.subcases) != 1 else ''}: " + ", ".join(parts)
+
+
+def not_meaningful(claims: list[Claim]) -> list[Claim]:
+    """``claims`` on a flagged test set (no head beats uniform guessing): verdicts "not meaningful here",
+    the sub-cases kept for reference."""
+    return [Claim(c.number, c.statement, NOT_MEANINGFUL, c.subcases, c.notes) for c in claims]
+
+
+def _untestable_evidence(*runs: Run) -> str:
+    nearest = min(r.train_min_km for r in runs if r.train_min_km is not None)
+    return f"below the smallest train–test distance ({nearest:,.0f} km)"
 
 
 def paired(a: Run, b: Run, key: str) -> PairedDifference | None:
@@ -80,6 +129,10 @@ def _acc(run: Run, key: str) -> str:
 
 
 def _combine_all(verdicts: list[str]) -> str:
+    tested = [v for v in verdicts if v != NOT_TESTABLE]
+    if verdicts and not tested:
+        return NOT_TESTABLE
+    verdicts = tested
     if FAILS in verdicts:
         return FAILS
     return HOLDS if verdicts and all(v == HOLDS for v in verdicts) else INCONCLUSIVE
@@ -92,16 +145,19 @@ def _trend(series: list[tuple[float, Run]], key: str) -> tuple[list[str], str]:
     return steps, text
 
 
-def _rise_with_c(runs: list[Run], head: str, rising_claim: bool) -> tuple[str, list[str]]:
+def _rise_with_c(runs: list[Run], head: str, rising_claim: bool) -> tuple[str, list[SubCase]]:
     """Sub-verdicts of "accuracy rises monotonically with c" (or, if not rising_claim, of its negation)."""
     series = {k: s for k, s in group_series([r for r in runs if r.head == head], "n_cells").items() if len(s) >= 2}
     if not series:
         return f"not tested: needs {head} runs at ≥ 2 values of c (same κ0 and prediction mode)", []
-    verdicts, details = [], []
+    subcases = []
     for key, points in series.items():
         for acc_key, scale in zip(ACC_KEYS, SCALES_KM):
             steps, text = _trend(points, acc_key)
-            if all(s == "higher" for s in steps):
+            members = [run for _, run in points]
+            if not testable(scale, *members):
+                finding, verdict = _untestable_evidence(*members), NOT_TESTABLE
+            elif all(s == "higher" for s in steps):
                 finding = "rises at every step (intervals apart)"
                 verdict = HOLDS if rising_claim else FAILS
             elif "lower" in steps:
@@ -114,23 +170,26 @@ def _rise_with_c(runs: list[Run], head: str, rising_claim: bool) -> tuple[str, l
                 finding = ("point estimates rise" if monotone else "point estimates do not rise monotonically") \
                     + " but some intervals overlap"
                 verdict = INCONCLUSIVE
-            verdicts.append(verdict)
-            details.append(f"{series_label(key, 'n_cells')} @{scale} km: {text} — {finding}: {verdict}")
+            subcases.append(SubCase(f"{series_label(key, 'n_cells')} @{scale} km", f"{text} — {finding}", verdict))
+    verdicts = [c.verdict for c in subcases]
     if rising_claim:
-        return _combine_all(verdicts), details
-    overall = HOLDS if HOLDS in verdicts else (FAILS if all(v == FAILS for v in verdicts) else INCONCLUSIVE)
-    return overall, details
+        return _combine_all(verdicts), subcases
+    tested = [v for v in verdicts if v != NOT_TESTABLE]
+    if not tested:
+        return NOT_TESTABLE, subcases
+    overall = HOLDS if HOLDS in tested else (FAILS if all(v == FAILS for v in tested) else INCONCLUSIVE)
+    return overall, subcases
 
 
 def claim_mvmf_rises(runs: list[Run]) -> Claim:
-    verdict, details = _rise_with_c(runs, MVMF, rising_claim=True)
-    return Claim(1, "MvMF accuracy rises monotonically with c, at every distance scale.", verdict, details)
+    verdict, subcases = _rise_with_c(runs, MVMF, rising_claim=True)
+    return Claim(1, "MvMF accuracy rises monotonically with c, at every distance scale.", verdict, subcases)
 
 
 def claim_softmax_not_monotone(runs: list[Run]) -> Claim:
-    verdict, details = _rise_with_c(runs, SOFTMAX, rising_claim=False)
+    verdict, subcases = _rise_with_c(runs, SOFTMAX, rising_claim=False)
     return Claim(2, "Softmax (PlaNet) accuracy does not rise monotonically with c "
-                    "(a significant drop at some scale).", verdict, details)
+                    "(a significant drop at some scale).", verdict, subcases)
 
 
 def claim_mvmf_beats_softmax(runs: list[Run]) -> Claim:
@@ -143,22 +202,25 @@ def claim_mvmf_beats_softmax(runs: list[Run]) -> Claim:
     common = sorted(key for key, heads in by_c.items() if len(heads) == 2)
     if not common:
         return Claim(3, statement, "not tested: needs mvmf and softmax runs with a common c")
-    verdicts, details = [], []
+    subcases = []
     for c, fraction in common:
         # Among several runs per head (κ0, prediction modes, seeds), the best on validation.
         mvmf, softmax = pick_one(by_c[c, fraction][MVMF]), pick_one(by_c[c, fraction][SOFTMAX])
         on = f" f={fraction:g}" if fraction != 1.0 else ""
         for acc_key, scale in zip(ACC_KEYS, SCALES_KM):
+            case = f"c={format_cells(c)}{on} @{scale} km"
+            if not testable(scale, mvmf, softmax):
+                subcases.append(SubCase(case, _untestable_evidence(mvmf, softmax), NOT_TESTABLE))
+                continue
             outcome = compare(mvmf, softmax, acc_key)
             verdict = {"higher": HOLDS, "lower": FAILS, "overlap": INCONCLUSIVE}[outcome]
-            verdicts.append(verdict)
             difference = paired(mvmf, softmax, acc_key)
             paired_text = (f"; paired difference {100 * difference.difference:+.1f} points "
                            f"[{100 * difference.low:+.1f}, {100 * difference.high:+.1f}] over {difference.n} images"
                            if difference is not None else "")
-            details.append(f"c={format_cells(c)}{on} @{scale} km: mvmf ({mvmf.name}) {_acc(mvmf, acc_key)} vs "
-                           f"softmax ({softmax.name}) {_acc(softmax, acc_key)}{paired_text}: {verdict}")
-    return Claim(3, statement, _combine_all(verdicts), details)
+            subcases.append(SubCase(case, f"mvmf ({mvmf.name}) {_acc(mvmf, acc_key)} vs softmax ({softmax.name}) "
+                                          f"{_acc(softmax, acc_key)}{paired_text}", verdict))
+    return Claim(3, statement, _combine_all([c.verdict for c in subcases]), subcases)
 
 
 def claim_kappa0_scales(runs: list[Run]) -> Claim:
@@ -167,17 +229,20 @@ def claim_kappa0_scales(runs: list[Run]) -> Claim:
     series = {k: s for k, s in group_series([r for r in runs if r.head == MVMF], "kappa0").items() if len(s) >= 2}
     if not series:
         return Claim(4, statement, "not tested: needs mvmf runs at ≥ 2 values of κ0 (same c and prediction mode)")
-    verdicts, details = [], []
+    subcases = []
     for key, points in series.items():
         (k_small, small), (k_large, large) = points[0], points[-1]
         for scale in FINE_SCALES_KM + COARSE_SCALES_KM:
             acc_key = ACC_KEYS[SCALES_KM.index(scale)]
+            case = f"{series_label(key, 'kappa0')} @{scale} km"
+            if not testable(scale, large, small):
+                subcases.append(SubCase(case, _untestable_evidence(large, small), NOT_TESTABLE))
+                continue
             favoured, other = (large, small) if scale in FINE_SCALES_KM else (small, large)
             verdict = {"higher": HOLDS, "lower": FAILS, "overlap": INCONCLUSIVE}[compare(favoured, other, acc_key)]
-            verdicts.append(verdict)
-            details.append(f"{series_label(key, 'kappa0')} @{scale} km: κ0={k_large:g}: {_acc(large, acc_key)} vs "
-                           f"κ0={k_small:g}: {_acc(small, acc_key)}: {verdict}")
-    return Claim(4, statement, _combine_all(verdicts), details)
+            subcases.append(SubCase(case, f"κ0={k_large:g}: {_acc(large, acc_key)} vs κ0={k_small:g}: "
+                                          f"{_acc(small, acc_key)}", verdict))
+    return Claim(4, statement, _combine_all([c.verdict for c in subcases]), subcases)
 
 
 def _by_size(runs: list[Run], head: str) -> dict[int, Run]:
@@ -202,9 +267,9 @@ def claim_mvmf_data_efficient(runs: list[Run]) -> Claim:
     if len(common[SOFTMAX]) < 2:
         return Claim(5, statement, "not tested: needs mvmf and softmax runs on ≥ 2 common training-set sizes "
                                    "(geo sweep --train-fraction)")
-    verdicts, details = [], []
+    subcases, notes = [], []
     if len(common[KNN]) < 2:
-        details.append(f"retrieval ({KNN}): not tested, no {KNN} runs on ≥ 2 of the MvMF's training-set sizes; "
+        notes.append(f"retrieval ({KNN}): not tested, no {KNN} runs on ≥ 2 of the MvMF's training-set sizes; "
                        "the verdict compares with softmax only")
     for head in (SOFTMAX, KNN):
         if len(common[head]) < 2:
@@ -213,13 +278,15 @@ def claim_mvmf_data_efficient(runs: list[Run]) -> Claim:
         for n in common[head]:
             for scale in DATA_SCALES_KM:
                 acc_key = ACC_KEYS[SCALES_KM.index(scale)]
+                case = f"{_size_text(n, mvmf[n])} @{scale} km"
+                if not testable(scale, mvmf[n], other[n]):
+                    subcases.append(SubCase(case, _untestable_evidence(mvmf[n], other[n]), NOT_TESTABLE))
+                    continue
                 verdict = {"higher": HOLDS, "lower": FAILS, "overlap": INCONCLUSIVE}[
                     compare(mvmf[n], other[n], acc_key)]
-                verdicts.append(verdict)
-                details.append(f"{_size_text(n, mvmf[n])} @{scale} km: mvmf ({mvmf[n].name}) "
-                               f"{_acc(mvmf[n], acc_key)} vs {head} ({other[n].name}) {_acc(other[n], acc_key)}: "
-                               f"{verdict}")
-    return Claim(5, statement, _combine_all(verdicts), details)
+                subcases.append(SubCase(case, f"mvmf ({mvmf[n].name}) {_acc(mvmf[n], acc_key)} vs {head} "
+                                              f"({other[n].name}) {_acc(other[n], acc_key)}", verdict))
+    return Claim(5, statement, _combine_all([c.verdict for c in subcases]), subcases, notes)
 
 
 def evaluate_claims(runs: list[Run]) -> list[Claim]:
@@ -242,10 +309,12 @@ def direction_summary(claims_by_test_set: dict[str, list[Claim]]) -> list[str]:
         for name, claims in claims_by_test_set.items():
             for claim in claims:
                 if claim.number == number:
-                    kind = claim.verdict if claim.verdict in (HOLDS, FAILS, INCONCLUSIVE) else "not tested"
+                    kind = claim.verdict if claim.verdict in (HOLDS, FAILS, INCONCLUSIVE, NOT_TESTABLE,
+                                                              NOT_MEANINGFUL) else NOT_TESTED
                     verdicts.setdefault(kind, []).append(name)
         total = sum(len(v) for v in verdicts.values())
         parts = [f"{kind} on {len(names)} of {total} test sets ({', '.join(names)})"
-                 for kind in (HOLDS, FAILS, INCONCLUSIVE, "not tested") if (names := verdicts.get(kind))]
+                 for kind in (HOLDS, FAILS, INCONCLUSIVE, NOT_TESTABLE, NOT_MEANINGFUL, NOT_TESTED)
+                 if (names := verdicts.get(kind))]
         lines.append(f"Claim {number}: " + "; ".join(parts))
     return lines

@@ -31,6 +31,14 @@ class Table:
 
 
 @dataclass
+class Details:
+    """A one-line summary and a table that HTML folds away (<details>) and Markdown prints below the line."""
+
+    summary: str  # Markdown-ish inline text, as in Text
+    table: Table
+
+
+@dataclass
 class Image:
     """A PNG figure; ``name`` is its file name under figures/ (e.g. "accuracy_vs_c.png")."""
 
@@ -56,6 +64,8 @@ figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; 
 figcaption { font-size: 13px; color: #555; } code { background: #f4f4f4; padding: 0 3px; }
 .holds { color: #1a7f37; font-weight: bold; } .fails { color: #c0392b; font-weight: bold; }
 .inconclusive, .not-tested { color: #9a6700; font-weight: bold; }
+.not-testable-here, .not-meaningful-here { color: #777; font-weight: bold; }
+details { margin: 0.6em 0; } details > table { margin: 0.4em 0 0.8em 1.2em; } summary { cursor: pointer; }
 """
 
 
@@ -64,7 +74,7 @@ def _inline_html(text: str) -> str:
     text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
     text = re.sub(r"`(.+?)`", r"<code>\1</code>", text)
     # Verdict words get a colour class ("verdict: holds" ...).
-    return re.sub(r"\b(holds|fails|inconclusive|not tested)\b",
+    return re.sub(r"\b(holds|fails|inconclusive|not tested|not testable here|not meaningful here)\b",
                   lambda m: f'<span class="{m.group(1).replace(" ", "-")}">{m.group(1)}</span>', text)
 
 
@@ -113,6 +123,8 @@ def render_markdown(title: str, sections: list[Section]) -> str:
                 parts += [escape_markdown(block.markdown.strip()), ""]
             elif isinstance(block, Table):
                 parts += [escape_markdown(block.markdown), ""]
+            elif isinstance(block, Details):
+                parts += [escape_markdown(block.summary.strip()), "", escape_markdown(block.table.markdown), ""]
             elif isinstance(block, Image):
                 caption = escape_markdown(block.caption)
                 parts += [f"![{caption}](figures/{block.name})", "", f"*{caption}*", ""]
@@ -130,6 +142,9 @@ def render_html(title: str, sections: list[Section]) -> str:
                 body.append(_text_html(block.markdown))
             elif isinstance(block, Table):
                 body.append(block.html)
+            elif isinstance(block, Details):
+                body.append(f"<details><summary>{_inline_html(' '.join(block.summary.split()))}</summary>"
+                            f"{block.table.html}</details>")
             elif isinstance(block, Image):
                 data = base64.b64encode(block.png).decode("ascii")
                 body.append(f'<figure><img alt="{html.escape(block.caption)}" src="data:image/png;base64,{data}">'

@@ -32,6 +32,7 @@ from geo.heads import head_class
 from geo.training.runs import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, METRICS_LOG_FILE,
                             PREDICTIONS_FILE, RUN_FORMAT, read_jsonl)
 from geo.metrics import DISTANCE_SCALES_KM, accuracy_key
+from geo.training.reference import DENSEST_CELL_KEY, TRAIN_DISTANCE_KEY
 
 SCALES_KM = DISTANCE_SCALES_KM
 ACC_KEYS = tuple(accuracy_key(s) for s in SCALES_KM)
@@ -90,6 +91,16 @@ class Run:
     # For a run seen on another test set (geo.reports.testsets): RUN/eval/NAME, whose metrics are ``test``.
     eval_dir: Path | None = None
     test_set: str | None = None
+    # What the test set can show, as recorded with the metrics (geo.training.reference): the distance from
+    # the test images to the nearest train image ("train_distance_km": min, median, n_train) and the
+    # densest-cell baseline of the run's partition ("densest_cell"); empty for runs scored before.
+    reference: dict = field(default_factory=dict)
+
+    @property
+    def train_min_km(self) -> float | None:
+        """Smallest distance (km) from a test image to the nearest train image, None if not recorded."""
+        value = (self.reference.get(TRAIN_DISTANCE_KEY) or {}).get("min")
+        return float(value) if _finite(value) else None
 
     @property
     def checkpoint_path(self) -> Path:
@@ -204,8 +215,19 @@ def read_run(path: str | Path) -> Run:
         test=test, test_ci=test_ci, history=_read_history(path / METRICS_LOG_FILE, warnings),
         warnings=warnings, split=final.get("split"),
         train_fraction=float(fraction) if _finite(fraction) else 1.0,
-        n_train=int(n_train) if _finite(n_train) else None,
+        n_train=int(n_train) if _finite(n_train) else None, reference=reference_of(final),
     )
+
+
+def reference_of(final: Any) -> dict:
+    """The reference keys of a metrics.json (``geo.training.reference``) that are well-formed dicts."""
+    if not isinstance(final, dict):
+        return {}
+    metrics = final["metrics"] if isinstance(final.get("metrics"), dict) else final
+    found = {k: metrics[k] for k in (TRAIN_DISTANCE_KEY, DENSEST_CELL_KEY) if isinstance(metrics.get(k), dict)}
+    if isinstance(metrics.get("n"), int):
+        found["n"] = metrics["n"]  # the images evaluated
+    return found
 
 
 def final_metrics(final: Any) -> tuple[dict, dict]:

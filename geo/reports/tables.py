@@ -18,6 +18,7 @@ from typing import Callable
 from geo.files import atomic_write
 from geo.geometry import vmf_radius_km
 from geo.reports.runs import ACC_KEYS, HIGHER_IS_BETTER, METRIC_KEYS, SCALES_KM, SELECT_KEY, Run
+from geo.reports.scope import NT, testable
 
 CONVENTIONS = (
     "Metric conventions: accuracy@X km is the percentage of test images whose great-circle error "
@@ -77,13 +78,31 @@ def best_values(runs: list[Run]) -> dict[str, float]:
     """Best point estimate per metric column over runs (max, or min for km and NLL)."""
     best = {}
     for column in COLUMNS:
-        values = [r.metric(column.key) for r in runs if r.metric(column.key) is not None]
+        values = [r.metric(column.key) for r in runs if r.metric(column.key) is not None
+                  and not untestable(r, column.key)]
         if values:
             best[column.key] = max(values) if HIGHER_IS_BETTER[column.key] else min(values)
     return best
 
 
+def untestable(run: Run, key: str) -> bool:
+    """Whether metric ``key`` of ``run`` is an accuracy at a scale below its test set's minimum train-test
+    distance (shown "n/t": not testable here, ``geo.reports.scope``)."""
+    return key in ACC_KEYS and not testable(SCALES_KM[ACC_KEYS.index(key)], run)
+
+
+NT_NOTE = ("n/t: not testable here: the scale is below the smallest distance from a test image to the nearest "
+           "training image, so no head could have learned to place a test image that close (the values are in "
+           "table.csv).")
+
+
+def has_untestable(runs: list[Run]) -> bool:
+    return any(untestable(run, key) for run in runs for key in ACC_KEYS)
+
+
 def _cell_text(run: Run, column: Column) -> str:
+    if untestable(run, column.key):
+        return NT
     value = run.metric(column.key)
     if value is None:
         return "–"
@@ -111,7 +130,8 @@ def _rows(runs: list[Run]) -> tuple[list[str], list[list[tuple[str, bool]]]]:
             cells.append((run.cache_label or "?", False))
         for column in COLUMNS:
             value = run.metric(column.key)
-            is_best = value is not None and math.isclose(value, best[column.key], rel_tol=1e-12, abs_tol=1e-12)
+            is_best = (value is not None and not untestable(run, column.key)
+                       and math.isclose(value, best[column.key], rel_tol=1e-12, abs_tol=1e-12))
             cells.append((_cell_text(run, column), is_best))
         rows.append(cells)
     return header, rows

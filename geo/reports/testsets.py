@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from geo.reports.runs import Run, _read_json, final_metrics
+from geo.reports.runs import Run, _read_json, final_metrics, reference_of
 from geo.training.runs import METRICS_FILE, list_evaluations
 
 
@@ -79,7 +79,8 @@ def collect_test_sets(runs: list[Run]) -> list[TestSet]:
             if final.get("split", "test") == "test" and _same_file(final.get("cache_path"), run.cache_path):
                 continue  # the run's own test split again
             variant = dataclasses.replace(run, test=test, test_ci=test_ci, eval_dir=folder, test_set=folder.name,
-                                          split=final.get("split"), predict=final.get("predict") or run.predict)
+                                          split=final.get("split"), predict=final.get("predict") or run.predict,
+                                          reference=reference_of(final))
             evaluations.append((folder.name, variant, final))
     for name, variant, final in sorted(evaluations, key=lambda item: item[0]):
         add(name, variant, final)
@@ -93,7 +94,7 @@ def side_by_side(test_sets: list[TestSet]) -> tuple[str, str]:
     """
     import html as html_mod
 
-    from geo.reports.tables import format_cells
+    from geo.reports.tables import format_cells, untestable
     from geo.reports.runs import ACC_KEYS, SCALES_KM
 
     order: dict[Path, Run] = {}
@@ -101,7 +102,8 @@ def side_by_side(test_sets: list[TestSet]) -> tuple[str, str]:
         for run in test_set.runs:
             order.setdefault(run.path, run)
     values = {(t.name, r.path): r for t in test_sets for r in t.runs}
-    best = {(t.name, k): max((r.metric(k) for r in t.runs if r.metric(k) is not None), default=None)
+    best = {(t.name, k): max((r.metric(k) for r in t.runs if r.metric(k) is not None and not untestable(r, k)),
+                             default=None)
             for t in test_sets for k in ACC_KEYS}
     header = ["run", "head", "c", "κ0"] + [f"{t.name} @{s} km" for t in test_sets for s in SCALES_KM]
     rows = []
@@ -112,6 +114,9 @@ def side_by_side(test_sets: list[TestSet]) -> tuple[str, str]:
             seen = values.get((t.name, path))
             for key in ACC_KEYS:
                 value = seen.metric(key) if seen is not None else None
+                if value is not None and untestable(seen, key):
+                    cells.append(("n/t", False))
+                    continue
                 cells.append(("–" if value is None else f"{100 * value:.1f}",
                               value is not None and value == best[(t.name, key)]))
         rows.append(cells)

@@ -21,7 +21,7 @@ from geo.devices import resolve_device
 from geo.errors import ConfigError
 from geo.geometry import great_circle_km, latlon_to_xyz
 from geo.metrics import summarize
-from geo.training import runs
+from geo.training import reference, runs
 from geo.training.config import TOPK
 
 CountryFn = Callable[[np.ndarray, np.ndarray], Sequence[str]]
@@ -226,28 +226,51 @@ def evaluate_run(
         if len(cache.split_rows(split)) == 0:
             raise ConfigError(f"{cache_path}: no rows in split {split!r} "
                               f" ({cache.n_rows} rows); choose another --split")
+        train_lat_lon = _training_locations(config["cache_path"], cache_path, cache)
         config = dict(config, predict=loaded.head.check_predict(predict or config["predict"]),
                       cache_path=str(cache_path))
         out_dir.mkdir(parents=True, exist_ok=True)
         metrics = score_and_write(loaded.head, cache, split, config, out_dir, device=dev, n_bootstrap=n_bootstrap,
                                   country_fn=country_fn, progress=progress, selected_step=loaded.selected_step,
+                                  train_lat_lon=train_lat_lon, partition=loaded.partition,
                                   test_set=name, run=str(run_dir), other_provenance=bool(diffs))
         return dict(metrics, eval_dir=str(out_dir))
 
 
+def _training_locations(training_cache: str | Path, cache_path: Path, cache) -> tuple | None:
+    """The train split's (lat_deg, lon_deg) of the cache a run was trained on (``cache`` itself when it is
+    that file); None when that cache is no longer readable (the evaluation then records no distances)."""
+    from geo.cache.store import FeatureCache
+    from geo.errors import CacheError
+
+    try:
+        if Path(training_cache).resolve() == Path(cache_path).resolve():
+            return reference.train_locations(cache)
+        with FeatureCache(training_cache, validate=False) as train_cache:
+            return reference.train_locations(train_cache)
+    except (OSError, CacheError):
+        return None
+
+
 def score_and_write(head, cache, split: str, config: dict, run_dir: Path, *, device: torch.device,
                     n_bootstrap: int = 1000, country_fn: CountryFn | None = None, progress: bool = False,
-                    **extra) -> dict:
+                    train_lat_lon: tuple | None = None, partition=None, **extra) -> dict:
     """Final scoring of a selected head: ``metrics.json`` and ``predictions.parquet`` in ``run_dir``.
 
-    ``extra`` items are added to the metrics (cache path, selected step ...). Returns the metrics.
+    ``train_lat_lon`` (the training cache's train split locations) and ``partition`` (the run's, for
+    heads over cells) add what the test set can show (``geo.training.reference``: the distance to
+    the nearest train image, the densest-cell baseline). ``extra`` items are added to the metrics
+    (cache path, selected step ...). Returns the metrics.
     """
     metrics, preds = evaluate_split(
         head, cache, split, predict=config["predict"], device=device,
         feature_dtype=feature_dtype(config["precision"]), batch_size=config["eval_batch_size"],
         n_bootstrap=n_bootstrap, topk=config.get("topk", TOPK), country_fn=country_fn, progress=progress,
     )
-    metrics = {**metrics, "cache_path": config["cache_path"], "cache_n_skipped": len(cache.skipped), **extra}
+    rows = cache.split_rows(split)
+    metrics = {**metrics, "cache_path": config["cache_path"], "cache_n_skipped": len(cache.skipped),
+               **reference.reference_metrics(cache.lat_deg[rows], cache.lon_deg[rows], train_lat_lon=train_lat_lon,
+                                             partition=partition), **extra}
     runs.write_predictions(Path(run_dir) / runs.PREDICTIONS_FILE, **preds)
     runs.write_json(Path(run_dir) / runs.METRICS_FILE, metrics)
     return metrics

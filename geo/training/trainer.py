@@ -24,7 +24,7 @@ from geo.errors import CacheError, ConfigError, GeoError
 from geo.geometry import latlon_to_xyz
 from geo.heads import Head, head_class
 from geo.sphere.partition import Partition
-from geo.training import runs
+from geo.training import reference, runs
 from geo.training.evaluate import (CountryFn, calibrate_on_split, evaluate_split, feature_dtype, features_to_tensor,
                                   score_and_write)
 from geo.training.subsets import train_subset
@@ -146,7 +146,8 @@ class HeadTrainer:
                 self.head.fit_gallery(cache.load_features(train), cache.lat_deg[train], cache.lon_deg[train])
             # written only now that the partition and head exist: bad options leave no run behind
             runs.write_json(self.out_dir / runs.CONFIG_FILE, config)
-        self.partition_state = partition.state_dict() if partition is not None and self.head.uses_partition else None
+        self.partition = partition if self.head.uses_partition else None
+        self.partition_state = partition.state_dict() if self.partition is not None else None
         self.optimizer = make_optimizer(self.head, config) if self.head.trainable else None
         self.state = dict(step=0, epoch=0, batch_in_epoch=0, elapsed_s=0.0, loss_sum=0.0, loss_count=0,
                           best={"step": None, "score": None, "metrics": None, "head_state": None})
@@ -260,7 +261,8 @@ class HeadTrainer:
             final_split = "val"
         return score_and_write(self.head, self.cache, final_split, self.cfg, self.out_dir, device=self.device,
                                country_fn=country_fn, progress=progress, selected_step=state["best"]["step"],
-                               select_by=self.cfg["select_by"], train_elapsed_s=state["elapsed_s"])
+                               select_by=self.cfg["select_by"], train_elapsed_s=state["elapsed_s"],
+                               train_lat_lon=reference.train_locations(self.cache), partition=self.partition)
 
 
 def train_together(cache, trainers: list[HeadTrainer], *, bar=None,

@@ -15,7 +15,8 @@ from geo.cli import cli
 from geo.pipeline import earth
 from support.sphere import haversine_km
 from geo.pipeline.earth import (
-    EarthDataError, cut_patch, make_earth_dataset, patch_centre_latlon, plan_dataset, plan_windows,
+    EarthDataError, cut_patch, make_earth_dataset, patch_centre_latlon, plan_dataset, plan_test_set, plan_windows,
+    weighted_order,
 )
 
 
@@ -288,3 +289,63 @@ def test_cli_refuses_impossible_n_and_size(tmp_path, option, value, expected):
 def test_help_has_an_example():
     result = CliRunner().invoke(cli, ["data", "earth", "--help"])
     assert result.exit_code == 0 and "Example:" in result.output
+
+
+# ---- a test set for another dataset (the demo's second test set) -------------
+
+
+def test_weighted_order_draws_each_next_index_in_proportion_to_weight():
+    # the first index of the order is a weighted draw: its frequency over many orders is w / sum(w);
+    # the first two are a weighted draw without replacement: P(2 then 3) = w2/W * w3/(W - w2)
+    weights = np.array([1.0, 2.0, 3.0, 4.0])
+    rng = np.random.default_rng(0)
+    orders = np.array([weighted_order(weights, rng)[:2] for _ in range(40_000)])
+    first = np.bincount(orders[:, 0], minlength=4) / len(orders)
+    np.testing.assert_allclose(first, weights / weights.sum(), atol=0.01)  # binomial sd <= 0.0025
+    pair = np.mean((orders[:, 0] == 2) & (orders[:, 1] == 3))
+    assert pair == pytest.approx(3 / 10 * 4 / 7, abs=0.01)
+
+
+def test_test_set_keeps_away_from_train_and_follows_the_weights():
+    lat, lon = _clustered_locations(seed=1, per_cluster=40)
+    win, split = plan_dataset(lat, lon, 5400, 2700, n=600, size_px=32, seed=0)
+    train_lat, train_lon = win.lat_deg[split == 0], win.lon_deg[split == 0]
+    cand_lat, cand_lon = _clustered_locations(seed=2, per_cluster=40)
+    weights = np.random.default_rng(3).pareto(1.0, cand_lat.size) + 1  # heavy-tailed, like populations
+    order = weighted_order(weights, np.random.default_rng(4))
+    test, chosen = plan_test_set(cand_lat[order], cand_lon[order], 5400, 2700, n=200, size_px=32, seed=0,
+                                 train_lat_deg=train_lat, train_lon_deg=train_lon, min_test_distance_km=100.0)
+    d = haversine_km(test.lat_deg[:, None], test.lon_deg[:, None], train_lat[None, :], train_lon[None, :])
+    assert d.min() >= 100.0  # brute force: every test centre >= 100 km from every train centre
+    assert len(set(zip(test.x0, test.y0, test.span_px))) == 200  # distinct patches
+    # population-weighted: the chosen candidates' mean weight far above the candidates' mean
+    assert weights[order][chosen].mean() > 3 * weights.mean()
+    with pytest.raises(EarthDataError, match="at least 100 km from every train patch"):
+        plan_test_set(cand_lat[order], cand_lon[order], 5400, 2700, n=10 ** 6, size_px=32, seed=0,
+                      train_lat_deg=train_lat, train_lon_deg=train_lon)
+
+
+def test_places_test_set_is_in_domain_population_weighted_and_far_from_train(tmp_path):
+    # the demo's second test set, built as `make demo` builds it but small and on a synthetic mosaic
+    source = _marker_source(tmp_path, [(100, 99)])
+    lat, lon = _clustered_locations(per_cluster=20)
+    make_earth_dataset(tmp_path / "train", n=200, size_px=16, source=str(source), seed=0, locations=(lat, lon),
+                       progress=False)
+    training = pq.read_table(tmp_path / "train" / "manifest.parquet").to_pylist()
+    make_earth_dataset(tmp_path / "places", n=60, size_px=16, source=str(source), seed=1, location_source="places",
+                       test_set_for=tmp_path / "train" / "manifest.parquet", progress=False)
+    rows = pq.read_table(tmp_path / "places" / "manifest.parquet").to_pylist()
+    assert len(rows) == 60 and {r["split"] for r in rows} == {"test"} and rows[0]["id"].startswith("places-")
+    meta = json.loads((tmp_path / "places" / "earth.json").read_text())
+    trained = json.loads((tmp_path / "train" / "earth.json").read_text())
+    assert meta["source_sha256"] == trained["source_sha256"]  # in domain: the same mosaic
+    assert meta["weighted"] and meta["locations"] == earth.PLACES_FILE
+    train = [r for r in training if r["split"] == "train"]
+    d = haversine_km(np.array([r["lat"] for r in rows])[:, None], np.array([r["lon"] for r in rows])[:, None],
+                     np.array([r["lat"] for r in train])[None, :], np.array([r["lon"] for r in train])[None, :])
+    assert d.min() >= 100.0
+    # population-weighted: the median place drawn is far larger than the median GeoNames place (~3,000)
+    _, _, population, _, _ = earth.load_places_population()
+    assert np.median([r["place_weight"] for r in rows]) > 20 * np.median(population)
+    with pytest.raises(EarthDataError, match="--test-set-for"):
+        make_earth_dataset(tmp_path / "x", n=10, size_px=16, source=str(source), location_source="places")

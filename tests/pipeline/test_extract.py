@@ -173,3 +173,19 @@ def test_a_config_json_from_before_requested_options_were_recorded_recognises_it
         run_extract(manifest, out, ExtractConfig(**TINY))
     with pytest.raises(CacheError, match="--batch-size 4 there, 8 now"):
         run_extract(manifest, out, ExtractConfig(**{**resolved, "batch_size": 8}))
+
+
+def test_the_fine_tunings_val_country_accuracy_and_majority_rate_are_in_the_provenance(tmp_path):
+    # what reports print at the top ("val country accuracy against the majority rate"), read by runs from
+    # config.json's cache_provenance; a cache without fine-tuning records neither
+    manifest = write_dataset(tmp_path / "data", 12)
+    result = run_extract(manifest, tmp_path / "f.h5", ExtractConfig(**dict(TINY, finetune_epochs=1)))
+    with FeatureCache(result.cache_path) as cache:
+        prov = cache.provenance
+        train, val = cache.split == 0, cache.split == 1
+        majority = np.bincount(cache.country[train]).argmax()  # recomputed from the cache's own rows
+        assert val.any() and prov["finetune_val_majority_acc"] == pytest.approx(np.mean(cache.country[val] == majority))
+    assert prov["finetune_val_country_acc"] == pytest.approx(result.history[-1]["val_acc"])
+    frozen = run_extract(manifest, tmp_path / "z.h5", ExtractConfig(**TINY))
+    with FeatureCache(frozen.cache_path) as cache:
+        assert "finetune_val_country_acc" not in cache.provenance

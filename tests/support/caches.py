@@ -121,3 +121,39 @@ def make_location_cache(path, *, n=3000, d=32, seed=0, splits=(0, 1, 2), provena
         w.finalize()
     return path
 
+
+
+def make_held_out_cache(path, *, n_train=1500, n_test=300, d=32, seed=0, exclusion_km=500.0):
+    """A cache like ``make_location_cache`` whose test rows all lie >= ``exclusion_km`` from every train row.
+
+    Train and val rows scatter ~100 km around the 12 cities; test rows lie 600-1200 km from a city
+    centre in a random direction (features: that city's, as a backbone would see its region), and any
+    within ``exclusion_km`` of a train row (brute-force haversine) is dropped. Returns (path, the
+    smallest test-to-train distance in km, by brute force).
+    """
+    rng = np.random.default_rng(seed)
+    centre = latlon_to_xyz(*np.array(CITIES).T)
+    n_near = n_train + n_train // 5
+    city = rng.integers(len(CITIES), size=n_near + n_test)
+    y = centre[city] + rng.normal(scale=100 / 6371, size=(len(city), 3))
+    # test rows: rotate the city centre by 600-1200 km towards a random tangent direction
+    tangent = np.cross(centre[city[n_near:]], rng.normal(size=(n_test, 3)))
+    tangent /= np.linalg.norm(tangent, axis=1, keepdims=True)
+    angle = rng.uniform(600, 1200, n_test)[:, None] / 6371.0088
+    y[n_near:] = centre[city[n_near:]] * np.cos(angle) + tangent * np.sin(angle)
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+    lat, lon = xyz_to_latlon(y)
+    lon = np.where(lon >= 180, lon - 360, lon)
+    split = np.concatenate([np.zeros(n_train, np.uint8), np.ones(n_near - n_train, np.uint8),
+                            np.full(n_test, 2, np.uint8)])
+    cos_arc = np.clip(y[split == 2] @ y[split == 0].T, -1, 1)
+    nearest_km = np.arccos(cos_arc.max(axis=1)) * 6371.0088
+    keep = np.ones(len(split), bool)
+    keep[np.flatnonzero(split == 2)[nearest_km < exclusion_km]] = False
+    projection = rng.normal(size=(3, d))
+    features = (3 * centre[city] @ projection + rng.normal(size=(len(city), d))).astype(np.float16)
+    with CacheWriter(path, feature_dim=d, countries=CODES, provenance={"backbone": "synthetic"}) as w:
+        w.write_block(features=features[keep], ids=[f"img{i:05d}" for i in np.flatnonzero(keep)],
+                      lat_deg=lat[keep], lon_deg=lon[keep], split=split[keep], country=city[keep].astype(np.int16))
+        w.finalize()
+    return path, float(nearest_km[nearest_km >= exclusion_km].min())
