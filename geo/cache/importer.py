@@ -127,10 +127,10 @@ def check_rows(rows: SourceRows, where: Callable[[int], str]) -> tuple[np.ndarra
     has = ~(np.isnan(lat) | np.isnan(lon))
     problems = Problems(where)
     problems.add(has & ~(np.abs(lat) <= 90.0),
-                 lambda row: f"lat {lat[row]!r} is outside [-90, 90] (lon {lon[row]!r}): are lat and lon "
+                 lambda row: f"lat {float(lat[row])!r} is outside [-90, 90] (lon {float(lon[row])!r}): are lat and lon "
                              "swapped, or not in degrees? name the columns with --lat-column / --lon-column")
     problems.add(has & (np.abs(lat) <= 90.0) & ~(np.abs(lon) <= 180.0),
-                 lambda row: f"lon {lon[row]!r} is outside [-180, 180] (lat {lat[row]!r}); give longitudes in "
+                 lambda row: f"lon {float(lon[row])!r} is outside [-180, 180] (lat {float(lat[row])!r}); give longitudes in "
                              "degrees east in [-180, 180]")
     problems.raise_if_any("coordinates out of range (nothing was imported)")
     return np.where(lon >= 180.0, lon - 360.0, lon), has
