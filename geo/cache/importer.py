@@ -241,7 +241,11 @@ def import_embeddings(sources: Sequence[str], out: str | Path, config: ImportCon
                     raise ManifestError(f"{source.where(row)}: the embedding has a value of magnitude "
                                         f"{float(peak[over[0]]):.6g}, beyond float16's {FLOAT16_MAX:g}; "
                                         "pass --feature-dtype float32 (and --overwrite)")
-            writer.write_block(features=x[kept], ids=[ids[i] for i in kept], lat_deg=rows.lat_deg[sl][kept],
+            if kept.size == b:  # the common case: no copies
+                kept, kept_ids = slice(None), ids
+            else:
+                kept_ids = [ids[i] for i in kept]
+            writer.write_block(features=x[kept], ids=kept_ids, lat_deg=rows.lat_deg[sl][kept],
                                lon_deg=lon[sl][kept], split=split[sl][kept], country=country[sl][kept],
                                skipped=skipped, rows_consumed=b)
             bar.update(b)

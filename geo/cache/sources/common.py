@@ -232,6 +232,10 @@ def rechunk(pieces: Iterator[tuple[np.ndarray, np.ndarray]], start: int, block_r
     """(embeddings [m, d], missing [m]) pieces -> (first row, [block_rows, d], missing) blocks; the last may be short."""
     held, held_missing, n_held, row = [], [], 0, start
     for x, missing in pieces:
+        if not held and len(x) == block_rows:  # aligned pieces pass through without a copy
+            yield row, x, missing
+            row += block_rows
+            continue
         held.append(x)
         held_missing.append(missing)
         n_held += len(x)
@@ -239,8 +243,8 @@ def rechunk(pieces: Iterator[tuple[np.ndarray, np.ndarray]], start: int, block_r
             x_all, m_all = np.concatenate(held), np.concatenate(held_missing)
             yield row, x_all[:block_rows], m_all[:block_rows]
             row += block_rows
-            held, held_missing = [x_all[block_rows:]], [m_all[block_rows:]]
             n_held -= block_rows
+            held, held_missing = ([x_all[block_rows:]], [m_all[block_rows:]]) if n_held else ([], [])
     if n_held:
         yield row, np.concatenate(held), np.concatenate(held_missing)
 

@@ -52,9 +52,11 @@ def list_embeddings(array: pa.Array, d: int, first_row: int, where: Callable[[in
             raise ManifestError(f"{where(first_row + int(bad[0]))}: the embedding has {int(lengths[bad[0]])} values, "
                                 f"the first row's has {d} (every embedding needs the same width; "
                                 f"{bad.size} such rows in this batch)")
-    out = np.full((m, d), np.nan, dtype=np.float32)
     values = array.flatten().to_numpy(zero_copy_only=False)  # only the non-null rows' values
     with np.errstate(over="ignore"):
+        if not missing.any():
+            return values.reshape(m, d).astype(np.float32, copy=False), missing
+        out = np.full((m, d), np.nan, dtype=np.float32)
         out[~missing] = values.reshape(-1, d)
     return out, missing
 
