@@ -32,14 +32,15 @@ was read is ``imported_from`` (the source files), ``import_format``,
 ``source_sha256`` and ``import_options`` (columns, split rule), which evaluation
 ignores like a manifest's hash (``geo.training.runs.MANIFEST_PROVENANCE_KEYS``): a
 test set imported with the same backbone name is accepted by ``geo evaluate``, a
-cache of another backbone, or one extracted by geo, is refused.
+cache of another backbone, or one extracted by geo, is refused. ``like`` takes the
+backbone name from a cache imported before and requires the same width.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,8 @@ DEFAULT_BLOCK_ROWS = 8192
 class ImportConfig:
     """Every option of ``geo cache import``."""
 
-    backbone: str
+    backbone: str | None = None  # the user's name for the model that made the embeddings
+    like: str | None = None  # a cache imported before: its backbone (and width) for this one, e.g. a test set
     format: str = "auto"  # auto (by extension), parquet, npy, webdataset
     metadata: str | None = None  # the table beside a .npy source
     columns: Columns = field(default_factory=Columns)
@@ -82,9 +84,29 @@ class ImportResult:
     provenance: dict
 
 
+def like_backbone(config: ImportConfig) -> tuple[str, int | None]:
+    """(backbone name, feature_dim the source must have) from ``config.like`` or ``config.backbone``."""
+    if config.like is None:
+        return config.backbone, None
+    from geo.cache.reader import FeatureCache
+
+    path = Path(config.like).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"--like {path}: no such cache")
+    with FeatureCache(path, validate=False) as cache:
+        provenance, dim = dict(cache.provenance), cache.feature_dim
+    if provenance.get("feature_origin") != "imported":
+        raise ConfigError(f"--like {path}: was not imported (backbone {provenance.get('backbone')!r}, made by geo "
+                          "extract); embeddings made elsewhere are not its features. Name their model with --backbone")
+    if config.backbone is not None and config.backbone != provenance.get("backbone"):
+        raise ConfigError(f"--backbone {config.backbone!r} differs from --like {path}'s {provenance.get('backbone')!r}; "
+                          "give one of them")
+    return str(provenance["backbone"]), dim
+
+
 def _check_config(config: ImportConfig, split_fn: SplitFn | None) -> None:
     if not str(config.backbone or "").strip():
-        raise ConfigError("--backbone: name the model that made the embeddings (e.g. StreetCLIP, "
+        raise ConfigError("--backbone (or --like an imported cache): name the model that made the embeddings (e.g. StreetCLIP, "
                           "open_clip/ViT-L-14:openai); it is the cache's provenance")
     if config.feature_dtype not in FEATURE_DTYPES:
         raise ConfigError(f"--feature-dtype {config.feature_dtype!r}: choose {' or '.join(FEATURE_DTYPES)}")
@@ -201,6 +223,8 @@ def import_embeddings(sources: Sequence[str], out: str | Path, config: ImportCon
     Raises:
         ConfigError (options), ManifestError (the source: file and row named), CacheError (the output).
     """
+    backbone, like_dim = like_backbone(config)
+    config = replace(config, backbone=backbone)
     _check_config(config, split_fn)
     out = Path(out).expanduser().resolve()
     if out.exists() and not config.overwrite:
@@ -210,6 +234,9 @@ def import_embeddings(sources: Sequence[str], out: str | Path, config: ImportCon
     with tqdm(total=total_bytes, desc="check", unit="B", unit_scale=True, unit_divisor=1024,
               disable=not show_progress, leave=False) as bar:
         rows = source.scan(hash_progress=bar.update)
+    if like_dim is not None and rows.feature_dim != like_dim:
+        raise ConfigError(f"the source's embeddings have {rows.feature_dim} values, --like {config.like}'s "
+                          f"features {like_dim}: not the same model")
     lon, has = check_rows(rows, source.where)
     split, split_rule = resolve_splits(rows, config, split_fn, explicit_assign=explicit_assign)
     countries, country = label_countries(rows.lat_deg, lon, has, country_fn)

@@ -47,9 +47,11 @@ def cache_info_command(file):
 @click.argument("source", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="HDF5 feature cache to write (OUT.partial until complete; rerun to resume).")
-@click.option("--backbone", required=True,
+@click.option("--backbone", default=None,
               help="The model that made the embeddings (e.g. StreetCLIP, open_clip/ViT-L-14:openai): the "
-                   "cache's provenance, compared when a run is evaluated on another cache.")
+                   "cache's provenance, compared when a run is evaluated on another cache. Required unless --like.")
+@click.option("--like", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str),
+              help="A cache imported before (the training set): take its backbone name; the width must match.")
 @click.option("--format", "fmt", default="auto", show_default=True,
               type=click.Choice(["auto", "parquet", "npy", "webdataset"]),
               help="auto: by extension (.parquet, .npy, .tar).")
@@ -72,7 +74,7 @@ def cache_info_command(file):
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache or an unfinished OUT.partial.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
-def cache_import_command(ctx, source, out, backbone, fmt, metadata, id_column, lat_column, lon_column, split_column,
+def cache_import_command(ctx, source, out, backbone, like, fmt, metadata, id_column, lat_column, lon_column, split_column,
                          embedding_column, assign_split, val_fraction, test_fraction, feature_dtype, block_rows,
                          overwrite, quiet):
     """Turn embeddings made elsewhere into a feature cache, without re-extracting.
@@ -89,7 +91,7 @@ def cache_import_command(ctx, source, out, backbone, fmt, metadata, id_column, l
     \b
     Example:
       geo cache import train.parquet --out train.h5 --backbone StreetCLIP
-      geo cache import emb.npy --metadata meta.csv --out test.h5 --backbone dinov2-L --assign-split test
+      geo cache import emb.npy --metadata meta.csv --out test.h5 --like train.h5 --assign-split test
       geo cache import 'osv5m/train/*.tar' --out osv5m.h5 --backbone StreetCLIP
     """
     from geo.cache.importer import ImportConfig, import_embeddings
@@ -98,7 +100,10 @@ def cache_import_command(ctx, source, out, backbone, fmt, metadata, id_column, l
     from geo.pipeline.manifest import assign_splits
 
     explicit = ctx.get_parameter_source("assign_split") == click.core.ParameterSource.COMMANDLINE
-    config = ImportConfig(backbone=backbone, format=fmt, metadata=metadata,
+    if backbone is None and like is None:
+        raise click.UsageError("name the model that made the embeddings with --backbone NAME (or --like an "
+                               "imported cache)")
+    config = ImportConfig(backbone=backbone, like=like, format=fmt, metadata=metadata,
                           columns=Columns(id=id_column, lat=lat_column, lon=lon_column, split=split_column,
                                           embedding=embedding_column),
                           assign_split=assign_split, val_fraction=val_fraction, test_fraction=test_fraction,

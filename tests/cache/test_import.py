@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -349,10 +348,10 @@ def _table(e: Embeddings, **replace):
     return pa.table(cols)
 
 
-def _refused(tmp_path, source, *args, before_work=True):
+def _refused(tmp_path, source, *args, before_work=True, backbone="b"):
     out = tmp_path / "out.h5"
     result = cli_import(*([source] if not isinstance(source, list) else source), "--out", out,
-                        "--backbone", "b", "--block-rows", BLOCK, *args)
+                        *(["--backbone", backbone] if backbone else []), "--block-rows", BLOCK, *args)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and result.output.startswith("Error: ")
     assert not out.exists()
@@ -583,3 +582,39 @@ def test_blocks_from_any_start_row_are_the_source_rows(tmp_path, fmt):
             assert all(len(x) == min(block_rows, 230 - lo) for lo, x, _ in got)
             x = np.concatenate([x for _, x, _ in got]) if got else np.zeros((0, 5), np.float32)
             np.testing.assert_array_equal(x, e.x[start:])
+
+
+# ---- --like: a test set for the same model ----------------------------------------------
+
+
+def test_like_takes_the_backbone_of_an_imported_cache_and_checks_the_width(tmp_path):
+    from geo.errors import ConfigError
+    from geo.pipeline.like import like_settings
+    from support.caches import make_rows, write_cache
+
+    train = run_import(write_parquet(tmp_path / "train.parquet", make_embeddings()), tmp_path / "train.h5").cache_path
+    test = make_embeddings(n=80, seed=5)
+    npy, meta = write_npy(tmp_path / "src", test)
+    result = cli_import(npy, "--metadata", meta, "--out", tmp_path / "test.h5", "--like", train,
+                        "--assign-split", "test", "--split-column", "")
+    assert result.exit_code == 0, result.output
+    assert provenance_of(tmp_path / "test.h5")["backbone"] == "StreetCLIP"
+    assert feature_provenance_differences(provenance_of(train), provenance_of(tmp_path / "test.h5")) == []
+
+    wide = make_embeddings(n=80, d=13)
+    npy, meta = write_npy(tmp_path / "wide", wide)
+    out = _refused(tmp_path, [npy, "--metadata", meta, "--like", train], backbone=None)
+    assert "the source's embeddings have 13 values" in out and "features 12" in out
+    out = _refused(tmp_path, [npy, "--metadata", meta, "--like", train], backbone="other")
+    assert "--backbone 'other' differs from --like" in out
+    extracted = write_cache(tmp_path / "extracted.h5", make_rows(d=12))
+    out = _refused(tmp_path, [npy, "--metadata", meta, "--like", extracted], backbone=None)
+    assert "was not imported (backbone 'wide_resnet50_2'" in out
+    with pytest.raises(ConfigError, match="its provenance lacks weights, checkpoint_path"):
+        like_settings(train)  # `geo extract --like` needs a geo backbone checkpoint
+
+
+def test_backbone_is_required(tmp_path):
+    [path] = write_parquet(tmp_path / "emb.parquet", make_embeddings(n=20))
+    result = CliRunner().invoke(cli, ["cache", "import", str(path), "--out", str(tmp_path / "o.h5")])
+    assert result.exit_code == 2 and "--backbone NAME" in result.output
