@@ -106,7 +106,8 @@ def main():
         print(f"command: {' '.join(command[1:])}")
         print(f"source:  {args.rows:,} rows x {args.dim} float32, {size_gb:.2f} GB Parquet "
               f"({'fixed_size_list' if args.fixed else 'list'}, row groups of {args.row_group_rows:,})")
-        print(f"import:  {wall:.1f} s wall, {args.rows / wall:,.0f} rows/s, {size_gb / wall * 1e3:.0f} MB/s of Parquet, "
+        print(f"import:  {wall:.1f} s wall, {args.rows / wall:,.0f} rows/s, "
+              f"{size_gb / wall * 1e3:.0f} MB/s of Parquet, "
               f"peak RSS {peak_gib:.2f} GiB; cache {out.stat().st_size / 1e9:.2f} GB")
         print(f"floor:   sha256 {t_hash:.1f} s + pyarrow read to numpy {t_read:.1f} s = {floor:.1f} s; "
               f"import / floor = {wall / floor:.2f}")

@@ -99,24 +99,22 @@ def like_backbone(config: ImportConfig) -> tuple[str, int | None]:
         raise ConfigError(f"--like {path}: was not imported (backbone {provenance.get('backbone')!r}, made by geo "
                           "extract); embeddings made elsewhere are not its features. Name their model with --backbone")
     if config.backbone is not None and config.backbone != provenance.get("backbone"):
-        raise ConfigError(f"--backbone {config.backbone!r} differs from --like {path}'s {provenance.get('backbone')!r}; "
-                          "give one of them")
+        raise ConfigError(f"--backbone {config.backbone!r} differs from --like {path}'s "
+                          f"{provenance.get('backbone')!r}; give one of them")
     return str(provenance["backbone"]), dim
 
 
 def _check_config(config: ImportConfig, split_fn: SplitFn | None) -> None:
     if not str(config.backbone or "").strip():
-        raise ConfigError("--backbone (or --like an imported cache): name the model that made the embeddings (e.g. StreetCLIP, "
-                          "open_clip/ViT-L-14:openai); it is the cache's provenance")
+        raise ConfigError("--backbone (or --like an imported cache): name the model that made the embeddings "
+                          "(e.g. StreetCLIP, open_clip/ViT-L-14:openai); it is the cache's provenance")
     if config.feature_dtype not in FEATURE_DTYPES:
         raise ConfigError(f"--feature-dtype {config.feature_dtype!r}: choose {' or '.join(FEATURE_DTYPES)}")
     if config.block_rows < 1:
         raise ConfigError(f"--block-rows {config.block_rows}: must be at least 1")
     if config.assign_split not in ASSIGN_SPLITS:
         raise ConfigError(f"--assign-split {config.assign_split!r}: choose {', '.join(ASSIGN_SPLITS)}")
-    if config.assign_split == "hash":
-        if split_fn is None:
-            raise ConfigError("assign_split='hash' needs split_fn (geo.pipeline.manifest.assign_splits)")
+    if config.assign_split == "hash" and split_fn is not None:
         split_fn([], config.val_fraction, config.test_fraction)  # bad fractions fail before any reading
 
 
@@ -126,7 +124,8 @@ def first_duplicate(ids: pa.ChunkedArray) -> tuple[int, int, int] | None:
     repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
     if len(repeated) == 0:
         return None
-    extra = int(pc.sum(pc.subtract(pc.filter(counts.field("counts"), pc.greater(counts.field("counts"), 1)), 1)).as_py())
+    many = pc.filter(counts.field("counts"), pc.greater(counts.field("counts"), 1))
+    extra = int(pc.sum(pc.subtract(many, 1)).as_py())
     rows = np.flatnonzero(pc.is_in(ids, value_set=repeated).to_numpy(zero_copy_only=False))
     seen: dict[str, int] = {}
     for lo in range(0, len(rows), 1 << 16):
@@ -139,7 +138,10 @@ def first_duplicate(ids: pa.ChunkedArray) -> tuple[int, int, int] | None:
 
 
 def check_rows(rows: SourceRows, where: Callable[[int], str]) -> tuple[np.ndarray, np.ndarray]:
-    """Refuse duplicate ids and out-of-range coordinates (ManifestError); (lon wrapped to [-180, 180), has coordinates [n])."""
+    """Refuse duplicate ids and out-of-range coordinates (ManifestError).
+
+    Returns (lon_deg [n] wrapped into [-180, 180), bool [n]: the row has both coordinates).
+    """
     dup = first_duplicate(rows.ids)
     if dup is not None:
         a, b, extra = dup
@@ -152,8 +154,8 @@ def check_rows(rows: SourceRows, where: Callable[[int], str]) -> tuple[np.ndarra
                  lambda row: f"lat {float(lat[row])!r} is outside [-90, 90] (lon {float(lon[row])!r}): are lat and lon "
                              "swapped, or not in degrees? name the columns with --lat-column / --lon-column")
     problems.add(has & (np.abs(lat) <= 90.0) & ~(np.abs(lon) <= 180.0),
-                 lambda row: f"lon {float(lon[row])!r} is outside [-180, 180] (lat {float(lat[row])!r}); give longitudes in "
-                             "degrees east in [-180, 180]")
+                 lambda row: f"lon {float(lon[row])!r} is outside [-180, 180] (lat {float(lat[row])!r}); "
+                             "give longitudes in degrees east in [-180, 180]")
     problems.raise_if_any("coordinates out of range (nothing was imported)")
     return np.where(lon >= 180.0, lon - 360.0, lon), has
 
@@ -179,6 +181,9 @@ def resolve_splits(rows: SourceRows, config: ImportConfig, split_fn: SplitFn | N
     if config.assign_split != "hash":
         return np.full(len(rows), SPLIT_NAMES.index(config.assign_split), dtype=np.uint8), \
             f"all {config.assign_split} (--assign-split)"
+    if split_fn is None:
+        raise ConfigError("the source has no split: pass split_fn (geo.pipeline.manifest.assign_splits) or "
+                          "assign_split='train', 'val' or 'test'")
     codes = np.zeros(len(rows), dtype=np.uint8)
     step = 1 << 18
     for lo in range(0, len(rows), step):  # ids as Python strings a slice at a time

@@ -74,8 +74,8 @@ def cache_info_command(file):
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache or an unfinished OUT.partial.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
-def cache_import_command(ctx, source, out, backbone, like, fmt, metadata, id_column, lat_column, lon_column, split_column,
-                         embedding_column, assign_split, val_fraction, test_fraction, feature_dtype, block_rows,
+def cache_import_command(ctx, source, out, backbone, like, fmt, metadata, id_column, lat_column, lon_column,
+                         split_column, embedding_column, assign_split, val_fraction, test_fraction, feature_dtype, block_rows,
                          overwrite, quiet):
     """Turn embeddings made elsewhere into a feature cache, without re-extracting.
 

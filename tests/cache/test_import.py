@@ -235,7 +235,8 @@ def test_provenance_says_imported_from_what(tmp_path):
 def test_provenance_checks_accept_the_same_backbone_and_refuse_another(tmp_path):
     """geo evaluate compares provenance without the keys naming which data was read."""
     train, test = make_embeddings(seed=3), make_embeddings(n=120, seed=4)
-    p_train = provenance_of(run_import(write_parquet(tmp_path / "train.parquet", train), tmp_path / "train.h5").cache_path)
+    p_train = provenance_of(run_import(write_parquet(tmp_path / "train.parquet", train),
+                                       tmp_path / "train.h5").cache_path)
     write_shards(tmp_path / "shards", test)
     p_test = provenance_of(run_import([tmp_path / "shards" / "shard-000000.tar"], tmp_path / "test.h5").cache_path)
     p_other = provenance_of(run_import(write_parquet(tmp_path / "o.parquet", test), tmp_path / "other.h5",
@@ -565,7 +566,8 @@ def test_blocks_from_any_start_row_are_the_source_rows(tmp_path, fmt):
 
     e = make_embeddings(n=230, d=5)
     if fmt == "parquet":
-        sources, metadata = [str(p) for p in write_parquet(tmp_path / "e.parquet", e, n_files=3, row_group_size=30)], None
+        paths = write_parquet(tmp_path / "e.parquet", e, n_files=3, row_group_size=30)
+        sources, metadata = [str(p) for p in paths], None
     elif fmt == "npy":
         npy, meta = write_npy(tmp_path / "src", e)
         sources, metadata = [str(npy)], str(meta)

@@ -229,7 +229,10 @@ class RowIndex:
 
 def rechunk(pieces: Iterator[tuple[np.ndarray, np.ndarray]], start: int, block_rows: int
              ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """(embeddings [m, d], missing [m]) pieces -> (first row, [block_rows, d], missing) blocks; the last may be short."""
+    """(embeddings [m, d], missing [m]) pieces -> (first row, [block_rows, d], missing) blocks.
+
+    Every block but the last has block_rows rows.
+    """
     held, held_missing, n_held, row = [], [], 0, start
     for x, missing in pieces:
         if not held and len(x) == block_rows:  # aligned pieces pass through without a copy

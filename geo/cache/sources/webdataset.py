@@ -115,7 +115,8 @@ class WebDatasetSource:
                                 shape, _, dtype = npy_header(tar.extractfile(sample.npy[0]))
                             except ValueError as err:
                                 raise ManifestError(f"{here}: its .npy is not a NumPy array file ({err})") from None
-                            width = int(np.prod(shape)) if len(shape) == 1 or (len(shape) == 2 and shape[0] == 1) else -1
+                            one_row = len(shape) == 1 or (len(shape) == 2 and shape[0] == 1)
+                            width = int(np.prod(shape)) if one_row else -1
                             if width < 1 or dtype.kind != "f":
                                 raise ManifestError(f"{here}: its .npy holds {dtype} of shape {shape}; "
                                                     "expected floats of shape [d] or [1, d]")
@@ -151,7 +152,8 @@ class WebDatasetSource:
             split = split_codes(pa.array([None if s is None else str(s) for s in splits], pa.string()), 0, problems)
         problems.raise_if_any(f"{len(problems.items)} problem(s) in the shards' samples")
         return SourceRows(pa.chunked_array([pa.array(ids, pa.string())]), np.array(lat, np.float64),
-                          np.array(lon, np.float64), split, d, list(self.paths), sha256_files(self.paths, hash_progress),
+                          np.array(lon, np.float64), split, d, list(self.paths),
+                          sha256_files(self.paths, hash_progress),
                           split_from="the samples' .json 'split'" if split is not None else None, skip_reason=reasons)
 
     def blocks(self, start: int, block_rows: int, d: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
