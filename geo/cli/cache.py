@@ -75,8 +75,8 @@ def cache_info_command(file):
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
 def cache_import_command(ctx, source, out, backbone, like, fmt, metadata, id_column, lat_column, lon_column,
-                         split_column, embedding_column, assign_split, val_fraction, test_fraction, feature_dtype, block_rows,
-                         overwrite, quiet):
+                         split_column, embedding_column, assign_split, val_fraction, test_fraction, feature_dtype,
+                         block_rows, overwrite, quiet):
     """Turn embeddings made elsewhere into a feature cache, without re-extracting.
 
     SOURCE: Parquet files (an embedding list column + id, lat, lon[, split]); or one
