@@ -620,3 +620,26 @@ def test_backbone_is_required(tmp_path):
     [path] = write_parquet(tmp_path / "emb.parquet", make_embeddings(n=20))
     result = CliRunner().invoke(cli, ["cache", "import", str(path), "--out", str(tmp_path / "o.h5")])
     assert result.exit_code == 2 and "--backbone NAME" in result.output
+
+
+@pytest.mark.slow
+def test_a_run_on_an_imported_cache_evaluates_on_an_imported_test_set_of_the_same_backbone(tmp_path):
+    """End to end: fit-head on an import; geo evaluate accepts a test set imported --like it, refuses another model's."""
+    from geo.errors import ConfigError
+    from geo.training.config import FitConfig
+    from geo.training.evaluate import evaluate_run
+    from geo.training.fit import fit_head
+
+    train = run_import(write_parquet(tmp_path / "train.parquet", make_embeddings(n=600)), tmp_path / "train.h5")
+    run = tmp_path / "run"
+    fit_head(train.cache_path, FitConfig(head="softmax", n_cells=16, batch_size=128, epochs=1, precision="fp32",
+                                         device="cpu"), run, progress=False)
+    write_shards(tmp_path / "shards", make_embeddings(n=90, seed=7), split=False)
+    result = cli_import(str(tmp_path / "shards" / "*.tar"), "--out", tmp_path / "test.h5", "--like", train.cache_path,
+                        "--assign-split", "test")
+    assert result.exit_code == 0, result.output
+    assert evaluate_run(run, cache_path=tmp_path / "test.h5", n_bootstrap=0)["n"] == 90
+    other = run_import([tmp_path / "shards" / "*.tar"], tmp_path / "other.h5", backbone="dinov2-L",
+                       assign_split="test")
+    with pytest.raises(ConfigError, match="backbone: 'StreetCLIP' -> 'dinov2-L'"):
+        evaluate_run(run, cache_path=other.cache_path)
