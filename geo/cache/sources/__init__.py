@@ -58,6 +58,8 @@ def open_source(paths: list[str], *, fmt: str = "auto", metadata: str | None = N
         if not metadata:
             raise ConfigError(f"{files[0]}: a .npy source needs --metadata TABLE (Parquet or CSV with id, lat, lon"
                               "[, split] in the .npy's row order)")
+        if columns.embedding:
+            raise ConfigError("--embedding-column is for Parquet sources; a .npy holds only embeddings")
         table = expand_paths([metadata], "--metadata")[0]
         return NpySource(files[0], table, columns)
     if fmt == "webdataset":

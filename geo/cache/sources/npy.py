@@ -67,6 +67,10 @@ class NpySource:
             raise ManifestError(f"{npy_path}: is stored in Fortran (column) order; rows could not be read in "
                                 "blocks. Save it row-major: np.save(path, np.ascontiguousarray(x))")
         self.n, self.d, self.dtype = int(shape[0]), int(shape[1]), dtype
+        expected = self.offset + self.n * self.d * dtype.itemsize
+        if npy_path.stat().st_size < expected:
+            raise ManifestError(f"{npy_path}: {npy_path.stat().st_size} bytes, but its header promises "
+                                f"{self.n} x {self.d} {dtype} ({expected} bytes): the file is truncated")
         names, self._parquet, self.is_csv = read_table_batches(table_path)
         self.cols = {key: find_column(names, getattr(columns, key), key, table_path) for key in ("id", "lat", "lon")}
         self.cols["split"] = None if columns.split == "" else find_column(names, columns.split, "split", table_path,

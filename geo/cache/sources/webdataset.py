@@ -6,6 +6,7 @@ import io
 import json
 import re
 import tarfile
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +88,8 @@ class WebDatasetSource:
         return f"{self.paths[i]} sample {r}" + (f" (key {key!r})" if key is not None else "")
 
     def scan(self, hash_progress=None) -> SourceRows:
-        ids, lat, lon, splits, counts, reasons = [], [], [], [], [], {}
+        ids, splits, counts, reasons = [], [], [], {}
+        lat, lon = array("d"), array("d")  # 8 bytes a sample, not a Python float each
         problems = Problems(self.where)
         d = None
         first_d_at = None
