@@ -65,7 +65,7 @@ def read_floor(path: Path, block_rows: int) -> tuple[float, float]:
             digest.update(block)
     t_hash = time.perf_counter() - t
     t = time.perf_counter()
-    pf = pq.ParquetFile(path)
+    pf = pq.ParquetFile(path, pre_buffer=False)  # as geo reads it (pre-buffered, every row group stays in memory)
     for batch in pf.iter_batches(batch_size=block_rows, columns=["embedding"]):
         col = batch.column(0)
         np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(col), -1)

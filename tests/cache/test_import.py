@@ -643,3 +643,18 @@ def test_a_run_on_an_imported_cache_evaluates_on_an_imported_test_set_of_the_sam
                        assign_split="test")
     with pytest.raises(ConfigError, match="backbone: 'StreetCLIP' -> 'dinov2-L'"):
         evaluate_run(run, cache_path=other.cache_path)
+
+
+def test_parquet_blocks_hold_one_batch_of_arrow_memory(tmp_path):
+    """Streaming means bounded: reading 40 row groups holds about one block, not every row group read so far."""
+    from geo.cache.sources import open_source
+
+    e = make_embeddings(n=8000, d=64)
+    [path] = write_parquet(tmp_path / "e.parquet", e, kind="fixed", row_group_size=200)  # 40 groups of 51 KiB
+    source = open_source([str(path)])
+    rows = source.scan()
+    pool = pa.default_memory_pool()
+    before, peak = pool.bytes_allocated(), 0
+    for _, x, _ in source.blocks(0, 200, rows.feature_dim):
+        peak = max(peak, pool.bytes_allocated() - before)
+    assert 0 < peak < 8 * 200 * 64 * 4  # the whole file is 40 x that

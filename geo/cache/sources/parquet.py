@@ -16,8 +16,11 @@ from geo.errors import ManifestError
 
 
 def open_parquet(path: Path) -> pq.ParquetFile:
+    """The file, read without pre-buffering: pre-buffered, ``iter_batches`` keeps every row group it has
+    read in memory until the end (measured: 24 MiB more Arrow memory per 8192 x 768 batch, all of a 14 GB
+    file), where unbuffered it holds one batch."""
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(path, pre_buffer=False)
     except (pa.ArrowInvalid, OSError) as err:
         raise ManifestError(f"{path}: cannot read as Parquet: {err}") from None
 
