@@ -202,7 +202,8 @@ def test_npy_and_table_import_equals_direct_write(tmp_path, table):
 @pytest.mark.parametrize("keys,id_in_json", [(("lat", "lon"), False), (("latitude", "longitude"), True)])
 def test_webdataset_import_equals_direct_write(tmp_path, keys, id_in_json):
     e = make_embeddings(seed=2)
-    shards = write_shards(tmp_path / "shards", e, keys=keys, id_in_json=id_in_json)
+    shards = write_shards(tmp_path / "shards", e, keys=keys, id_in_json=id_in_json,  # [d], [1, d], float64
+                          edit=lambda i, meta, x: (meta, [x, x.reshape(1, -1), x.astype(np.float64)][i % 3]))
     result = run_import([str(tmp_path / "shards" / "shard-*.tar")], tmp_path / "imported.h5")
     ids = e.ids if id_in_json else [f"s{i:06d}" for i in range(len(e.ids))]  # else the sample key is the id
     assert_same_content(result.cache_path,
