@@ -54,8 +54,10 @@ PREDICTIONS_FILE = "predictions.parquet"
 EVAL_DIR = "eval"
 
 # Provenance keys that describe which images were read, not how features were made: a test
-# set extracted `--like` a training cache differs from it only in these.
-MANIFEST_PROVENANCE_KEYS = frozenset({"manifest_sha256", "like_cache", "like_manifest_sha256"})
+# set extracted `--like` a training cache differs from it only in these, and a test set
+# imported (`geo cache import`, geo.cache.importer) with the same backbone name in the last four.
+MANIFEST_PROVENANCE_KEYS = frozenset({"manifest_sha256", "like_cache", "like_manifest_sha256",
+                                      "imported_from", "import_format", "source_sha256", "import_options"})
 
 # Keys of config.json that may differ between a run and its resumption: where the
 # cache is (its provenance is compared), what follows from other keys, the code version.
