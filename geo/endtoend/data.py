@@ -43,9 +43,10 @@ class SeededBatches(Dataset):
 
     paths: image path per train row; order: the epoch's permutation of train rows; batch_size:
     the global batch; rank/world_size: this process's contiguous shard of each global batch.
-    ``transform`` (per image) and ``batch_transform`` (per batch) run after
-    ``torch.manual_seed(batch_seed(seed, epoch, batch))``. Indices in the output are train-row
-    positions (into ``paths``).
+    ``transform`` (per image) runs after a torch seed of (batch seed, the image's place in the global
+    batch); ``batch_transform`` (a ``BatchColorJitter``: ``sample`` + ``apply``) draws the factors of the
+    whole global batch from the batch seed and applies this shard's. Indices in the output are
+    train-row positions (into ``paths``).
     """
 
     def __init__(self, paths, order: np.ndarray, batch_size: int, *, seed: int, epoch: int, first_batch: int,
@@ -68,9 +69,18 @@ class SeededBatches(Dataset):
     def __getitem__(self, k: int):
         rows = self.global_rows(k)
         lo, hi = shard_range(len(rows), self.rank, self.world_size)
-        torch.manual_seed(batch_seed(self.seed, self.epoch, self.first_batch + k))
-        items = [self.rows[int(i)] for i in rows[lo:hi]]
-        index, images, failures = collate_rows(items, self.batch_transform)
+        seed = batch_seed(self.seed, self.epoch, self.first_batch + k)
+        items = []
+        for position in range(lo, hi):  # each image's crop and flip: seeded by its place in the global batch
+            torch.manual_seed(seed + 1 + position)
+            items.append(self.rows[int(rows[position])])
+        index, images, failures = collate_rows(items)
+        if self.batch_transform is not None:
+            # The batch's colour factors are drawn for the whole global batch, then this shard's taken.
+            torch.manual_seed(seed)
+            factors = self.batch_transform.sample(len(rows))[lo:hi]
+            good = [p for p, (_, x, reason) in enumerate(items) if x is not None and not reason]
+            images = self.batch_transform.apply(images, factors[good]) if good else images
         return index, images, failures, len(rows)
 
 
