@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -239,3 +244,86 @@ def test_extract_fit_finetune_evaluate_report(world, tmp_path):
     assert section.count("end-to-end (mvmf-e2e)") == 5  # a paired verdict per scale
     # geo predict works on it like on any run.
     _invoke("predict", child, str(Path(manifest).parent / "img000.jpg"))
+
+
+# ---- interruptions and DDP ------------------------------------------------------------------------
+
+
+def _finetune_cmd(parent, manifest, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "geo", "finetune", str(parent), str(manifest), "--out", str(out),
+            "--epochs", "2", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--precision", "fp32",
+            "--lr", "1e-3", "--quiet", *extra]
+
+
+def _run_files(out: Path) -> dict:
+    """What a finished run holds, comparable between runs (no wall-clock values)."""
+    import pyarrow.parquet as pq
+
+    log = [{k: v for k, v in line.items() if k != "elapsed_s"} for line in runs.read_jsonl(out / "metrics.jsonl")]
+    checkpoint = runs.load_checkpoint(out / "checkpoint.pt")
+    backbone = torch.load(out / "backbone.pt", weights_only=True)["model"]
+    metrics = {k: v for k, v in runs.read_json(out / "metrics.json").items() if k not in ("train_elapsed_s",)}
+    return {"log": log, "head": checkpoint["best"]["head_state"], "backbone": backbone, "metrics": metrics,
+            "predictions": pq.read_table(out / "predictions.parquet").to_pydict()}
+
+
+@pytest.mark.slow
+def test_sigkill_and_rerun_ends_identical_to_an_uninterrupted_run(world, tmp_path):
+    root, manifest, _ = world
+    parent = root / "runs" / "mvmf"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    done = subprocess.run(_finetune_cmd(parent, manifest, straight), env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cmd = _finetune_cmd(parent, manifest, killed, "--checkpoint-every", "1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not (killed / "e2e_state.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # mid-run: after a state was saved, somewhere in the next steps
+    proc.wait()
+    assert not (killed / "metrics.json").exists(), "the run finished before it could be killed"
+    saved_step = runs.load_checkpoint(killed / "e2e_state.pt")["step"]
+    assert 1 <= saved_step < 6
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    # --checkpoint-every only saves states: it is not part of the result, but it is a recorded option.
+    a, b = _run_files(straight), _run_files(killed)
+    assert a["log"] == b["log"] and a["metrics"].keys() == b["metrics"].keys()
+    for key in ("head", "backbone"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    assert a["predictions"] == b["predictions"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not installed next to this Python")
+    # A ViT: no BatchNorm, whose per-rank batch statistics would differ from one process's by design.
+    backbone = "timm/vit_tiny_patch16_224"
+    manifest = write_dataset(tmp_path / "data", 30)
+    cache = run_extract(manifest, tmp_path / "cache.h5", ExtractConfig(
+        backbone=backbone, image_size=32, finetune_epochs=0, batch_size=8, precision="fp32", device="cpu",
+        workers=0)).cache_path
+    parent = tmp_path / "runs" / "mvmf"
+    fit_head(cache, FitConfig(head="mvmf", **FIT), parent, progress=False)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = _finetune_cmd(parent, manifest, tmp_path / "one")[3:]  # after "python -m geo"
+    one = subprocess.run([sys.executable, "-m", "geo", *args], env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    args = _finetune_cmd(parent, manifest, tmp_path / "two")[3:]
+    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "geo", *args], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    a, b = _run_files(tmp_path / "one"), _run_files(tmp_path / "two")
+    assert [line["step"] for line in a["log"]] == [line["step"] for line in b["log"]] == [3, 6]
+    for key in ("head", "backbone"):
+        for name in a[key]:
+            torch.testing.assert_close(b[key][name], a[key][name], rtol=1e-4, atol=1e-5, msg=f"{key} {name}")
+    for first, second in zip(a["log"], b["log"]):
+        assert second["train_loss"] == pytest.approx(first["train_loss"], rel=1e-5)
+        assert second["val_geoscore"] == pytest.approx(first["val_geoscore"], rel=1e-3)
+    np.testing.assert_allclose(b["predictions"]["dist_km"], a["predictions"]["dist_km"], rtol=1e-3, atol=1e-2)
