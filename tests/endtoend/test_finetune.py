@@ -320,9 +320,22 @@ def test_torchrun_two_processes_equal_one_process_with_the_same_global_batch(tmp
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     a, b = _run_files(tmp_path / "one"), _run_files(tmp_path / "two")
     assert [line["step"] for line in a["log"]] == [line["step"] for line in b["log"]] == [3, 6]
+    # Adam turns a gradient element near 0 into a step of up to lr whatever its size, so float rounding
+    # (another summation order over ranks) moves weights by a small fraction of lr: compare at 5 % of lr.
+    # The attention key bias has an analytically zero gradient (softmax ignores a shift shared by all keys):
+    # its steps are Adam steps of rounding noise in both runs, left out.
+    lr, init = 1e-3, torch.load(runs.read_config(parent)["cache_provenance"]["checkpoint_path"], weights_only=True)
+    moved = 0.0
     for key in ("head", "backbone"):
         for name in a[key]:
-            torch.testing.assert_close(b[key][name], a[key][name], rtol=1e-4, atol=1e-5, msg=f"{key} {name}")
+            x, y = a[key][name].float(), b[key][name].float()
+            if name.endswith("attn.qkv.bias"):
+                third = x.numel() // 3
+                x, y = torch.cat([x[:third], x[2 * third:]]), torch.cat([y[:third], y[2 * third:]])
+            torch.testing.assert_close(y, x, rtol=0, atol=0.05 * lr, msg=f"{key} {name}")
+            if key == "backbone" and name.startswith("trunk."):
+                moved = max(moved, float((a[key][name].float() - init["model"][name].float()).abs().max()))
+    assert moved > 2 * lr  # the backbone did train (6 steps of at most ~lr each)
     for first, second in zip(a["log"], b["log"]):
         assert second["train_loss"] == pytest.approx(first["train_loss"], rel=1e-5)
         assert second["val_geoscore"] == pytest.approx(first["val_geoscore"], rel=1e-3)
