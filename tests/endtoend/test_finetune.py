@@ -340,3 +340,11 @@ def test_torchrun_two_processes_equal_one_process_with_the_same_global_batch(tmp
         assert second["train_loss"] == pytest.approx(first["train_loss"], rel=1e-5)
         assert second["val_geoscore"] == pytest.approx(first["val_geoscore"], rel=1e-3)
     np.testing.assert_allclose(b["predictions"]["dist_km"], a["predictions"]["dist_km"], rtol=1e-3, atol=1e-2)
+
+
+def test_cli_refuses_bad_input_with_exit_status_2_and_no_traceback(world, tmp_path):
+    root, manifest, _ = world
+    result = CliRunner().invoke(cli, ["finetune", str(root / "runs" / "knn"), str(manifest), "--out",
+                                      str(tmp_path / "child"), "--device", "cpu"])
+    assert result.exit_code == 2 and result.output.startswith("Error: ") and "Traceback" not in result.output
+    assert "nothing to train" in result.output and not (tmp_path / "child").exists()
