@@ -14,7 +14,8 @@
 # DEMO_E2E=1 adds stage 4b (opt-in: it does not fit the 15 minutes of `make demo` on 2 cores): the
 #   paper's second round, `geo finetune` of the best MvMF and the best softmax run on val (1 epoch),
 #   each child's test sets extracted through its own fine-tuned backbone; the report then shows
-#   frozen and end-to-end rows side by side and claim 6. Measured time in the README.
+#   frozen and end-to-end rows side by side and claim 6. Measured at DEMO_SIZE=tiny on a shared 2-core
+#   CPU (load ~22): 745 s of a 1,684 s run; not measured at the small size (README).
 set -euo pipefail
 SIZE=${DEMO_SIZE:-small}
 PRECISION=${DEMO_PRECISION:-auto}
