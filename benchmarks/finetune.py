@@ -19,10 +19,18 @@ shared and noisy); each figure is the median ms per step over all rounds, warm-u
 The last column is geo's time over this one (> 1: faster than what geo does): geo's memory format
 on this machine (``placement``) and the same feed (geo's loader-w1 for the per-image jitter row).
 
+``--end-to-end`` measures instead the step of `geo finetune` (``geo.endtoend``): backbone and an
+output head trained together with the head's own loss (MvMF, softmax over c cells), against the
+bare backbone step (forward, cross-entropy on its country classifier, backward, Adam) at the
+same batch, on geo's placement and a fixed synthetic batch; target: end-to-end / bare >= 0.9
+in images per second.
+
 Usage:
   python benchmarks/finetune.py                 # 3 rounds x 12 steps per configuration
   python benchmarks/finetune.py --quick         # 1 round x 6 steps
   python benchmarks/finetune.py --precision fp32
+  python benchmarks/finetune.py --end-to-end [--cells 1024] [--backbone resnet18 --px 64 --batch 64]
+  python benchmarks/finetune.py --end-to-end --device cuda --backbone wide_resnet50_2 --px 224 --batch 256 --cells 32768
 """
 
 from __future__ import annotations
@@ -125,6 +133,69 @@ def loader_cpu(paths, feed: str, steps: int) -> float:
 THREADS = torch.get_num_threads()
 
 
+def end_to_end_steps(place: Placement, kind: str, *, backbone: str, px: int, batch: int, cells: int,
+                     steps: int) -> list[float]:
+    """Seconds per step: ``bare`` (the backbone's country fine-tuning step) or ``mvmf`` / ``softmax``
+    (`geo finetune`'s step: ``EndToEnd`` through ``geo.pipeline.finetune.train_step`` with the head's loss)."""
+    import numpy as np
+
+    from geo.endtoend.finetune import EndToEnd, freeze, head_loss_fn, make_optimizer
+    from geo.training.evaluate import feature_dtype
+    from geo.geometry import latlon_to_xyz
+    from geo.heads import create_head
+    from geo.sphere.partition import Partition
+
+    torch.manual_seed(0)
+    model = place.to(create_backbone(backbone, "none", num_classes=CLASSES, seed=0, image_size=px)).train()
+    x = torch.randn(batch, 3, px, px)
+    if kind == "bare":
+        net, optimizer, target, loss_fn = model, torch.optim.Adam(model.parameters(), lr=1e-5), \
+            torch.randint(0, CLASSES, (batch,), device=place.device), None
+    else:
+        rng = np.random.default_rng(0)
+        lat, lon = np.degrees(np.arcsin(rng.uniform(-1, 1, 4 * cells))), rng.uniform(-180, 180, 4 * cells)
+        head = create_head(kind, feature_dim=model.feature_dim, partition=Partition.build(lat, lon, cells),
+                           matmul_dtype="bfloat16" if place.precision == "bf16" else None).to(place.device)
+        freeze(model, None)
+        net = EndToEnd(model, head, feature_dtype(place.precision)).train()
+        optimizer = make_optimizer(net, {"lr": 1e-5, "weight_decay": 0.0})
+        rows = rng.integers(0, len(lat), batch)
+        target = {"target_xyz": torch.from_numpy(latlon_to_xyz(lat[rows], lon[rows]).astype(np.float32)).to(place.device),
+                  **{k: t.to(place.device) for k, t in head.row_targets(lat[rows], lon[rows]).items()}}
+        loss_fn = head_loss_fn(head)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        train_step(net, optimizer, x, target, place, loss_fn=loss_fn)
+        if place.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return times[WARMUP:]
+
+
+def end_to_end_main(args) -> None:
+    place = placement(args.device, "auto" if not args.precision else args.precision[0])
+    print(f"torch {torch.__version__}, {THREADS} threads, device {place.device}, {place.precision}, "
+          f"{args.backbone} at {args.px} px, batch {args.batch}, c = {args.cells}")
+    rounds, steps = (1, 6) if args.quick else (args.rounds, args.steps)
+    kinds = ["bare", "mvmf", "softmax"]
+    samples: dict[str, list[float]] = {k: [] for k in kinds}
+    rng = random.Random(0)
+    for r in range(rounds):
+        order = kinds[:]
+        rng.shuffle(order)
+        for kind in order:
+            samples[kind] += end_to_end_steps(place, kind, backbone=args.backbone, px=args.px, batch=args.batch,
+                                              cells=args.cells, steps=steps)
+        print(f"round {r + 1}/{rounds} done", flush=True)
+    ms = {k: 1000 * statistics.median(v) for k, v in samples.items()}
+    print("\n| step | ms/step | img/s | img/s over bare (target >= 0.9) |")
+    print("|---|---|---|---|")
+    for kind, value in ms.items():
+        label = "bare backbone (country CE)" if kind == "bare" else f"end-to-end {kind} c={args.cells}"
+        print(f"| {label} | {value:.0f} | {args.batch / value * 1000:.1f} | {ms['bare'] / value:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -132,7 +203,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 round of 6 steps")
     parser.add_argument("--precision", choices=["fp32", "bf16"], action="append",
                         help="precisions to measure (default: fp32, and bf16 where native)")
+    parser.add_argument("--end-to-end", action="store_true", help="geo finetune's step against the bare backbone's")
+    parser.add_argument("--backbone", default="resnet18", help="--end-to-end: backbone (the demo's by default)")
+    parser.add_argument("--px", type=int, default=PX, help="--end-to-end: image side")
+    parser.add_argument("--batch", type=int, default=BATCH, help="--end-to-end: images per step")
+    parser.add_argument("--cells", type=int, default=1024, help="--end-to-end: c, the head's cells")
+    parser.add_argument("--device", default="cpu", help="--end-to-end: cpu, cuda ...")
     args = parser.parse_args()
+    if args.end_to_end:
+        return end_to_end_main(args)
     rounds, steps = (1, 6) if args.quick else (args.rounds, args.steps)
     precisions = args.precision or (["fp32", "bf16"] if cpu_supports_bf16() else ["fp32"])
     chosen = placement("cpu", "auto")

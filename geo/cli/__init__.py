@@ -7,13 +7,13 @@ The commands live in one module per part of the package: ``cache`` (geo/cache),
 ``stage_one`` (geo/pipeline: extract, data earth), ``manifest`` (manifests of
 datasets as distributed), ``training``
 (geo/training: fit-head, evaluate, sweep), ``report`` (geo/reports: report,
-baseline) and ``predict`` (geo/inference), imported at the bottom so that they
+baseline), ``predict`` (geo/inference) and ``endtoend`` (geo/endtoend: finetune), imported at the bottom so that they
 register on ``cli``; ``options`` generates the options several commands share.
 """
 
 from geo.cli.group import cli, main
 
 # Imported for their side effect: each module adds its commands to ``cli``.
-from geo.cli import cache, manifest, predict, report, stage_one, training  # noqa: E402,F401
+from geo.cli import cache, endtoend, manifest, predict, report, stage_one, training  # noqa: E402,F401
 
 __all__ = ["cli", "main"]

@@ -43,9 +43,10 @@ from geo.cli.group import cli
               help="Fine-tuning checkpoints [default: OUT's stem + .checkpoints/ beside OUT].")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache and fine-tuning state.")
-@click.option("--like", "like", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str),
+@click.option("--like", "like", default=None, type=click.Path(exists=True, path_type=str),
               help="A training cache: extract with its backbone checkpoint (sha256 verified), transform, "
-                   "image size and precision, without fine-tuning (a test set for the same heads).")
+                   "image size and precision, without fine-tuning (a test set for the same heads). Or a run "
+                   "directory: its cache (for a `geo finetune` run, the fine-tuned backbone's).")
 @click.option("--decode", default="draft", show_default=True, type=click.Choice(["draft", "full"]),
               help="draft: decode JPEGs at 1/2-1/8 scale in the DCT domain when at least twice the resize "
                    "(much faster, nearly the same pixels); full: always full resolution. Recorded in provenance.")
@@ -69,6 +70,7 @@ def extract_cmd(ctx, manifest, out, backbone, weights, image_size, clip_features
           --weights pretrained --finetune-epochs 1 --finetune-blocks 4
       torchrun --nproc_per_node 2 -m geo extract manifest.csv --out cache.h5
       geo extract im2gps3k.parquet --like cache.h5 --out im2gps3k.h5
+      geo extract im2gps3k.parquet --like runs/mvmf-e2e --out im2gps3k-e2e.h5
     """
     from geo.pipeline.extract import ExtractConfig, run_extract
 

@@ -98,12 +98,14 @@ def evaluate_countries(model: Backbone, paths, labels: np.ndarray, place: Placem
 
 
 def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-               target: torch.Tensor, place: Placement) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step of country cross-entropy on a batch (images [b, 3, S, S] on the CPU,
-    target int64 [b] on ``place.device``). Returns (logits [b, classes], the loss)."""
+               target, place: Placement, loss_fn: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a batch (images [b, 3, S, S] on the CPU): ``net`` runs under the
+    placement's autocast, the loss outside it. Default: country cross-entropy (target int64 [b]
+    on ``place.device``); ``loss_fn(output, target) -> 0-d loss`` replaces it (the end-to-end
+    fine-tuning of ``geo.endtoend`` passes a head's own loss). Returns (output, the loss)."""
     with autocast(place.device, place.precision):
         logits = net(place.inputs(images))
-    loss = F.cross_entropy(logits.float(), target)
+    loss = F.cross_entropy(logits.float(), target) if loss_fn is None else loss_fn(logits, target)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

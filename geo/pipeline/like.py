@@ -1,4 +1,4 @@
-"""`geo extract TEST --like TRAIN_CACHE`: a second set of images through the same backbone.
+"""`geo extract TEST --like TRAIN_CACHE` (or a run directory): a second set of images through the same backbone.
 
 The field's protocol trains once and evaluates the same backbone and heads on
 several test sets. A test set's cache must therefore hold features made exactly
@@ -48,6 +48,8 @@ def like_settings(cache_path: str | Path) -> LikeSettings:
     from geo.cache.store import FeatureCache  # lazy: h5py only when extracting
 
     cache_path = Path(cache_path).expanduser().resolve()
+    if cache_path.is_dir():  # a run directory (e.g. `geo finetune`'s): the cache its config.json names
+        cache_path = run_cache(cache_path)
     if not cache_path.is_file():
         raise ConfigError(f"--like {cache_path}: no such cache")
     with FeatureCache(cache_path, validate=False) as cache:
@@ -70,6 +72,21 @@ def like_settings(cache_path: str | Path) -> LikeSettings:
     image_size = int(provenance["image_size"])
     return LikeSettings(cache_path, provenance, checkpoint, str(provenance["backbone"]), image_size,
                         str(provenance["precision"]), str(provenance.get("decode", "full")))
+
+
+def run_cache(run_dir: Path) -> Path:
+    """The cache a run directory was trained on (its config.json's ``cache_path``; read as plain JSON,
+    stage one knows no run format). A `geo finetune` run's is its own, made by the fine-tuned backbone."""
+    import json
+
+    config_path = run_dir / "config.json"
+    try:
+        cache = json.loads(config_path.read_text()).get("cache_path")
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--like {run_dir}: a folder, but not a run directory ({config_path}: {err})") from None
+    if not cache:
+        raise ConfigError(f"--like {run_dir}: its {config_path.name} names no cache (an unfinished `geo finetune`?)")
+    return Path(cache).expanduser().resolve()
 
 
 def like_provenance(settings: LikeSettings, manifest_sha256: str) -> dict:

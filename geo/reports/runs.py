@@ -42,6 +42,8 @@ HIGHER_IS_BETTER = {**{k: True for k in ACC_KEYS}, "median_km": False, "mean_km"
                     "geoscore": True, "country_acc": True, "nll_nats": False}
 # Validation metric that picks one run among duplicates (never the test split); fit-head's default rule.
 SELECT_KEY = "geoscore"
+# The two kinds of run (``Run.features``): a head on a frozen backbone's cached features, or `geo finetune`'s.
+FROZEN, END_TO_END = "frozen", "end-to-end"
 
 RUN_FILES = (CONFIG_FILE, METRICS_LOG_FILE, METRICS_FILE, CHECKPOINT_FILE, PREDICTIONS_FILE)
 
@@ -95,12 +97,20 @@ class Run:
     # the test images to the nearest train image ("train_distance_km": min, median, n_train) and the
     # densest-cell baseline of the run's partition ("densest_cell"); empty for runs scored before.
     reference: dict = field(default_factory=dict)
+    # "frozen" (a head on cached features) or "end-to-end" (`geo finetune`: backbone and head trained together).
+    features: str = "frozen"
+    parent: str | None = None  # an end-to-end run's parent run directory (config.json's parent_run)
 
     @property
     def train_min_km(self) -> float | None:
         """Smallest distance (km) from a test image to the nearest train image, None if not recorded."""
         value = (self.reference.get(TRAIN_DISTANCE_KEY) or {}).get("min")
         return float(value) if _finite(value) else None
+
+    @property
+    def family(self) -> str:
+        """The name shared by a frozen run and its end-to-end children (tables put them side by side)."""
+        return Path(self.parent).name if self.parent else self.name
 
     @property
     def checkpoint_path(self) -> Path:
@@ -171,6 +181,10 @@ def _read_history(path: Path, warnings: list[str]) -> list[dict]:
 def _cache_identity(config: dict) -> tuple[str | None, str | None]:
     """(cache_path, cache_id): the id is a hash of the cache's recorded provenance."""
     cache_path, provenance = config.get("cache_path"), config.get("cache_provenance")
+    if config.get("stage") == END_TO_END:
+        # Trained on the same rows as its parent, starting from the parent's features: grouped with the parent's
+        # cache (the features column says which rows are end to end); its path stays its own (maps read it).
+        provenance = config.get("parent_cache_provenance")
     if isinstance(provenance, dict) and provenance:
         # "created" differs between otherwise identical re-extractions; it does not change features.
         stable = {k: v for k, v in provenance.items() if k not in ("created",)}
@@ -216,6 +230,8 @@ def read_run(path: str | Path) -> Run:
         warnings=warnings, split=final.get("split"),
         train_fraction=float(fraction) if _finite(fraction) else 1.0,
         n_train=int(n_train) if _finite(n_train) else None, reference=reference_of(final),
+        features=END_TO_END if config.get("stage") == END_TO_END else FROZEN,
+        parent=str(config["parent_run"]) if config.get("parent_run") else None,
     )
 
 
@@ -289,8 +305,9 @@ def find_runs(paths: Iterable[str | Path], *, max_depth: int = 2) -> tuple[list[
 
 
 def run_sort_key(run: Run) -> tuple:
-    """Table order: head, c, kappa0, prediction mode, name (None sorts first)."""
-    return _none_first((run.head, run.n_cells, run.kappa0, run.predict, run.name))
+    """Table order: head, c, kappa0, prediction mode, name (None sorts first); an end-to-end run right after its
+    parent (same family name, frozen first)."""
+    return _none_first((run.head, run.n_cells, run.kappa0, run.predict, run.family, run.features != FROZEN, run.name))
 
 
 def check_caches(runs: list[Run], *, allow_mixed: bool) -> dict[str, str]:

@@ -17,7 +17,7 @@ from typing import Callable
 
 from geo.files import atomic_write
 from geo.geometry import vmf_radius_km
-from geo.reports.runs import ACC_KEYS, HIGHER_IS_BETTER, METRIC_KEYS, SCALES_KM, SELECT_KEY, Run
+from geo.reports.runs import ACC_KEYS, FROZEN, HIGHER_IS_BETTER, METRIC_KEYS, SCALES_KM, SELECT_KEY, Run
 from geo.reports.scope import NT, testable
 
 CONVENTIONS = (
@@ -117,13 +117,16 @@ def _rows(runs: list[Run]) -> tuple[list[str], list[list[tuple[str, bool]]]]:
     """Header and rows of (text, is_best) cells, shared by the Markdown and HTML renderers."""
     mixed = any(r.cache_label for r in runs)
     sized = len({r.n_train for r in runs}) > 1  # learning curves: runs on several training-set sizes
-    header = (["head", "c", "κ0", "prediction"] + (["train rows"] if sized else []) + (["cache"] if mixed else [])
-              + [c.title for c in COLUMNS])
+    end_to_end = any(r.features != FROZEN for r in runs)  # paper table 2: frozen and end-to-end rows
+    header = (["head", "c", "κ0", "prediction"] + (["features"] if end_to_end else [])
+              + (["train rows"] if sized else []) + (["cache"] if mixed else []) + [c.title for c in COLUMNS])
     best = best_values(runs)
     rows = []
     for run in runs:
         cells = [(run.head, False), (format_cells(run.n_cells), False),
                  ("–" if run.kappa0 is None else f"{run.kappa0:g}", False), (run.predict or "?", False)]
+        if end_to_end:
+            cells.append((run.features, False))
         if sized:
             cells.append(("?" if run.n_train is None else f"{run.n_train:,}", False))
         if mixed:
@@ -166,7 +169,8 @@ def records(runs: list[Run]) -> list[dict]:
         record = {"run": run.name, "path": str(run.path), "head": run.head, "n_cells": run.n_cells,
                   "kappa0": run.kappa0, "predict": run.predict, "seed": run.seed, "lr": run.lr,
                   "train_fraction": run.train_fraction, "n_train": run.n_train,
-                  "cache": run.cache_path, "cache_id": run.cache_id, "cache_label": run.cache_label}
+                  "cache": run.cache_path, "cache_id": run.cache_id, "cache_label": run.cache_label,
+                  "features": run.features, "parent": run.parent}
         for key in METRIC_KEYS:
             ci = run.ci(key)
             record[key] = run.metric(key)
@@ -178,7 +182,8 @@ def records(runs: list[Run]) -> list[dict]:
     return out
 
 
-_STRING_COLUMNS = {"run", "path", "head", "predict", "cache", "cache_id", "cache_label", "split", "test_set"}
+_STRING_COLUMNS = {"run", "path", "head", "predict", "cache", "cache_id", "cache_label", "split", "test_set",
+                   "features", "parent"}
 _INT_COLUMNS = {"n_cells", "seed", "n_train"}
 
 

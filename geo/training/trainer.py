@@ -44,17 +44,27 @@ def lr_at(step: int, config: dict) -> float:
     return lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
-def make_optimizer(head: Head, config: dict) -> torch.optim.Optimizer:
-    """AdamW; weight decay only on the head's ``weight_decay_parameters`` (W), never on b, mu or log kappa."""
+def optimizer_groups(head: Head, config: dict) -> list[dict]:
+    """AdamW parameter groups of a head: weight decay only on its ``weight_decay_parameters`` (W),
+    never on b, mu or log kappa."""
     params = [p for p in head.parameters() if p.requires_grad]
     decay = head.weight_decay_parameters()
     rest = [p for p in params if all(p is not q for q in decay)]
     groups = [{"params": decay, "weight_decay": config["weight_decay"]}, {"params": rest, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+    return [g for g in groups if g["params"]]
+
+
+def adamw(groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """AdamW over ``groups``, fused where the device has the kernel."""
     try:  # the fused kernel: one pass over W's moments instead of ~10 (the optimizer is ~15 % of a step otherwise)
-        return torch.optim.AdamW(groups, lr=config["lr"], fused=True)
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
     except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=config["lr"])
+        return torch.optim.AdamW(groups, lr=lr)
+
+
+def make_optimizer(head: Head, config: dict) -> torch.optim.Optimizer:
+    """AdamW; weight decay only on the head's ``weight_decay_parameters`` (W), never on b, mu or log kappa."""
+    return adamw(optimizer_groups(head, config), config["lr"])
 
 
 def train_step(head, optimizer, features: torch.Tensor, targets: dict[str, torch.Tensor], chunk_rows: int
