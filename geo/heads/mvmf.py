@@ -124,6 +124,13 @@ class MvMFHead(CellHead):
             return VmfMixture(torch.log_softmax(torch.as_tensor(output_row).detach().double().cpu(), dim=-1),
                               self.mu().detach().double().cpu(), self.log_kappa.detach().double().cpu())
 
+    def mixture_parts(self, logits: torch.Tensor):
+        """``(log Gamma [B, c], mu [1, c, 3], log kappa [1, c])`` float64 on the CPU (shared components)."""
+        with torch.no_grad():
+            log_w = torch.log_softmax(torch.as_tensor(logits).detach().to("cpu", torch.float64), dim=-1)
+            return log_w, self.mu().detach().to("cpu", torch.float64)[None], \
+                self.log_kappa.detach().to("cpu", torch.float64)[None]
+
     def initial_means_xyz(self, partition):
         """The means before training (``mu_init``: the cells' centres or training-point means), ``[c, 3]``."""
         return partition.centres_xyz if self.options["mu_init"] == "centre" else partition.means_xyz
