@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from geo.errors import ConfigError
+from geo.geometry import vmf_log_normalizer
 from geo.heads import density
 
 MATMUL_DTYPES = {None: None, "float32": None, "bfloat16": torch.bfloat16}
@@ -221,9 +222,23 @@ class Head(nn.Module):
     def log_density_rows(self, output: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
         """Each row's log-density (nats/sr) at its own points: ``output`` of B rows, ``xyz [B, n, 3]`` -> ``[B, n]``.
 
-        One ``log_density`` call per row (its memory bounds are the head's own).
+        A vMF mixture of few components (``mixture_parts`` with K <= 64) in one float64 pass over
+        row chunks; otherwise one ``log_density`` call per row (its memory bounds are the head's own).
         """
         xyz = torch.as_tensor(xyz)
+        parts = self.mixture_parts(output) if self.has_density else None
+        if parts is not None and parts[0].shape[1] <= 64:
+            log_w, mu, log_kappa = parts
+            points = xyz.detach().to("cpu", torch.float64)
+            b, n, k = points.shape[0], points.shape[1], log_w.shape[1]
+            mu, log_kappa = mu.expand(b, k, 3), log_kappa.expand(b, k)
+            log_peak = (log_w + vmf_log_normalizer(log_kappa))[:, None, :]              # [B, 1, K]
+            kappa = torch.exp(log_kappa)[:, None, :]
+            rows = max(1, 2**22 // max(1, n * k))
+            out = [torch.logsumexp(log_peak[r:r + rows] - 0.5 * kappa[r:r + rows] * (
+                points[r:r + rows, :, None, :] - mu[r:r + rows, None, :, :]).pow(2).sum(-1), dim=-1)
+                for r in range(0, b, rows)]
+            return torch.cat(out) if out else torch.zeros((0, n), dtype=torch.float64)
         rows = [self.log_density(output[r:r + 1], xyz[r].to(output.device))[0].double().cpu()
                 for r in range(output.shape[0])]
         return torch.stack(rows) if rows else torch.zeros((0, xyz.shape[1]), dtype=torch.float64)

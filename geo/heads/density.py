@@ -77,28 +77,32 @@ def _frames(mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return e1, torch.linalg.cross(mu, e1, dim=-1)
 
 
-def _around(mu: torch.Tensor, t: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-    """Points at 1 - cos(angle) = ``t`` from unit ``mu [..., 3]`` at azimuth ``phi`` (all broadcast)."""
-    e1, e2 = _frames(mu)
-    radial = torch.sqrt((t * (2.0 - t)).clamp_min(0.0))[..., None]
-    out = (1.0 - t)[..., None] * mu + radial * (torch.cos(phi)[..., None] * e1 + torch.sin(phi)[..., None] * e2)
-    return out / torch.linalg.vector_norm(out, dim=-1, keepdim=True)
+def _around(mu: torch.Tensor, t: torch.Tensor, phi: torch.Tensor, frames=None) -> torch.Tensor:
+    """Points at 1 - cos(angle) = ``t`` from unit ``mu [..., 3]`` at azimuth ``phi`` (all broadcast).
+
+    ``frames``: ``_frames(mu)`` when already at hand. Unit length to ~1e-16: (1 - t)^2 + t (2 - t) = 1.
+    """
+    e1, e2 = _frames(mu) if frames is None else frames
+    radial = torch.sqrt((t * (2.0 - t)).clamp_min(0.0))
+    return (1.0 - t)[..., None] * mu + (radial * torch.cos(phi))[..., None] * e1 + \
+        (radial * torch.sin(phi))[..., None] * e2
 
 
-def sample_vmf(mu: torch.Tensor, log_kappa: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_vmf(mu: torch.Tensor, log_kappa: torch.Tensor, generator: torch.Generator | None = None,
+               frames: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """One exact draw from vMF(mu, kappa) per element: ``mu [..., 3]``, ``log_kappa [...]`` -> ``[..., 3]`` float64.
 
     Wood's method with the stable inverse law of 1 - mu.y (module docstring); exact for kappa in [1e-6, 1e9].
+    ``frames``: ``_frames(mu)`` when already at hand (unit ``mu``).
     """
     mu = torch.as_tensor(mu, dtype=torch.float64).cpu()
-    mu = mu / torch.linalg.vector_norm(mu, dim=-1, keepdim=True)
+    if frames is None:
+        mu = mu / torch.linalg.vector_norm(mu, dim=-1, keepdim=True)
     kappa = torch.exp(torch.as_tensor(log_kappa, dtype=torch.float64).cpu())
-    mu, kappa = torch.broadcast_tensors(mu, kappa[..., None])
-    kappa = kappa[..., 0]
     one_minus_u = 1.0 - torch.rand(kappa.shape, dtype=torch.float64, generator=generator)  # (0, 1]
     t = (-torch.log1p(one_minus_u * torch.expm1(-2.0 * kappa)) / kappa).clamp(0.0, 2.0)
     phi = 2.0 * math.pi * torch.rand(kappa.shape, dtype=torch.float64, generator=generator)
-    return _around(mu.contiguous(), t, phi)
+    return _around(mu, t, phi, frames)
 
 
 def sample_vmf_mixture(log_w: torch.Tensor, mu: torch.Tensor, log_kappa: torch.Tensor, n: int,
@@ -110,10 +114,13 @@ def sample_vmf_mixture(log_w: torch.Tensor, mu: torch.Tensor, log_kappa: torch.T
         return torch.zeros((b, n, 3), dtype=torch.float64)
     probs = torch.softmax(log_w, dim=-1)
     comp = torch.multinomial(probs, n, replacement=True, generator=generator)                # [B, n]
-    mu = torch.as_tensor(mu, dtype=torch.float64).cpu().expand(b, -1, 3)
+    mu = torch.as_tensor(mu, dtype=torch.float64).cpu()
+    mu = mu / torch.linalg.vector_norm(mu, dim=-1, keepdim=True)
+    e1, e2 = _frames(mu)                                        # once per component, not per draw
     log_kappa = torch.as_tensor(log_kappa, dtype=torch.float64).cpu().expand(b, -1)
-    mu_s = torch.gather(mu, 1, comp[..., None].expand(-1, -1, 3))
-    return sample_vmf(mu_s, torch.gather(log_kappa, 1, comp), generator)
+    index = comp[..., None].expand(-1, -1, 3)
+    mu_s, e1_s, e2_s = (torch.gather(v.expand(b, -1, 3), 1, index) for v in (mu, e1, e2))
+    return sample_vmf(mu_s, torch.gather(log_kappa, 1, comp), generator, frames=(e1_s, e2_s))
 
 
 # ---- cells -----------------------------------------------------------------------------------
