@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from geo.reports.paired import PairedDifference, matched_errors, paired_accuracy_difference
+from geo.reports.paired import (PairedDifference, matched_errors, matched_hpd_levels, paired_accuracy_difference,
+                                paired_calibration_difference)
 from geo.reports.runs import ACC_KEYS, SCALES_KM, Run, group_series, pick_one, series_label
 from geo.reports.tables import format_cells
 
@@ -222,10 +223,67 @@ def claim_mvmf_data_efficient(runs: list[Run]) -> Claim:
     return Claim(5, statement, _combine_all(verdicts), details)
 
 
+def _calibration_text(run: Run) -> str:
+    value, ci = run.metric("calibration_error"), run.ci("calibration_error")
+    if value is None:
+        return "calibration error ?"
+    return f"calibration error {100 * value:.1f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "") + \
+        (f", cov@95 {100 * run.metric('coverage@95'):.0f}%" if run.metric("coverage@95") is not None else "")
+
+
+def claim_mvmf_calibrated(runs: list[Run]) -> Claim:
+    """Claim 6 (paper section 1, fig. 1): the MvMF's credible regions are better calibrated than softmax's at
+    equal c and than retrieval's (knn, which has no c: its best run on validation)."""
+    statement = ("The MvMF represents the ambiguity of weakly localizable images properly, unlike classification "
+                 "and retrieval (paper section 1, fig. 1): its calibration error (mean |coverage − level| of its "
+                 "credible regions, levels 5 %…95 %) is lower than softmax's at equal c and than knn's, by a paired "
+                 "bootstrap over test images.")
+    groups: dict[tuple[int, float], dict[str, list[Run]]] = {}
+    knn_by_fraction: dict[float, list[Run]] = {}
+    for run in runs:
+        if run.head in (MVMF, SOFTMAX) and run.n_cells is not None:
+            groups.setdefault((run.n_cells, run.train_fraction), {}).setdefault(run.head, []).append(run)
+        elif run.head == KNN:
+            knn_by_fraction.setdefault(run.train_fraction, []).append(run)
+    pairs = []
+    for (c, fraction), heads in sorted(groups.items()):
+        if MVMF not in heads:
+            continue
+        mvmf = pick_one(heads[MVMF])
+        if SOFTMAX in heads:
+            pairs.append((c, fraction, mvmf, SOFTMAX, pick_one(heads[SOFTMAX])))
+        if knn_by_fraction.get(fraction):
+            pairs.append((c, fraction, mvmf, KNN, pick_one(knn_by_fraction[fraction])))
+    if not pairs:
+        return Claim(6, statement, "not tested: needs mvmf runs and softmax runs with a common c, or knn runs")
+    verdicts, details, untested = [], [], []
+    for c, fraction, mvmf, head, other in pairs:
+        on = f" f={fraction:g}" if fraction != 1.0 else ""
+        matched = matched_hpd_levels(mvmf.predictions_path, other.predictions_path)
+        if matched is None:
+            untested.append(f"c={format_cells(c)}{on} vs {head} ({other.name})")
+            continue
+        difference = paired_calibration_difference(*matched)
+        verdict = HOLDS if difference.high < 0 else FAILS if difference.low > 0 else INCONCLUSIVE
+        verdicts.append(verdict)
+        details.append(f"c={format_cells(c)}{on}: mvmf ({mvmf.name}) {_calibration_text(mvmf)} vs {head} "
+                       f"({other.name}) {_calibration_text(other)}; paired difference "
+                       f"{100 * difference.difference:+.1f} points [{100 * difference.low:+.1f}, "
+                       f"{100 * difference.high:+.1f}] over {difference.n} images: {verdict}")
+    if untested:
+        details.append("not tested (no hpd_level in predictions.parquet: runs scored before calibration existed; "
+                       f"re-run geo evaluate): {'; '.join(untested)}")
+    if not verdicts:
+        return Claim(6, statement, "not tested: needs hpd_level in the runs' predictions.parquet (geo evaluate)",
+                     details)
+    return Claim(6, statement, _combine_all(verdicts), details)
+
+
 def evaluate_claims(runs: list[Run]) -> list[Claim]:
-    """The four claims of the paper's experiments (table 2, figs. 6 and 7) on ``runs`` (one feature cache)."""
+    """The claims of the paper's experiments (table 2, figs. 6 and 7) and its calibration claim (section 1,
+    fig. 1) on ``runs`` (one feature cache)."""
     return [claim_mvmf_rises(runs), claim_softmax_not_monotone(runs),
-            claim_mvmf_beats_softmax(runs), claim_kappa0_scales(runs)]
+            claim_mvmf_beats_softmax(runs), claim_kappa0_scales(runs), claim_mvmf_calibrated(runs)]
 
 
 def learning_curve_claims(runs: list[Run]) -> list[Claim]:
