@@ -256,3 +256,16 @@ def test_cell_sampling_of_a_partition_without_s2_pieces_uses_its_assign():
     face = face[np.argmax(np.abs(face), 1) == 0]
     face = face[face[:, 0] > 0]
     np.testing.assert_allclose(xyz[cells == 0].mean(0), face.mean(0), atol=0.01)
+
+
+def test_mvmf_log_density_rows_equals_its_grid_density_with_light_components_dropped():
+    """The MvMF's per-row density at its own points (what Monte Carlo HPD levels use) equals ``log_density``,
+    also for peaked mixing weights where the lightest components (< 1e-9 of the weight) are left out."""
+    part = _partition(64)
+    head = create_head("mvmf", feature_dim=4, partition=part, kappa0=math.log(200.0)).double()
+    logits = torch.randn(3, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 8  # peaked
+    points = head.sample(logits, 500, generator=torch.Generator().manual_seed(2))
+    rows = head.log_density_rows(logits, points)
+    grid = torch.stack([head.log_density(logits[r:r + 1], points[r])[0] for r in range(3)])
+    assert torch.exp(torch.log_softmax(logits, -1)).lt(1e-10).any()  # some components are dropped
+    torch.testing.assert_close(rows, grid, rtol=0, atol=1e-6)
