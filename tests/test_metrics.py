@@ -72,3 +72,21 @@ def test_bootstrap_ci_of_mean_matches_normal_theory():
     assert lo == pytest.approx(x.mean() - half, abs=0.3 * half)
     assert hi == pytest.approx(x.mean() + half, abs=0.3 * half)
     assert lo <= x.mean() <= hi
+
+
+def test_calibration_metrics_against_brute_force():
+    from geo.metrics import CALIBRATION_GRID, calibration_error, coverage
+
+    rng = np.random.default_rng(3)
+    hpd = rng.uniform(size=500) ** 0.5
+    area = np.sort(rng.exponential(1000.0, size=(500, 2)), axis=1)
+    r = m.summarize(rng.exponential(500.0, 500), hpd_level=hpd, area_km2=area, n_bootstrap=50)
+    for level in (50, 80, 95):
+        assert r[f"coverage@{level}"] == sum(h <= level / 100 for h in hpd) / 500
+    brute = sum(abs(sum(h <= a for h in hpd) / 500 - a) for a in CALIBRATION_GRID) / len(CALIBRATION_GRID)
+    assert r["calibration_error"] == pytest.approx(brute, abs=1e-12) == calibration_error(hpd)
+    assert r["area50_km2"] == np.median(area[:, 0]) and r["area95_km2"] == np.median(area[:, 1])
+    assert {"coverage@95", "calibration_error", "area95_km2"} <= set(r["ci"])
+    assert list(coverage([0.1, 0.5, 0.5, 0.9], [0.5])) == [0.75]  # "<= level": the boundary is covered
+    with pytest.raises(ValueError, match="hpd_level must have shape"):
+        m.summarize(np.ones(3), hpd_level=np.ones(2))
