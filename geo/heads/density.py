@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -283,8 +283,3 @@ def monte_carlo_hpd(log_density_at_y: torch.Tensor, log_density_samples: torch.T
         areas.append(cum[:, m - 1])
     return hpd, torch.stack(areas, dim=1).clamp(max=4.0 * math.pi)
 
-
-def chunked_rows(fn: Callable[[int, int], tuple[torch.Tensor, ...]], n_rows: int, rows_per_chunk: int):
-    """``fn(start, stop)`` over row chunks, results concatenated along dim 0 (a helper for bounded memory)."""
-    parts = [fn(s, min(s + rows_per_chunk, n_rows)) for s in range(0, n_rows, max(1, rows_per_chunk))]
-    return tuple(torch.cat(p) for p in zip(*parts))
