@@ -150,10 +150,13 @@ def evaluate_split(
                     has_log_density = False
             if calibrate:
                 y64 = torch.from_numpy(latlon_to_xyz(cache.lat_deg[rows], cache.lon_deg[rows]))
-                hpd, areas = head.calibration(logits, y64, levels=[a / 100 for a in AREA_LEVELS],
-                                              n_samples=calibration_samples, generator=generator)
-                hpd_level[sl] = hpd.numpy()
-                area_sr[sl] = areas.numpy()
+                try:
+                    hpd, areas = head.calibration(logits, y64, levels=[a / 100 for a in AREA_LEVELS],
+                                                  n_samples=calibration_samples, generator=generator)
+                    hpd_level[sl] = hpd.numpy()
+                    area_sr[sl] = areas.numpy()
+                except NotImplementedError:  # a density it cannot sample from: no calibration columns
+                    calibrate = False
             if k:
                 probs, _ = head.topk(logits, k)
                 tlat, tlon = head.predict(logits, k=k, mode=topk_mode)
