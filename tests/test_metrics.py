@@ -92,3 +92,21 @@ def test_uniform_accuracy_is_the_spherical_cap_fraction():
         p = m.uniform_accuracy(scale_km)
         assert np.mean(dist_km <= scale_km) == pytest.approx(p, abs=5 * math.sqrt(p * (1 - p) / 1e6))
     assert m.uniform_accuracy(20_037.5) == pytest.approx(1.0)  # past the antipode: the whole sphere
+
+
+def test_calibration_metrics_against_brute_force():
+    from geo.metrics import CALIBRATION_GRID, calibration_error, coverage
+
+    rng = np.random.default_rng(3)
+    hpd = rng.uniform(size=500) ** 0.5
+    area = np.sort(rng.exponential(1000.0, size=(500, 2)), axis=1)
+    r = m.summarize(rng.exponential(500.0, 500), hpd_level=hpd, area_km2=area, n_bootstrap=50)
+    for level in (50, 80, 95):
+        assert r[f"coverage@{level}"] == sum(h <= level / 100 for h in hpd) / 500
+    brute = sum(abs(sum(h <= a for h in hpd) / 500 - a) for a in CALIBRATION_GRID) / len(CALIBRATION_GRID)
+    assert r["calibration_error"] == pytest.approx(brute, abs=1e-12) == calibration_error(hpd)
+    assert r["area50_km2"] == np.median(area[:, 0]) and r["area95_km2"] == np.median(area[:, 1])
+    assert {"coverage@95", "calibration_error", "area95_km2"} <= set(r["ci"])
+    assert list(coverage([0.1, 0.5, 0.5, 0.9], [0.5])) == [0.75]  # "<= level": the boundary is covered
+    with pytest.raises(ValueError, match="hpd_level must have shape"):
+        m.summarize(np.ones(3), hpd_level=np.ones(2))

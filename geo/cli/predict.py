@@ -38,7 +38,8 @@ def predict_cmd(run, images, top_k, mode, as_json, map_path, backbone_checkpoint
     its sha256 differs) and the run's selected head. For each image: the top-k
     locations with their probability (argmax) or density (mode), country and nearest
     named place, and the radii around the best guess holding 50 % and 95 % of the
-    predicted probability. The prediction uses the pixels only: EXIF metadata (GPS
+    predicted probability, followed (on stderr) by how often the run's 95 % and 50 %
+    credible regions held the truth on its own test split. The prediction uses the pixels only: EXIF metadata (GPS
     included) is never used; --compare-exif just measures the distance to it.
     Unreadable images are reported with the reason and the others still predicted.
 
@@ -63,6 +64,8 @@ def predict_cmd(run, images, top_k, mode, as_json, map_path, backbone_checkpoint
 
         for path in write_maps(predictor.head, results, map_path):
             click.echo(f"wrote {path}", err=True)
+    if any(r.ok and r.radius_95_km is not None for r in results):
+        click.echo(predictor.calibration, err=True)  # stderr: --json output stays one object per line
     n_bad = sum(not r.ok for r in results)
     if n_bad:
         click.echo(f"{n_bad} of {len(results)} images could not be read (reasons above)", err=True)

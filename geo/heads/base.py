@@ -41,6 +41,17 @@ Declared facts, read by training, sweeps, reports, credible radii and
 - ``vmf_mixture(output)`` / ``cell_density(output)``: the density in a form the
   credible radii and maps integrate exactly (a vMF mixture, or a piecewise-constant
   density over a partition's cells); None when the head's density is not of that form.
+  ``mixture_parts(output)`` / ``cell_probs(output)`` are the same for a whole batch;
+- ``sample(output, n, generator=None) -> xyz [B, n, 3]`` float64 (CPU): n draws per row
+  from the head's own density (``geo.heads.density``: exact vMF sampling for mixtures,
+  uniform within a cell for cell densities). Only heads with ``has_density``; the
+  default draws from ``mixture_parts`` or ``cell_probs``, and a head with neither
+  raises ``NotImplementedError``;
+- ``log_density_rows(output, xyz [B, n, 3]) -> [B, n]``: each row's density at its own points;
+- ``calibration(output, target_xyz, levels, n_samples, generator) -> (hpd_level [B], area_sr [B, L])``:
+  the HPD level of each true point (the mass where the density is higher than there)
+  and the areas of the ``levels``-credible regions; closed form for a single vMF, exact
+  for cell densities, Monte Carlo from ``sample`` otherwise (``geo.heads.density``).
 
 ``geo.heads`` holds models only: no training loop, no file I/O, and it never
 imports ``geo.pipeline`` or ``geo.training``.
@@ -49,13 +60,15 @@ imports ``geo.pipeline`` or ``geo.training``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from geo.errors import ConfigError
+from geo.geometry import vmf_log_normalizer
+from geo.heads import density
 
 MATMUL_DTYPES = {None: None, "float32": None, "bfloat16": torch.bfloat16}
 
@@ -177,6 +190,89 @@ class Head(nn.Module):
     def cell_density(self, output_row: torch.Tensor) -> CellDensity | None:
         """One row's density as cell probabilities over a partition, or None when it is not one."""
         return None
+
+    # ---- sampling and calibration (geo.heads.density) --------------------------------------
+
+    def mixture_parts(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The batch's density as vMF mixtures, float64 on the CPU, or None when it is not one.
+
+        ``(log_w [B, K], mu [B, K, 3] or [1, K, 3] (shared), log_kappa [B, K] or [1, K])``, log_w normalised.
+        """
+        return None
+
+    def cell_probs(self, output: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor] | None:
+        """``(log_probs [B, c], partition, log_areas_sr [c])`` float64 CPU of a cell density, or None."""
+        return None
+
+    def sample(self, output: torch.Tensor, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n draws per row from the head's density: ``output`` of B rows -> ``xyz [B, n, 3]`` float64 on the CPU.
+
+        Reproducible with a seeded ``generator``. Raises NotImplementedError for a head without a density.
+        """
+        with torch.no_grad():
+            parts = self.mixture_parts(output) if self.has_density else None
+            if parts is not None:
+                return density.sample_vmf_mixture(*parts, int(n), generator)
+            cells = self.cell_probs(output) if self.has_density else None
+            if cells is not None:
+                log_probs, partition, _ = cells
+                return density.sample_cells(torch.exp(log_probs), partition, int(n), generator)
+        raise NotImplementedError(f"head {self.name!r} has no density to sample from")
+
+    def log_density_rows(self, output: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
+        """Each row's log-density (nats/sr) at its own points: ``output`` of B rows, ``xyz [B, n, 3]`` -> ``[B, n]``.
+
+        A vMF mixture of few components (``mixture_parts`` with K <= 64) in one float64 pass over
+        row chunks; otherwise one ``log_density`` call per row (its memory bounds are the head's own).
+        """
+        xyz = torch.as_tensor(xyz)
+        parts = self.mixture_parts(output) if self.has_density else None
+        if parts is not None and parts[0].shape[1] <= 64:
+            log_w, mu, log_kappa = parts
+            points = xyz.detach().to("cpu", torch.float64)
+            b, n, k = points.shape[0], points.shape[1], log_w.shape[1]
+            mu, log_kappa = mu.expand(b, k, 3), log_kappa.expand(b, k)
+            log_peak = (log_w + vmf_log_normalizer(log_kappa))[:, None, :]              # [B, 1, K]
+            kappa = torch.exp(log_kappa)[:, None, :]
+            rows = max(1, 2**22 // max(1, n * k))
+            out = [torch.logsumexp(log_peak[r:r + rows] - 0.5 * kappa[r:r + rows] * (
+                points[r:r + rows, :, None, :] - mu[r:r + rows, None, :, :]).pow(2).sum(-1), dim=-1)
+                for r in range(0, b, rows)]
+            return torch.cat(out) if out else torch.zeros((0, n), dtype=torch.float64)
+        rows = [self.log_density(output[r:r + 1], xyz[r].to(output.device))[0].double().cpu()
+                for r in range(output.shape[0])]
+        return torch.stack(rows) if rows else torch.zeros((0, xyz.shape[1]), dtype=torch.float64)
+
+    def calibration(self, output: torch.Tensor, target_xyz: torch.Tensor, *,
+                    levels: Sequence[float] = density.CREDIBLE_LEVELS, n_samples: int = density.DEFAULT_SAMPLES,
+                    generator: torch.Generator | None = None, method: str = "auto"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """HPD levels ``[B]`` of the true points ``target_xyz [B, 3]`` and credible areas ``[B, len(levels)]`` (sr).
+
+        ``method``: "auto" (closed form for a single vMF, exact for a cell density, otherwise
+        Monte Carlo from ``n_samples`` of the head's own samples per row) or "monte-carlo"
+        (always sampled; what the tests compare the exact forms with). Float64 on the CPU.
+        """
+        if not self.has_density:
+            raise NotImplementedError(f"head {self.name!r} has no density: no HPD levels")
+        if method not in ("auto", "monte-carlo"):
+            raise ValueError(f"method must be 'auto' or 'monte-carlo', not {method!r}")
+        y = torch.as_tensor(target_xyz).detach().to("cpu", torch.float64)
+        with torch.no_grad():
+            if method == "auto":
+                parts = self.mixture_parts(output)
+                if parts is not None and parts[0].shape[1] == 1:
+                    _, mu, log_kappa = parts
+                    mu, log_kappa = mu[:, 0].expand(len(y), 3), log_kappa[:, 0].expand(len(y))
+                    return density.vmf_hpd_level(mu, log_kappa, y), density.vmf_credible_area_sr(log_kappa, levels)
+                cells = self.cell_probs(output) if parts is None else None
+                if cells is not None and hasattr(self, "cells_of"):
+                    log_probs, _, log_areas = cells
+                    return density.cell_hpd(log_probs, log_areas, self.cells_of(y).cpu(), levels, generator)
+            samples = self.sample(output, n_samples, generator=generator)
+            # The truth goes through the same code path as the samples: ties (cells) compare exactly.
+            log_p = self.log_density_rows(output, torch.cat([y[:, None, :], samples], dim=1))
+            return density.monte_carlo_hpd(log_p[:, 0], log_p[:, 1:], levels, generator)
 
     # ---- the product W x + b of heads with a ``linear`` layer and a ``matmul_dtype`` ----------
 

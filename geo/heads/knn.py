@@ -170,6 +170,12 @@ class KnnHead(Head):
             log_w, mu, lk = self._mixture(torch.as_tensor(output_row).detach().double().cpu()[None])
             return VmfMixture(log_w[0], mu[0], lk.expand(self.k).clone())
 
+    def mixture_parts(self, output: torch.Tensor):
+        """``(log w [B, k], neighbours [B, k, 3], log kappa [B, k])`` float64 on the CPU (the kernel density)."""
+        with torch.no_grad():
+            log_w, mu, lk = self._mixture(torch.as_tensor(output).detach().to("cpu", torch.float64))
+            return log_w, mu, lk.expand(log_w.shape).clone()
+
     def topk(self, output: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k largest kernel weights ``[B, k]`` and their neighbour ranks ``[B, k]`` int64."""
         k = self._check_k(k)

@@ -48,6 +48,7 @@ from geo.heads.mixture_modes import mixture_modes
 from geo.heads.mvmf_loss import mvmf_log_density_at
 
 MU_INITS = ("centre", "mean")
+NEGLECT_WEIGHT = 1e-9  # log_density_rows drops each row's lightest components summing to at most this weight
 
 
 def _log_vmf_operands(y: torch.Tensor, mu: torch.Tensor, log_kappa: torch.Tensor):
@@ -123,6 +124,35 @@ class MvMFHead(CellHead):
         with torch.no_grad():
             return VmfMixture(torch.log_softmax(torch.as_tensor(output_row).detach().double().cpu(), dim=-1),
                               self.mu().detach().double().cpu(), self.log_kappa.detach().double().cpu())
+
+    def mixture_parts(self, logits: torch.Tensor):
+        """``(log Gamma [B, c], mu [1, c, 3], log kappa [1, c])`` float64 on the CPU (shared components)."""
+        with torch.no_grad():
+            log_w = torch.log_softmax(torch.as_tensor(logits).detach().to("cpu", torch.float64), dim=-1)
+            return log_w, self.mu().detach().to("cpu", torch.float64)[None], \
+                self.log_kappa.detach().to("cpu", torch.float64)[None]
+
+    def log_density_rows(self, logits: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
+        """Each row's log MvMF (nats/sr) at its own points: ``logits [B, c], xyz [B, n, 3] -> [B, n]`` float64, CPU.
+
+        What the Monte Carlo HPD levels evaluate (n = 2,501 points per image). Per row, only the
+        components holding all but ``NEGLECT_WEIGHT`` of its mixing weight take part (the lightest
+        ones, summing to at most 1e-9, are dropped, as in the credible radii): a trained head puts
+        its weight on few of its c components, and the cost is n x (components kept). The vMF
+        terms are the float64 factored product of ``_log_vmf_operands``.
+        """
+        log_w, mu, log_kappa = self.mixture_parts(logits)
+        lhs_all = torch.as_tensor(xyz).detach().to("cpu", torch.float64)
+        _, rhs_all = _log_vmf_operands(lhs_all[:1, 0], mu[0], log_kappa[0])               # [c, 4]
+        out = torch.empty(lhs_all.shape[:2], dtype=torch.float64)
+        for r in range(log_w.shape[0]):
+            w_sorted, order = torch.sort(log_w[r], descending=True)
+            cum = torch.cumsum(torch.exp(w_sorted), 0)
+            keep = order[: int(torch.searchsorted(cum, torch.tensor([1.0 - NEGLECT_WEIGHT], dtype=torch.float64))) + 1]
+            y = lhs_all[r]
+            lhs = torch.cat([y / torch.linalg.vector_norm(y, dim=-1, keepdim=True), torch.ones_like(y[:, :1])], 1)
+            out[r] = torch.logsumexp(lhs @ rhs_all[keep].T + log_w[r, keep][None, :], dim=-1)
+        return out
 
     def initial_means_xyz(self, partition):
         """The means before training (``mu_init``: the cells' centres or training-point means), ``[c, 3]``."""

@@ -124,6 +124,14 @@ class RegressionHead(Head):
             return VmfMixture(torch.zeros(1, dtype=torch.float64), normalize(output_row.detach().double().cpu())[None],
                               self.log_kappa.detach().double().cpu()[None])
 
+    def mixture_parts(self, output: torch.Tensor):
+        """One vMF per row: ``(0 [B, 1], prediction [B, 1, 3], log kappa [B, 1])`` float64 on the CPU."""
+        with torch.no_grad():
+            y_hat = normalize(torch.as_tensor(output).detach().to("cpu", torch.float64))
+            n = y_hat.shape[0]
+            return torch.zeros((n, 1), dtype=torch.float64), y_hat[:, None, :], \
+                self.log_kappa.detach().to("cpu", torch.float64).expand(n, 1).clone()
+
     def topk(self, output: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One prediction of probability 1 per row (``[B, 1]``, ``[B, 1]``)."""
         self._check_k(k)

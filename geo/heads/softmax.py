@@ -109,6 +109,13 @@ class SoftmaxHead(CellHead):
             log_p = torch.log_softmax(torch.as_tensor(output_row).detach().double().cpu(), dim=-1)
         return CellDensity(np.exp(log_p.numpy()), self.partition)
 
+    def cell_probs(self, logits: torch.Tensor):
+        """``(log p(cell) [B, c], partition, log area [c])`` float64 on the CPU."""
+        with torch.no_grad():
+            log_p = torch.log_softmax(torch.as_tensor(logits).detach().to("cpu", torch.float64), dim=-1)
+        areas = torch.as_tensor(np.asarray(self.partition.areas_sr), dtype=torch.float64)
+        return log_p, self.partition, torch.log(areas)
+
     def cells_of(self, xyz: torch.Tensor) -> torch.Tensor:
         """Cell index ``int64 [n]`` of points ``xyz [n, 3]`` via ``partition.assign`` (on the CPU)."""
         xyz_np = torch.as_tensor(xyz).detach().to("cpu", torch.float64).numpy().reshape(-1, 3)

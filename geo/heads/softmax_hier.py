@@ -126,5 +126,8 @@ class SoftmaxHierHead(SoftmaxHead):
     def topk(self, joint, k):
         return super().topk(self.fine_log_probs(joint), k)
 
+    def cell_probs(self, joint):
+        return super().cell_probs(self.fine_log_probs(torch.as_tensor(joint).detach()))
+
     def cell_density(self, output_row):
         return super().cell_density(self.fine_log_probs(torch.as_tensor(output_row)[None])[0])

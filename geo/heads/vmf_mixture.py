@@ -141,6 +141,12 @@ class VmfMixtureHead(Head):
             row = torch.as_tensor(output_row).detach().double().cpu()
             return VmfMixture(torch.log_softmax(row[:, 0], dim=0), normalize(row[:, 1:4]), row[:, 4])
 
+    def mixture_parts(self, output: torch.Tensor):
+        """``(log pi [B, K], mu [B, K, 3], log kappa [B, K])`` float64 on the CPU."""
+        with torch.no_grad():
+            out = torch.as_tensor(output).detach().to("cpu", torch.float64)
+            return torch.log_softmax(out[..., 0], dim=-1), normalize(out[..., 1:4]), out[..., 4]
+
     def topk(self, output: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k largest mixing weights ``[B, k]`` and their component indices ``[B, k]`` int64."""
         k = self._check_k(k)

@@ -189,3 +189,34 @@ def head_radii_km(head, output_row, centre_xyz: np.ndarray, masses: Sequence[flo
     if cells is not None and hasattr(cells.partition, "piece_ids"):
         return cell_radii_km(centre_xyz, cells.probs, cells.partition, masses)
     return None
+
+
+def calibration_statement(metrics: dict | None) -> str:
+    """Whether a run's credible regions held the truth as often as they claim, on its own test split.
+
+    ``metrics``: the run's ``metrics.json`` (``geo.metrics.summarize``: ``coverage@50``, ``coverage@95`` and
+    their bootstrap intervals in ``ci``). The coverage is that of the head's highest-density regions (the
+    smallest regions holding 50 % / 95 %), measured per test image from its HPD level; the radii ``geo
+    predict`` prints describe regions of the same probability around the best guess. A coverage whose 95 %
+    interval excludes the level is called overconfident (below) or underconfident (above).
+    """
+    metrics = metrics or {}
+    cov95, cov50 = metrics.get("coverage@95"), metrics.get("coverage@50")
+    if cov95 is None or cov50 is None:
+        return ("Calibration of these radii: not measured (the run's metrics.json has no coverage; runs scored "
+                "by this version of geo have it).")
+    n = metrics.get("n")
+    split = metrics.get("split") or "test"
+    where = f"on the {split} split ({n:,} images)" if isinstance(n, int) else f"on the {split} split"
+    ci = (metrics.get("ci") or {}).get("coverage@95")
+    if ci is None:
+        verdict = "no interval recorded, so not judged"
+    elif ci[1] < 0.95:
+        verdict = "overconfident: the truth falls outside them more often than they claim"
+    elif ci[0] > 0.95:
+        verdict = "underconfident: they are larger than they need to be"
+    else:
+        verdict = "consistent with calibration"
+    interval = f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]" if ci else ""
+    return (f"Calibration {where}: 95 % regions held the truth for {100 * cov95:.0f} %{interval} of images, "
+            f"50 % regions for {100 * cov50:.0f} %: {verdict}.")

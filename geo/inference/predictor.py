@@ -33,7 +33,7 @@ import torch
 from geo.errors import GeoError
 from geo.files import sha256_file
 from geo.geometry import EARTH_RADIUS_KM, great_circle_km, latlon_to_xyz
-from geo.inference.credible import head_radii_km
+from geo.inference.credible import calibration_statement, head_radii_km
 from geo.pipeline.countries import country_codes, country_name
 from geo.training import runs
 from geo.training.evaluate import feature_dtype
@@ -156,6 +156,8 @@ class Predictor:
     Attributes:
         timings: seconds spent so far in "decode" (read + transform), "backbone", "head"
             (logits, top-k, radii), "places" (country + nearest place) and "total".
+        calibration: one sentence saying whether the run's credible regions held the truth as often
+            as they claim on its own test split (``geo.inference.credible.calibration_statement``).
     """
 
     def __init__(self, run: str | os.PathLike, *, backbone_checkpoint: str | os.PathLike | None = None,
@@ -185,6 +187,12 @@ class Predictor:
         self.mode = self.head.check_predict(mode or self.config.get("predict"))
         self.feature_dtype = feature_dtype(self.config["precision"])
         self.timings = dict(decode=0.0, backbone=0.0, head=0.0, places=0.0, total=0.0)
+        # Whether the radii this run prints held the truth as often as they claim, on its own test split.
+        try:
+            own_metrics = runs.read_json(self.run_dir / runs.METRICS_FILE)
+        except (OSError, ValueError, GeoError):
+            own_metrics = None
+        self.calibration = calibration_statement(own_metrics)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Head logits ``[B, c]`` (float32, CPU) of transformed images ``[B, 3, H, W]``."""

@@ -183,6 +183,23 @@ def figures_sections(runs: list[Run], labels: dict[str, str]) -> list[Section]:
     return [by_c, by_kappa, by_size, curves]
 
 
+def calibration_section(runs: list[Run]) -> Section:
+    """Reliability diagrams, one per test set (every run's own test split and each `geo evaluate`)."""
+    section = Section("Calibration and sharpness (reliability diagrams)", [Text(
+        "Does the truth fall inside a head's credible regions as often as they claim? Each test image's HPD "
+        "level is the probability mass the head puts where its density is higher than at the true location "
+        "(uniform on [0, 1] for a calibrated head). The diagram draws, against each level a, the percentage "
+        "of images whose truth lies in the head's a highest-density region (one line per head: its best run "
+        "on validation); the diagonal is calibration, below it the head is overconfident. The table's cov@95, "
+        "calib. err and region areas (sharpness) come from the same levels.")])
+    for t in testsets.collect_test_sets(runs):
+        section.blocks += _figure("reliability.png", plots.reliability_diagram(t.runs),
+                                  f"Reliability diagram on test set {t.name}: coverage of the credible regions "
+                                  "against their level (left) and the gap coverage − level (right).",
+                                  f"test set {t.name}")
+    return section
+
+
 def maps_section(runs: list[Run], labels: dict[str, str], cache_path, n_maps: int) -> tuple[Section, list[str]]:
     section = Section("Maps (paper figs. 1, 2 and 5)")
     if n_maps <= 0:
@@ -285,7 +302,8 @@ def build_report(paths: Iterable[str | Path], out_dir: str | Path, *, fmt: str =
     maps, notes = maps_section(runs, labels, cache_path, n_maps)
     per_test_set, variants = test_set_sections(runs)
     sections = [runs_section(runs, skipped, labels), *per_test_set[:2], table_section(runs, labels),
-                claims_section(runs, labels), *figures_sections(runs, labels), maps, *per_test_set[2:]]
+                claims_section(runs, labels), calibration_section(runs), *figures_sections(runs, labels), maps,
+                *per_test_set[2:]]
 
     out_dir = Path(out_dir)
     with publish.building(out_dir) as build:  # swapped in whole when every file is written

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from geo.reports.paired import PairedDifference, matched_errors, paired_accuracy_difference
+from geo.reports.paired import (PairedDifference, matched_errors, matched_hpd_levels, paired_accuracy_difference,
+                                paired_calibration_difference)
 from geo.reports.runs import ACC_KEYS, END_TO_END, FROZEN, SCALES_KM, Run, group_series, pick_one, series_label
 from geo.reports.scope import NOT_MEANINGFUL, NOT_TESTABLE, testable
 from geo.reports.tables import format_cells
@@ -316,10 +317,67 @@ def claim_end_to_end_improves(runs: list[Run]) -> Claim:
     return Claim(6, statement, _combine_all([c.verdict for c in subcases]), subcases)
 
 
-def evaluate_claims(runs: list[Run]) -> list[Claim]:
-    """The four claims of the paper's experiments (table 2, figs. 6 and 7) on ``runs`` (one feature cache).
+def _calibration_text(run: Run) -> str:
+    value, ci = run.metric("calibration_error"), run.ci("calibration_error")
+    if value is None:
+        return "calibration error ?"
+    return f"calibration error {100 * value:.1f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "") + \
+        (f", cov@95 {100 * run.metric('coverage@95'):.0f}%" if run.metric("coverage@95") is not None else "")
 
-    Claims 1-4 compare heads on frozen features: end-to-end runs are left out of them and checked
+
+def claim_mvmf_calibrated(runs: list[Run]) -> Claim:
+    """Claim 7 (paper section 1, fig. 1): the MvMF's credible regions are better calibrated than softmax's at
+    equal c and than retrieval's (knn, which has no c: its best run on validation)."""
+    statement = ("The MvMF represents the ambiguity of weakly localizable images properly, unlike classification "
+                 "and retrieval (paper section 1, fig. 1): its calibration error (mean |coverage − level| of its "
+                 "credible regions, levels 5 %…95 %) is lower than softmax's at equal c and than knn's, by a paired "
+                 "bootstrap over test images.")
+    groups: dict[tuple[int, float], dict[str, list[Run]]] = {}
+    knn_by_fraction: dict[float, list[Run]] = {}
+    for run in runs:
+        if run.head in (MVMF, SOFTMAX) and run.n_cells is not None:
+            groups.setdefault((run.n_cells, run.train_fraction), {}).setdefault(run.head, []).append(run)
+        elif run.head == KNN:
+            knn_by_fraction.setdefault(run.train_fraction, []).append(run)
+    pairs = []
+    for (c, fraction), heads in sorted(groups.items()):
+        if MVMF not in heads:
+            continue
+        mvmf = pick_one(heads[MVMF])
+        if SOFTMAX in heads:
+            pairs.append((c, fraction, mvmf, SOFTMAX, pick_one(heads[SOFTMAX])))
+        if knn_by_fraction.get(fraction):
+            pairs.append((c, fraction, mvmf, KNN, pick_one(knn_by_fraction[fraction])))
+    if not pairs:
+        return Claim(7, statement, "not tested: needs mvmf runs and softmax runs with a common c, or knn runs")
+    subcases, notes, untested = [], [], []
+    for c, fraction, mvmf, head, other in pairs:
+        on = f" f={fraction:g}" if fraction != 1.0 else ""
+        matched = matched_hpd_levels(mvmf.predictions_path, other.predictions_path)
+        if matched is None:
+            untested.append(f"c={format_cells(c)}{on} vs {head} ({other.name})")
+            continue
+        difference = paired_calibration_difference(*matched)
+        verdict = HOLDS if difference.high < 0 else FAILS if difference.low > 0 else INCONCLUSIVE
+        subcases.append(SubCase(f"c={format_cells(c)}{on} vs {head}",
+                                f"mvmf ({mvmf.name}) {_calibration_text(mvmf)} vs {head} ({other.name}) "
+                                f"{_calibration_text(other)}; paired difference {100 * difference.difference:+.1f} "
+                                f"points [{100 * difference.low:+.1f}, {100 * difference.high:+.1f}] over "
+                                f"{difference.n} images", verdict))
+    if untested:
+        notes.append("not tested (no hpd_level in predictions.parquet: runs scored before calibration existed; "
+                     f"re-run geo evaluate): {'; '.join(untested)}")
+    if not subcases:
+        return Claim(7, statement, "not tested: needs hpd_level in the runs' predictions.parquet (geo evaluate)",
+                     notes=notes)
+    return Claim(7, statement, _combine_all([s.verdict for s in subcases]), subcases, notes)
+
+
+def evaluate_claims(runs: list[Run]) -> list[Claim]:
+    """The claims of the paper's experiments (table 2, figs. 6 and 7) and its calibration claim (section 1,
+    fig. 1) on ``runs`` (one feature cache).
+
+    Claims 1-4 and 7 compare heads on frozen features: end-to-end runs are left out of them and checked
     against their parents by claim 6, present when there is an end-to-end run.
     """
     frozen = [r for r in runs if r.features == FROZEN]
@@ -327,6 +385,7 @@ def evaluate_claims(runs: list[Run]) -> list[Claim]:
               claim_mvmf_beats_softmax(frozen), claim_kappa0_scales(frozen)]
     if any(r.features == END_TO_END for r in runs):
         claims.append(claim_end_to_end_improves(runs))
+    claims.append(claim_mvmf_calibrated(frozen))
     return claims
 
 

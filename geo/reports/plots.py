@@ -1,4 +1,5 @@
-"""Figures of a report (matplotlib, Agg): accuracy vs c, accuracy vs κ0, learning curves, training curves.
+"""Figures of a report (matplotlib, Agg): accuracy vs c, accuracy vs κ0, learning curves, training curves,
+reliability diagrams (calibration).
 
 Each function returns a ``matplotlib.figure.Figure``, or a string saying why the
 runs cannot make that figure. Accuracies are drawn in percent with their bootstrap
@@ -14,7 +15,10 @@ import matplotlib
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402  (after choosing the backend)
 
-from geo.reports.runs import ACC_KEYS, SCALES_KM, Run, group_series, series_label  # noqa: E402
+import numpy as np  # noqa: E402
+
+from geo.reports.paired import hpd_levels  # noqa: E402
+from geo.reports.runs import ACC_KEYS, SCALES_KM, Run, group_series, pick_one, series_label  # noqa: E402
 
 MAX_LEGEND_ENTRIES = 12
 LEARNING_CURVE_SCALES_KM = (25, 200, 750, 2500)
@@ -135,5 +139,49 @@ def training_curves(runs: list[Run]) -> Figure | str:
         ax.grid(alpha=0.3)
     if len(with_history) <= MAX_LEGEND_ENTRIES:
         ax_loss.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _run_label(run: Run) -> str:
+    return f"{run.head}" + (f" c={run.n_cells}" if run.n_cells is not None else "") + \
+        (f" κ0={run.kappa0:g}" if run.kappa0 is not None else "")
+
+
+def reliability_diagram(runs: list[Run]) -> Figure | str:
+    """Coverage of the a-credible (highest-density) regions against a, one line per head, and the diagonal.
+
+    Coverage(a) is the fraction of test images whose ``hpd_level`` (predictions.parquet) is <= a; a
+    calibrated head lies on the diagonal, an overconfident one below it, an underconfident one above.
+    Per head, its best run on validation (``pick_one``) among those with HPD levels; the right panel shows
+    each line's gap coverage − a (the calibration error is its mean absolute value over a = 0.05…0.95).
+    """
+    by_head: dict[str, list[tuple[Run, np.ndarray]]] = {}
+    for run in runs:
+        levels = hpd_levels(run.predictions_path)
+        if levels is not None and len(levels):
+            by_head.setdefault(run.head, []).append((run, levels))
+    if not by_head:
+        return "needs runs with hpd_level in predictions.parquet (heads with a density, scored by this geo)"
+    grid = np.linspace(0.0, 1.0, 101)
+    fig = Figure(figsize=(9.6, 4.0))
+    ax, ax_gap = fig.subplots(1, 2)
+    ax.plot([0, 100], [0, 100], color="black", linewidth=1, linestyle="--", label="calibrated")
+    ax_gap.axhline(0.0, color="black", linewidth=1, linestyle="--")
+    for head, members in sorted(by_head.items()):
+        chosen = pick_one([run for run, _ in members])
+        levels = np.sort(next(lv for run, lv in members if run is chosen))
+        covered = np.searchsorted(levels, grid, side="right") / len(levels)
+        error = chosen.metric("calibration_error")
+        label = _run_label(chosen) + (f" (calib. err {100 * error:.1f} %)" if error is not None else "")
+        line, = ax.plot(100 * grid, 100 * covered, label=label)
+        ax_gap.plot(100 * grid, 100 * (covered - grid), color=line.get_color())
+    ax.set(xlabel="credible level a (%)", ylabel="images whose truth lies in the a region (%)",
+           title="reliability diagram", xlim=(0, 100), ylim=(0, 100))
+    ax_gap.set(xlabel="credible level a (%)", ylabel="coverage − a (points)", title="gap (0 = calibrated)",
+               xlim=(0, 100))
+    for a in (ax, ax_gap):
+        a.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     return fig

@@ -31,15 +31,24 @@ from geo.errors import ConfigError, GeoError
 from geo.heads import head_class
 from geo.training.runs import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, METRICS_LOG_FILE,
                             PREDICTIONS_FILE, RUN_FORMAT, read_jsonl)
-from geo.metrics import DISTANCE_SCALES_KM, accuracy_key
+from geo.metrics import (AREA_LEVELS, COVERAGE_LEVELS, DISTANCE_SCALES_KM, accuracy_key, area_key,
+                         coverage_key)
 from geo.training.reference import DENSEST_CELL_KEY, TRAIN_DISTANCE_KEY
 
 SCALES_KM = DISTANCE_SCALES_KM
 ACC_KEYS = tuple(accuracy_key(s) for s in SCALES_KM)
 # Metric keys the reports show, in table order, and whether larger is better.
-METRIC_KEYS = ACC_KEYS + ("median_km", "mean_km", "geoscore", "country_acc", "nll_nats")
+# Calibration and sharpness (heads with a density; geo.metrics): coverage of the 50/80/95 % credible
+# regions, the mean |coverage - level| (lower is better) and the median areas of the 50 % and 95 % regions.
+COVERAGE_KEYS = tuple(coverage_key(level) for level in COVERAGE_LEVELS)
+AREA_KEYS = tuple(area_key(level) for level in AREA_LEVELS)
+CALIBRATION_KEYS = COVERAGE_KEYS + ("calibration_error",) + AREA_KEYS
+METRIC_KEYS = ACC_KEYS + ("median_km", "mean_km", "geoscore", "country_acc", "nll_nats") + CALIBRATION_KEYS
+# Coverages are best near their level, areas only beside calibration: neither is "higher is better"; the
+# table marks no best value for them (None).
 HIGHER_IS_BETTER = {**{k: True for k in ACC_KEYS}, "median_km": False, "mean_km": False,
-                    "geoscore": True, "country_acc": True, "nll_nats": False}
+                    "geoscore": True, "country_acc": True, "nll_nats": False, "calibration_error": False,
+                    **{k: None for k in COVERAGE_KEYS + AREA_KEYS}}
 # Validation metric that picks one run among duplicates (never the test split); fit-head's default rule.
 SELECT_KEY = "geoscore"
 # The two kinds of run (``Run.features``): a head on a frozen backbone's cached features, or `geo finetune`'s.
@@ -134,7 +143,7 @@ class Run:
         values = [v for v in values if _finite(v)]
         if not values:
             return None
-        return max(values) if HIGHER_IS_BETTER.get(key, True) else min(values)
+        return max(values) if HIGHER_IS_BETTER.get(key, True) is not False else min(values)
 
 
 def _finite(value: Any) -> bool:

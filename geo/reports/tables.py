@@ -29,7 +29,12 @@ CONVENTIONS = (
     "Country accuracy is the percentage of predictions in the true country. NLL is the mean negative "
     "log-density at the true location in nats per steradian (lower is better; only heads with a "
     "density). Bold marks the best value of each column. c is the number of cells/components, "
-    "κ0 the initial log κ of the MvMF components."
+    "κ0 the initial log κ of the MvMF components. "
+    "Calibration (heads with a density): cov@95 is the percentage of test images whose true location lies in "
+    "the head's 95 % credible (highest-density) region — 95 for a calibrated head, less for an overconfident "
+    "one; calib. err is the mean |coverage − level| over levels 5 %, 10 %, …, 95 % (0 = calibrated; "
+    "lower is better). Sharpness: the median area (km²) of the 50 % and 95 % credible regions "
+    "(smaller is sharper, which is only worth having with a small calibration error; not marked)."
 )
 
 
@@ -52,6 +57,10 @@ class Column:
     with_ci: bool = True
 
 
+def _area(x: float) -> str:
+    return f"{x:,.3g}" if x < 1e4 else f"{x:,.0f}"
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
@@ -62,6 +71,10 @@ COLUMNS = (
     Column("geoscore", "GeoScore", lambda x: f"{x:,.0f}"),
     Column("country_acc", "country (%)", _pct),
     Column("nll_nats", "NLL (nats)", lambda x: f"{x:.2f}"),
+    Column("coverage@95", "cov@95 (%)", _pct),
+    Column("calibration_error", "calib. err (%)", _pct),
+    Column("area50_km2", "50 % region (km²)", _area, with_ci=False),
+    Column("area95_km2", "95 % region (km²)", _area, with_ci=False),
 )
 
 
@@ -80,7 +93,7 @@ def best_values(runs: list[Run]) -> dict[str, float]:
     for column in COLUMNS:
         values = [r.metric(column.key) for r in runs if r.metric(column.key) is not None
                   and not untestable(r, column.key)]
-        if values:
+        if values and HIGHER_IS_BETTER[column.key] is not None:
             best[column.key] = max(values) if HIGHER_IS_BETTER[column.key] else min(values)
     return best
 
@@ -133,7 +146,7 @@ def _rows(runs: list[Run]) -> tuple[list[str], list[list[tuple[str, bool]]]]:
             cells.append((run.cache_label or "?", False))
         for column in COLUMNS:
             value = run.metric(column.key)
-            is_best = (value is not None and not untestable(run, column.key)
+            is_best = (value is not None and column.key in best and not untestable(run, column.key)
                        and math.isclose(value, best[column.key], rel_tol=1e-12, abs_tol=1e-12))
             cells.append((_cell_text(run, column), is_best))
         rows.append(cells)

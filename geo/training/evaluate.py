@@ -19,10 +19,13 @@ from tqdm.auto import tqdm
 
 from geo.devices import resolve_device
 from geo.errors import ConfigError
-from geo.geometry import great_circle_km, latlon_to_xyz
-from geo.metrics import summarize
+from geo.geometry import EARTH_RADIUS_KM, great_circle_km, latlon_to_xyz
+from geo.metrics import AREA_LEVELS, summarize
 from geo.training import reference, runs
 from geo.training.config import TOPK
+
+CALIBRATION_SAMPLES = 2500  # Monte Carlo samples per image: HPD levels to a standard error <= 0.01
+CALIBRATION_SEED = 0  # the seed of those samples: an evaluation is reproducible
 
 CountryFn = Callable[[np.ndarray, np.ndarray], Sequence[str]]
 """``(lat_deg [n], lon_deg [n]) -> ISO alpha-2 codes [n]`` (e.g. ``geo.pipeline.countries.country_codes``).
@@ -83,6 +86,8 @@ def evaluate_split(
     topk: int = 0,
     country_fn: CountryFn | None = None,
     progress: bool = False,
+    calibration: bool | None = None,
+    calibration_samples: int = CALIBRATION_SAMPLES,
 ) -> tuple[dict, dict | None]:
     """Metrics of ``head`` on ``split`` of ``cache`` and, if ``topk``, per-row predictions.
 
@@ -95,6 +100,11 @@ def evaluate_split(
         n_bootstrap: bootstrap replicates for the intervals (0 = none, for speed).
         topk: k of the top-k columns of the returned predictions; 0 = return no predictions.
         country_fn: maps predicted lat/lon to country codes; None = no country accuracy.
+        calibration: compute each row's HPD level and credible-region areas (heads with a
+            density; ``head.calibration``, seeded with ``CALIBRATION_SEED``: reproducible for
+            the same rows in the same order); None = when ``topk`` (final scoring, not the
+            val evaluations during training).
+        calibration_samples: Monte Carlo samples per row where no closed form exists.
     Returns:
         ``(metrics, predictions)``: ``metrics`` from ``geo.metrics.summarize``
         (+ ``"split"``, ``"predict"``); ``predictions`` a dict of numpy arrays with
@@ -107,6 +117,11 @@ def evaluate_split(
     pred_lon = np.empty(n)
     log_density = np.empty(n)
     has_log_density = True
+    calibrate = bool(topk) if calibration is None else bool(calibration)
+    calibrate = calibrate and bool(getattr(head, "has_density", False))
+    hpd_level = np.empty(n)
+    area_sr = np.empty((n, len(AREA_LEVELS)))
+    generator = torch.Generator().manual_seed(CALIBRATION_SEED)
     topk_lat = np.empty((n, k))
     topk_lon = np.empty((n, k))
     topk_prob = np.empty((n, k))
@@ -133,6 +148,15 @@ def evaluate_split(
                     log_density[sl] = head.log_density_at(logits, y.to(device)).double().cpu().numpy()
                 except NotImplementedError:
                     has_log_density = False
+            if calibrate:
+                y64 = torch.from_numpy(latlon_to_xyz(cache.lat_deg[rows], cache.lon_deg[rows]))
+                try:
+                    hpd, areas = head.calibration(logits, y64, levels=[a / 100 for a in AREA_LEVELS],
+                                                  n_samples=calibration_samples, generator=generator)
+                    hpd_level[sl] = hpd.numpy()
+                    area_sr[sl] = areas.numpy()
+                except NotImplementedError:  # a density it cannot sample from: no calibration columns
+                    calibrate = False
             if k:
                 probs, _ = head.topk(logits, k)
                 tlat, tlon = head.predict(logits, k=k, mode=topk_mode)
@@ -148,8 +172,10 @@ def evaluate_split(
     if country_fn is not None:
         true_codes = np.asarray(cache.countries, dtype=object)[cache.country[row_order]]
         country = dict(pred_country=np.asarray(country_fn(pred_lat, pred_lon), dtype=object), true_country=true_codes)
+    area_km2 = area_sr * EARTH_RADIUS_KM ** 2 if calibrate else None
     metrics = summarize(
-        dist_km, log_density=log_density if has_log_density else None, n_bootstrap=n_bootstrap, **country
+        dist_km, log_density=log_density if has_log_density else None, n_bootstrap=n_bootstrap,
+        hpd_level=hpd_level if calibrate else None, area_km2=area_km2, **country
     )
     metrics = {"split": split, "predict": predict, **metrics}
     if not k:
@@ -158,6 +184,7 @@ def evaluate_split(
         ids=cache.ids[row_order], lat_deg=lat_true, lon_deg=lon_true, pred_lat_deg=pred_lat, pred_lon_deg=pred_lon,
         dist_km=dist_km, topk_lat_deg=topk_lat, topk_lon_deg=topk_lon, topk_prob=topk_prob,
         log_density=log_density if has_log_density else None,
+        hpd_level=hpd_level if calibrate else None, area_km2=area_km2,
     )
     return metrics, predictions
 
@@ -292,5 +319,16 @@ def format_metrics(metrics: dict) -> str:
             lo, hi = ci.get(key, (None, None))
             interval = f"  [{lo:.1f}, {hi:.1f}]" if lo is not None else ""
             rows.append(f"{label:<14}{metrics[key]:10.1f}{unit}{interval}")
+    for key, label in [("coverage@50", "coverage@50"), ("coverage@80", "coverage@80"), ("coverage@95", "coverage@95"),
+                       ("calibration_error", "calib. error")]:
+        if metrics.get(key) is not None:
+            lo, hi = ci.get(key, (None, None))
+            interval = f"  [{100 * lo:5.1f}, {100 * hi:5.1f}]" if lo is not None else ""
+            rows.append(f"{label:<14}{100 * metrics[key]:8.1f} %{interval}")
+    for key, label in [("area50_km2", "50 % region"), ("area95_km2", "95 % region")]:
+        if metrics.get(key) is not None:
+            lo, hi = ci.get(key, (None, None))
+            interval = f"  [{lo:.3g}, {hi:.3g}]" if lo is not None else ""
+            rows.append(f"{label:<14}{metrics[key]:10.3g} km² (median){interval}")
     head = f"{metrics.get('split', '?')} split, n = {metrics.get('n', '?')}, predict = {metrics.get('predict', '?')}"
     return "\n".join([head, *rows])

@@ -42,6 +42,7 @@ import torch
 
 from geo.errors import ConfigError, GeoError
 from geo.files import atomic_torch_save, atomic_write, atomic_write_bytes, temporary_path
+from geo.metrics import AREA_LEVELS, area_key
 from geo.heads import Head, create_head, head_class
 from geo.sphere.partition import Partition
 
@@ -261,8 +262,15 @@ def write_predictions(
     topk_lon_deg: np.ndarray,
     topk_prob: np.ndarray,
     log_density: np.ndarray | None,
+    hpd_level: np.ndarray | None = None,
+    area_km2: np.ndarray | None = None,
 ) -> None:
-    """Write ``predictions.parquet`` (``topk_*`` are ``[n, k]``, stored as fixed-size lists)."""
+    """Write ``predictions.parquet`` (``topk_*`` are ``[n, k]``, stored as fixed-size lists).
+
+    ``hpd_level [n]`` (the mass of the density above its value at the truth) and ``area_km2 [n, 2]``
+    (the 50 % and 95 % credible regions' areas) are columns ``hpd_level``, ``area50_km2``,
+    ``area95_km2``: nulls for a head without a density.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -284,7 +292,13 @@ def write_predictions(
         "log_density": (
             pa.array(np.asarray(log_density, np.float64)) if log_density is not None else pa.nulls(n, pa.float64())
         ),
+        "hpd_level": (
+            pa.array(np.asarray(hpd_level, np.float64)) if hpd_level is not None else pa.nulls(n, pa.float64())
+        ),
     }
+    for j, name in enumerate(area_key(level) for level in AREA_LEVELS):
+        columns[name] = (pa.array(np.asarray(area_km2, np.float64)[:, j]) if area_km2 is not None
+                         else pa.nulls(n, pa.float64()))
     with atomic_write(path) as handle:
         pq.write_table(pa.table(columns), handle)
 

@@ -165,3 +165,105 @@ def test_bf16_matmul_agrees_with_float32(name):
     loss16.backward()
     assert head16.linear.weight.grad.dtype == torch.float32
     assert loss16.item() == pytest.approx(head32.loss(logits32, y).item(), rel=2e-2)
+
+
+# ---- sampling and calibration (every head with a density) --------------------------------------------------
+
+
+def test_a_head_without_a_density_cannot_sample():
+    class NoDensity(Head):  # not registered: a stand-in
+        name = "no-density"
+
+    head = NoDensity(feature_dim=FEATURE_DIM)
+    with pytest.raises(NotImplementedError, match="no density"):
+        head.sample(torch.zeros(2, 3), 10)
+    with pytest.raises(NotImplementedError, match="no density"):
+        head.calibration(torch.zeros(2, 3), torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_sample_contract(name):
+    head = make(name)
+    assert head.has_density  # every built-in head has one; a new head without must test the refusal above
+    x, y = batch(4)
+    with torch.no_grad():
+        out = head(x)
+    draw = head.sample(out, 300, generator=torch.Generator().manual_seed(1))
+    assert draw.shape == (4, 300, 3) and draw.dtype == torch.float64
+    torch.testing.assert_close(draw.norm(dim=-1), torch.ones(4, 300, dtype=torch.float64), rtol=0, atol=1e-12)
+    again = head.sample(out, 300, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(draw, again)  # reproducible from the seed
+    assert head.sample(out[:0], 7).shape == (0, 7, 3)
+    hpd, area = head.calibration(out, y, levels=(0.5, 0.95), n_samples=500, generator=torch.Generator().manual_seed(2))
+    assert hpd.shape == (4,) and area.shape == (4, 2)
+    assert torch.all((hpd >= 0) & (hpd <= 1)) and torch.all(area[:, 0] <= area[:, 1])
+    assert torch.all((area > 0) & (area <= 4 * math.pi + 1e-9))
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_samples_follow_the_density(name):
+    """Samples are distributed per the head's density: their mean log-density equals the entropy integral
+    -H = sum over a quadrature grid of p log p, and their counts in the cells of a partition match the grid's
+    integral of p over each cell (chi-square)."""
+    head = make(name).double()
+    x, _ = batch(2, seed=3)
+    n = 20_000
+    grid = torch.from_numpy(fibonacci_sphere(400_000))
+    weight = 4 * math.pi / len(grid)
+    cells = _real_partition(24)
+    grid_lat, grid_lon = np.degrees(np.arcsin(np.clip(grid[:, 2].numpy(), -1, 1))), \
+        np.degrees(np.arctan2(grid[:, 1].numpy(), grid[:, 0].numpy()))
+    grid_cell = cells.assign(grid_lat, grid_lon)
+    with torch.no_grad():
+        out = head(x.double())
+        log_p_grid = head.log_density(out, grid).numpy()                                  # [2, G]
+        draw = head.sample(out, n, generator=torch.Generator().manual_seed(4))
+        log_p_draw = head.log_density_rows(out, draw).numpy()                             # [2, n]
+    for row in range(2):
+        p = np.exp(log_p_grid[row])
+        neg_entropy = float(np.sum(p * log_p_grid[row]) * weight)
+        se = log_p_draw[row].std() / math.sqrt(n)
+        assert abs(log_p_draw[row].mean() - neg_entropy) < 5 * se + 0.01, (row, log_p_draw[row].mean(), neg_entropy)
+        expected = np.bincount(grid_cell, weights=p * weight, minlength=cells.n_cells) * n
+        xyz = draw[row].numpy()
+        counts = np.bincount(cells.assign(np.degrees(np.arcsin(np.clip(xyz[:, 2], -1, 1))),
+                                          np.degrees(np.arctan2(xyz[:, 1], xyz[:, 0]))), minlength=cells.n_cells)
+        keep = expected > 5
+        chi2 = float(np.sum((counts[keep] - expected[keep]) ** 2 / expected[keep]))
+        from scipy.stats import chi2 as chi2_law
+        assert chi2_law.sf(chi2, keep.sum() - 1) > 1e-4, (row, chi2, keep.sum())
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_hpd_levels_and_areas_match_a_dense_grid_integral(name):
+    """HPD levels and credible areas, by the head's own method ("auto": closed form, exact cells or Monte Carlo) and
+    by Monte Carlo from its samples, equal the integrals over a quadrature grid that resolves the density:
+    level = integral of p over {p > p(y)}, area = the grid area of the densest points holding the mass."""
+    head = make(name).double()
+    x, y = batch(4, seed=5)
+    grid = torch.from_numpy(fibonacci_sphere(400_000))
+    weight = 4 * math.pi / len(grid)
+    levels = (0.5, 0.95)
+    with torch.no_grad():
+        out = head(x.double())
+        log_p_grid = head.log_density(out, grid).numpy()
+        log_p_y = torch.stack([head.log_density(out[r:r + 1], y[r:r + 1])[0, 0] for r in range(4)]).numpy()
+        results = {method: head.calibration(out, y, levels=levels, n_samples=10_000, method=method,
+                                            generator=torch.Generator().manual_seed(6))
+                   for method in ("auto", "monte-carlo")}
+    for row in range(4):
+        p = np.exp(log_p_grid[row])
+        # ties (a cell density: y's own cell) make the level an interval; the methods draw a point inside it
+        low = float(np.sum(p * (log_p_grid[row] > log_p_y[row] + 1e-9)) * weight)
+        high = float(np.sum(p * (log_p_grid[row] >= log_p_y[row] - 1e-9)) * weight)
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order]) * weight
+        ref_area = [(np.searchsorted(cum, a) + 1) * weight for a in levels]
+        for method, (hpd, area) in results.items():
+            # Monte Carlo: standard error <= 0.5 / sqrt(10^4) = 0.005; the grid's own error is ~1e-3
+            assert low - 0.02 <= float(hpd[row]) <= high + 0.02, (method, row, float(hpd[row]), low, high)
+            # areas: the Monte Carlo estimate of the 95 % region weighs its low-density edge by 1 / p
+            parts = head.mixture_parts(out)
+            exact = method == "auto" and (parts is None or parts[0].shape[1] == 1)
+            np.testing.assert_allclose(area[row].numpy(), ref_area, rtol=0.03 if exact else 0.12,
+                                       err_msg=f"{method} row {row}")

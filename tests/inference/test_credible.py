@@ -88,3 +88,23 @@ def test_one_cell_radius_is_within_the_cell():
     # A cell of area A is roughly a square of side sqrt(A): its mass lies within ~0.8 sqrt(A) of its centre.
     side_km = math.sqrt(partition.areas_sr[k]) * EARTH_RADIUS_KM
     assert 0.2 * side_km < r50 < r95 < 0.85 * side_km
+
+
+def test_calibration_statement_reports_the_test_split_coverage():
+    from geo.inference.credible import calibration_statement
+    from geo.metrics import summarize
+
+    rng = np.random.default_rng(0)
+    n = 800
+    dist = rng.exponential(500, n)
+    over = summarize(dist, hpd_level=rng.uniform(size=n) ** 0.3, n_bootstrap=200)  # truths too often outside
+    text = calibration_statement(dict(over, split="test"))
+    assert text.startswith(f"Calibration on the test split ({n:,} images): 95 % regions held the truth for "
+                           f"{100 * over['coverage@95']:.0f} %")
+    assert "overconfident" in text
+    calibrated = summarize(dist, hpd_level=rng.uniform(size=n), n_bootstrap=200)
+    assert "consistent with calibration" in calibration_statement(calibrated)
+    under = summarize(dist, hpd_level=rng.uniform(size=n) ** 3, n_bootstrap=200)
+    assert "underconfident" in calibration_statement(under)
+    assert "not measured" in calibration_statement({"n": 5, "acc@1km": 0.0})
+    assert "not measured" in calibration_statement(None)

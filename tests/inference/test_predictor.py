@@ -132,6 +132,9 @@ def test_cli_json_unreadable_image_and_map(trained, tmp_path):
     assert "not an image" in lines[1]["error"] and lines[1]["path"] == str(bad)
     assert len(lines[0]["locations"]) == 3 and math.isfinite(lines[0]["radius_50_km"])
     assert "could not be read" in result.stderr
+    # the radii's calibration on the run's own test split, from its metrics.json, on stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert f"95 % regions held the truth for {100 * metrics['coverage@95']:.0f} %" in result.stderr
     assert len(list(tmp_path.glob("map-*.png"))) == 2
 
 

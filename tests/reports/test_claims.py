@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from geo.reports.claims import (FAILS, HOLDS, INCONCLUSIVE, claim_kappa0_scales, claim_mvmf_beats_softmax,
-                                claim_mvmf_data_efficient, claim_mvmf_rises, claim_softmax_not_monotone, compare,
+                                claim_mvmf_calibrated, claim_mvmf_data_efficient, claim_mvmf_rises,
+                                claim_softmax_not_monotone, compare,
                                 evaluate_claims, learning_curve_claims)
 from geo.reports.runs import find_runs
 from support.runs import write_run
@@ -111,7 +113,7 @@ def test_duplicates_resolved_by_validation_not_test(tmp_path):
 def test_every_claim_has_a_verdict(tmp_path, n_runs):
     specs = [("mvmf", 16 * 4 ** i, 16, [0.1 * (i + 1)] * 5, 0.01) for i in range(n_runs)]
     claims = evaluate_claims(runs_of(tmp_path, specs))
-    assert [c.number for c in claims] == [1, 2, 3, 4]
+    assert [c.number for c in claims] == [1, 2, 3, 4, 6]
     assert all(c.verdict in (HOLDS, FAILS, INCONCLUSIVE) or c.verdict.startswith("not tested: needs") for c in claims)
 
 
@@ -204,3 +206,78 @@ def test_claims_on_c_compare_runs_on_the_same_training_data(tmp_path):
                                  ("softmax", 1000, [0.3] * 5, 0.01)])
     claim = claim_mvmf_beats_softmax(runs)
     assert claim.verdict == HOLDS and all("mvmf (mvmf-n1000-0)" in d for d in claim.details)
+
+
+# ---- claim 7: the MvMF's credible regions are better calibrated than softmax's and knn's ----------------------
+
+def _with_hpd(run_dir, hpd: np.ndarray):
+    """Give a synthetic run a predictions.parquet whose hpd_level column is ``hpd`` (ids img0, img1, ...)."""
+    from geo.training import runs as run_files
+
+    n = len(hpd)
+    zeros = np.zeros(n)
+    run_files.write_predictions(run_dir / run_files.PREDICTIONS_FILE, ids=np.array([f"img{i}" for i in range(n)]),
+                                lat_deg=zeros, lon_deg=zeros, pred_lat_deg=zeros, pred_lon_deg=zeros, dist_km=zeros,
+                                topk_lat_deg=zeros[:, None], topk_lon_deg=zeros[:, None],
+                                topk_prob=np.ones((n, 1)), log_density=zeros, hpd_level=hpd,
+                                area_km2=np.ones((n, 2)))
+
+
+def calibration_runs(tmp_path, hpd_by_head: dict):
+    for head, hpd in hpd_by_head.items():
+        run_dir = write_run(tmp_path / head, head=head, n_cells=None if head == "knn" else 64,
+                            kappa0=16.0 if head == "mvmf" else None, acc=[0.2] * 5)
+        if hpd is not None:
+            _with_hpd(run_dir, hpd)
+    runs, skipped = find_runs([tmp_path])
+    assert not skipped
+    return runs
+
+
+def test_paired_calibration_difference_is_the_difference_of_calibration_errors():
+    from geo.metrics import calibration_error
+    from geo.reports.paired import paired_calibration_difference
+
+    rng = np.random.default_rng(0)
+    a, b = rng.uniform(size=400), rng.uniform(size=400) ** 0.5
+    diff = paired_calibration_difference(a, b, n_bootstrap=500)
+    assert diff.difference == pytest.approx(calibration_error(a) - calibration_error(b), abs=1e-12)
+    assert diff.low < diff.difference < diff.high and diff.n == 400
+    assert diff.high < 0  # b (levels pushed towards 1: overconfident) is far worse calibrated
+
+
+def test_mvmf_calibration_claim(tmp_path):
+    rng = np.random.default_rng(1)
+    n = 600
+    calibrated = rng.uniform(size=n)
+    overconfident = rng.uniform(size=n) ** 0.3   # truths mostly outside the regions that claim to hold them
+    claim = claim_mvmf_calibrated(calibration_runs(tmp_path / "a", {"mvmf": calibrated, "softmax": overconfident,
+                                                                   "knn": overconfident[::-1].copy()}))
+    assert claim.number == 7 and claim.verdict == HOLDS, claim.details
+    assert len(claim.details) == 2 and "vs softmax (softmax)" in claim.details[0] and "vs knn (knn)" in claim.details[1]
+    assert "paired difference" in claim.details[0] and f"over {n} images" in claim.details[0]
+    reversed_ = claim_mvmf_calibrated(calibration_runs(tmp_path / "b", {"mvmf": overconfident, "softmax": calibrated}))
+    assert reversed_.verdict == FAILS
+    alike = claim_mvmf_calibrated(calibration_runs(tmp_path / "c", {"mvmf": calibrated,
+                                                                   "softmax": rng.uniform(size=n)}))
+    assert alike.verdict == INCONCLUSIVE
+    no_levels = claim_mvmf_calibrated(calibration_runs(tmp_path / "d", {"mvmf": None, "softmax": None}))
+    assert no_levels.verdict.startswith("not tested: needs hpd_level")
+    alone = claim_mvmf_calibrated(calibration_runs(tmp_path / "e", {"mvmf": calibrated}))
+    assert alone.verdict.startswith("not tested: needs mvmf runs and softmax runs")
+
+
+def test_reliability_diagram_draws_a_line_per_head(tmp_path):
+    from geo.reports.plots import reliability_diagram
+
+    rng = np.random.default_rng(2)
+    runs = calibration_runs(tmp_path / "a", {"mvmf": rng.uniform(size=300), "softmax": rng.uniform(size=300) ** 0.3})
+    fig = reliability_diagram(runs)
+    ax = fig.axes[0]
+    labels = [line.get_label() for line in ax.lines]
+    assert labels[0] == "calibrated" and any(label.startswith("mvmf") for label in labels) and \
+        any(label.startswith("softmax") for label in labels)
+    softmax_line = next(line for line in ax.lines if line.get_label().startswith("softmax"))
+    x, y = softmax_line.get_data()
+    assert y[list(x).index(50.0)] < 20  # u^0.3 <= 0.5 for 0.5^(1/0.3) = 10 % of images
+    assert isinstance(reliability_diagram(calibration_runs(tmp_path / "b", {"mvmf": None})), str)

@@ -100,7 +100,10 @@ def test_table_marks_best_per_column_and_exports_numbers(tmp_path):
     assert a[4] == "10.0 [9.0, 11.0]" and b[4] == "**20.0 [19.0, 21.0]**"  # @1 km
     assert a[5].startswith("**20.0") and b[5] == "10.0 [9.0, 11.0]"  # @25 km
     assert a[6].startswith("**30.0") and b[6].startswith("**30.0")  # ties are all marked
-    assert a[-1].startswith("**4.00") and s[-1].strip(" |") == "–"  # lower NLL is better; softmax has none
+    nll = md[0].split(" | ").index("NLL (nats)")
+    assert a[nll].startswith("**4.00") and s[nll].strip(" |") == "–"  # lower NLL is better; softmax has none
+    # calibration columns: none in these runs' metrics.json (scored before calibration existed)
+    assert s[-1].strip(" |") == "–" and "cov@95 (%)" in md[0] and "calib. err (%)" in md[0]
     assert "2^4" in a[1] and "2^6" in b[1]
     html = tables.to_html(runs)
     assert html.count("<strong>") == sum(line.count("**") // 2 for line in md)

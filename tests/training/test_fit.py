@@ -62,7 +62,7 @@ def test_heads_beat_the_mean_baseline(cache, tmp_path, head, options):
     # predictions.parquet: the documented columns, distances that agree with an independent haversine
     table = pq.read_table(tmp_path / head / "predictions.parquet").to_pydict()
     assert list(table) == ["id", "lat", "lon", "pred_lat", "pred_lon", "dist_km", "topk_lat", "topk_lon",
-                           "topk_prob", "log_density"]
+                           "topk_prob", "log_density", "hpd_level", "area50_km2", "area95_km2"]
     dist = haversine_km(*(np.array(table[k]) for k in ("lat", "lon", "pred_lat", "pred_lon")))
     np.testing.assert_allclose(table["dist_km"], dist, rtol=1e-9, atol=1e-6)
     assert np.mean(np.array(table["dist_km"]) <= 750) == pytest.approx(metrics["acc@750km"])
@@ -70,6 +70,13 @@ def test_heads_beat_the_mean_baseline(cache, tmp_path, head, options):
     assert probs.shape[1] == min(5, load_head(tmp_path / head).head.max_k) and np.all(np.diff(probs, axis=1) <= 0) and np.all(probs.sum(1) <= 1 + 1e-6)
     # the NLL in metrics.json is the mean of the per-row log densities
     assert metrics["nll_nats"] == pytest.approx(-np.mean(table["log_density"]), rel=1e-9)
+    # calibration: coverage@95 is the fraction of rows whose HPD level is <= 0.95; the 95 % region is the larger
+    hpd = np.array(table["hpd_level"])
+    assert np.all((hpd >= 0) & (hpd <= 1))
+    assert metrics["coverage@95"] == pytest.approx(np.mean(hpd <= 0.95))
+    assert metrics["area95_km2"] == pytest.approx(np.median(table["area95_km2"]))
+    assert np.all(np.array(table["area95_km2"]) >= np.array(table["area50_km2"]))
+    assert 0 <= metrics["calibration_error"] <= 0.5 and "calibration_error" in metrics["ci"]
 
 
 def _strip(metrics: dict) -> dict:
