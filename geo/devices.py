@@ -40,13 +40,22 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty where there is none: macOS, Windows)."""
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return set()
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_supports_bf16() -> bool:
-    """True when this CPU has native bf16 (AVX512-BF16 or AMX) and the build runs a bf16 matmul."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        flags = set()
+    """True when this CPU has native bf16 (AVX512-BF16 or AMX) and the build runs a bf16 matmul.
+
+    Where /proc/cpuinfo lists flags, one of ``avx512_bf16`` / ``amx_bf16`` must be among
+    them; oneDNN's own check alone also passes on plain AVX512, where it emulates bf16.
+    """
+    flags = cpu_flags()
     if flags and not ({"avx512_bf16", "amx_bf16"} & flags):
         return False
     try:
