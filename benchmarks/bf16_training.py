@@ -91,10 +91,13 @@ def main() -> None:
     root = args.keep or Path(tempfile.mkdtemp(prefix="bf16-training-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
-        cache = root / "cache.h5"
+        cache = root / f"cache-{args.rows}.h5"
         start = time.perf_counter()
-        source = make_cache(cache, args.rows)
-        print(f"cache: {args.rows} rows at {source}, d 2048, written in {time.perf_counter() - start:.0f} s; "
+        if cache.exists():  # --keep: a finished cache of the same size is reused (the generator is seeded)
+            source = "an existing cache (reused)"
+        else:
+            source = make_cache(cache, args.rows)
+        print(f"cache: {args.rows} rows at {source}, d 2048, ready in {time.perf_counter() - start:.0f} s; "
               f"native bf16: {cpu_supports_bf16()}")
         for head in args.heads.split(","):
             runs = {}

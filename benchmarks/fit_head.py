@@ -147,9 +147,10 @@ def main() -> None:
           f"{'of floor':>9} {'fp32 s':>7} {precision + ' s':>7} {'loss s':>7} {'chunk':>6}")
     for c in sizes:
         # Two heads (fp32 and default): W, its gradient, two Adam moments (float32) and a bf16 copy
-        # each, plus [chunk, c] temporaries.
-        need = 2 * c * d * 4 * 4.5 + FitConfig.max_memory_mb * 2**20 * 2
-        if need > 0.8 * available_bytes():
+        # each, plus about eight float32 [chunk, c] temporaries.
+        chunk = max(1, min(batch, FitConfig.max_memory_mb * 2**20 // (c * BYTES_PER_ROW_CELL)))
+        need = 2 * c * d * 4 * 4.5 + 8 * chunk * c * 4
+        if need > 0.9 * available_bytes():
             print(f"{c:>7} skipped: needs ~{need / 2**30:.1f} GiB, {available_bytes() / 2**30:.1f} GiB available")
             continue
         rng = np.random.default_rng(c)
