@@ -4,6 +4,10 @@
 bf16 only where it is native and fast: a CUDA GPU with bf16, or a CPU whose
 oneDNN has real bf16 kernels (AVX512-BF16 or AMX). On plain AVX512/AVX2
 oneDNN emulates bf16 and is slower than float32, so auto stays fp32 there.
+
+``onednn_fp32_matmuls`` routes float32 matmuls through oneDNN (instead of MKL)
+with its bf16 math mode allowed: the heads use it on such CPUs for products of
+bf16-valued operands, which it computes exactly as float32 would, only faster.
 """
 
 from __future__ import annotations
@@ -36,13 +40,22 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty where there is none: macOS, Windows)."""
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return set()
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_supports_bf16() -> bool:
-    """True when this CPU has native bf16 (AVX512-BF16 or AMX) and the build runs a bf16 matmul."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        flags = set()
+    """True when this CPU has native bf16 (AVX512-BF16 or AMX) and the build runs a bf16 matmul.
+
+    Where /proc/cpuinfo lists flags, one of ``avx512_bf16`` / ``amx_bf16`` must be among
+    them; oneDNN's own check alone also passes on plain AVX512, where it emulates bf16.
+    """
+    flags = cpu_flags()
     if flags and not ({"avx512_bf16", "amx_bf16"} & flags):
         return False
     try:
@@ -52,6 +65,31 @@ def cpu_supports_bf16() -> bool:
         return bool(torch.isfinite((a @ a).float()).all())
     except (AttributeError, RuntimeError):
         return False
+
+
+@contextlib.contextmanager
+def onednn_fp32_matmuls():
+    """Float32 CPU matmuls inside the block run in oneDNN with ``fpmath_mode = bf16`` (restored after).
+
+    oneDNN may then round float32 operands to bf16 (its AMX / AVX512-BF16 kernels) or
+    keep them (its AVX512 float32 kernel: what a Zen 5 EPYC gets, several times faster
+    than MKL's float32 there, see benchmarks/fit_head.py); either way it accumulates and
+    returns float32. For operands that already hold bf16 values that rounding is the
+    identity, so the result is the exact-products, float32-accumulated sum of a plain
+    float32 matmul, in another summation order. Use it only for such operands.
+    A no-op on a torch without the ``torch.backends.mkldnn.matmul.fp32_precision`` setting.
+    """
+    matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    try:
+        previous = matmul.fp32_precision
+        matmul.fp32_precision = "bf16"
+    except (AttributeError, RuntimeError, ValueError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = previous
 
 
 def bf16_supported(device: torch.device) -> bool:

@@ -59,6 +59,7 @@ imports ``geo.pipeline`` or ``geo.training``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
@@ -66,6 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from geo.devices import cpu_supports_bf16, onednn_fp32_matmuls
 from geo.errors import ConfigError
 from geo.geometry import vmf_log_normalizer
 from geo.heads import density
@@ -280,13 +282,23 @@ class Head(nn.Module):
         """``self.linear(features)`` ``[B, out]`` in float32 (float64 for a float64 head), features of any float dtype.
 
         With ``self.matmul_dtype = bfloat16`` only the products run in bf16 (inputs cast
-        explicitly, no autocast): W x in forward and the weight gradient in backward
-        (``LowPrecisionLinear``); the result, the bias and all gradients are float32.
+        explicitly, no autocast): W x in forward and the weight gradient in backward.
+        Everything evaluated or reported (no autograd, or the head in eval mode) takes
+        ``LowPrecisionLinear``: bf16 operands, float32 accumulation and result. A training
+        step (train mode, autograd on, W trainable) on a CPU with native bf16 takes
+        ``TrainingBf16Linear`` instead, whose products also *return* bf16 (one rounding of
+        each logit and each weight-gradient entry, relative 2^-8): there the float32-output
+        product runs at float32 speed, and that rounding is noise the optimiser averages.
         """
         weight, bias = self.linear.weight, self.linear.bias
         if getattr(self, "matmul_dtype", None) is None:
             return F.linear(features.to(weight.dtype), weight, bias)
-        return LowPrecisionLinear.apply(features, weight, bias, self._low_precision_weight(weight))
+        weight_cast = self._low_precision_weight(weight)
+        if self.training and torch.is_grad_enabled() and weight.requires_grad \
+                and bf16_outputs_are_faster(features.device):
+            scratch = self.__dict__.setdefault("_bf16_scratch", Scratch())
+            return TrainingBf16Linear.apply(features, weight, bias, weight_cast, scratch)
+        return LowPrecisionLinear.apply(features, weight, bias, weight_cast)
 
     def _low_precision_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """W cast to ``matmul_dtype``, written into a buffer kept between calls.
@@ -368,6 +380,16 @@ class CellHead(Head):
         return torch.topk(probs, k, dim=-1)
 
 
+def bf16_outputs_are_faster(device: torch.device) -> bool:
+    """Whether a bf16-output product is worth its rounding in a training step on ``device``.
+
+    True on a CPU with native bf16 (AVX512-BF16 / AMX), where no kernel multiplies bf16
+    operands into a float32 result at bf16 speed; False on CUDA (``torch.mm(...,
+    out_dtype=float32)`` is that kernel), MPS, and CPUs that emulate bf16 (slower than float32).
+    """
+    return device.type == "cpu" and cpu_supports_bf16()
+
+
 def low_precision_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a [m, k] @ b [k, n]`` of two low-precision (bf16) operands, accumulated and returned in float32.
 
@@ -377,13 +399,20 @@ def low_precision_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     output); elsewhere (CPU, MPS: no such kernel) the bf16 operands are widened to
     float32 and multiplied there, which is the same arithmetic: a product of two
     bf16 numbers (8-bit mantissas) is exact in float32, so only the summation order differs.
+    On a CPU with native bf16 that float32 product runs in oneDNN with its bf16 math
+    mode (``geo.devices.onednn_fp32_matmuls``: exact for bf16-valued operands, and
+    faster than MKL's float32 there).
     """
     if a.device.type == "cuda":
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
         except (RuntimeError, TypeError):  # a torch without the out_dtype overload
             pass
-    return a.to(torch.float32) @ b.to(torch.float32)
+    a32, b32 = a.to(torch.float32), b.to(torch.float32)
+    if a.device.type == "cpu" and a.dtype == b.dtype == torch.bfloat16 and cpu_supports_bf16():
+        with onednn_fp32_matmuls():
+            return a32 @ b32
+    return a32 @ b32
 
 
 class LowPrecisionLinear(torch.autograd.Function):
@@ -420,3 +449,66 @@ class LowPrecisionLinear(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(0).to(b_dtype)
         return grad_x, grad_w, grad_b, None
+
+
+class Scratch:
+    """Reused temporaries of ``TrainingBf16Linear``: one buffer per name, grown as needed.
+
+    A fresh [B, c] or [c, d] tensor costs more in page faults than the pass that
+    fills it (large blocks come straight from mmap), so the bf16 products write into
+    these. Each buffer is dead once the forward or backward that filled it returns.
+    """
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            buf = self.buffers[name] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel].view(shape)
+
+
+class TrainingBf16Linear(torch.autograd.Function):
+    """``x [B, d] @ W.T + b`` for a training step: bf16 operands *and* bf16 products, float32 result.
+
+    The same operands as ``LowPrecisionLinear`` (x and ``weight_cast``, W in bf16), but
+    each product is one plain bf16 matmul (float32 accumulation inside the kernel) whose
+    result is rounded once to bf16: the logits W x before the float32 bias is added, the
+    weight gradient ``grad.T @ x`` before it is widened to W's dtype, and the input
+    gradient when ``x`` needs one. Each such entry is off by at most 2^-8 of itself (plus
+    the float32 accumulation error), so the loss of a row moves by at most twice its
+    largest logit error (tests/heads/test_training_bf16.py derives and checks the bounds).
+    Never used for anything reported: see ``Head.linear_product``. ``scratch`` (a
+    ``Scratch``) holds the bf16 products between the kernel and their float32 copies.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, weight_cast, scratch):
+        x_low = x.to(weight_cast.dtype)
+        rows, c = x.shape[0], weight.shape[0]
+        z_low = scratch.get("z", (rows, c), weight_cast.dtype, x.device)
+        torch.mm(x_low, weight_cast.T, out=z_low)
+        out = torch.empty((rows, c), dtype=torch.promote_types(weight.dtype, torch.float32), device=x.device)
+        out.copy_(z_low).add_(bias)  # two fast passes; a mixed bf16 + float32 add is several times slower
+        ctx.save_for_backward(x_low, weight_cast.clone() if ctx.needs_input_grad[0] else None)
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
+        ctx.scratch = scratch
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_low, weight_cast = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad_low = ctx.scratch.get("grad", tuple(grad_out.shape), x_low.dtype, grad_out.device).copy_(grad_out)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_low @ weight_cast).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            gw_low = ctx.scratch.get("grad_w", (grad_low.shape[1], x_low.shape[1]), x_low.dtype, x_low.device)
+            torch.mm(grad_low.T, x_low, out=gw_low)
+            grad_w = torch.empty(gw_low.shape, dtype=w_dtype, device=gw_low.device).copy_(gw_low)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum(0).to(b_dtype)
+        return grad_x, grad_w, grad_b, None, None
