@@ -13,8 +13,8 @@ unit x, the surface divergence is ``div_S v = tr(P_x J P_x) = tr(J P_x) = tr(J) 
 only derivatives along the tangent plane count, so any extension gives the same
 value (P_x is idempotent and the trace cyclic). Checks: a rotation ``ω × x`` has
 J = [ω]×, divergence 0; the gradient field ``P_x a`` has divergence ``-2 a·x``
-(the l = 1 eigenvalue of the Laplacian). ``J`` is computed exactly, column by
-column, with three forward-mode products (``torch.func.jvp``): no Hutchinson estimate.
+(the l = 1 eigenvalue of the Laplacian). ``J`` is computed exactly, row by
+row, with one forward and three backward passes: no Hutchinson estimate.
 
 **Integration.** ``torchdiffeq.odeint`` with the adaptive Dormand-Prince 5(4)
 method (``dopri5``); each step's local error estimate must satisfy
@@ -60,19 +60,18 @@ def sphere_divergence(field_x: Callable[[torch.Tensor], torch.Tensor], x: torch.
     """The field and its exact surface divergence at unit points: ``x [N, 3] -> (v [N, 3], div [N])``.
 
     ``field_x`` maps ``[N, 3] -> [N, 3]`` row by row (row i of the output depends on row i of
-    the input only); ``J`` is its 3×3 Jacobian per row (three JVPs) and
-    ``div = tr(J) - xᵀ J x`` (module docstring).
+    the input only), so the gradient of the batch sum of output component i is row i of
+    every point's 3×3 Jacobian ``J``: one forward pass and three backward passes (reverse mode
+    measured ~3.5x faster than ``torch.func.jvp`` on a CPU for the flow head's network). Then
+    ``div = tr(J) - xᵀ J x`` (module docstring). Values only: no graph is kept for a further backward.
     """
-    columns = []
-    v = None
-    for i in range(3):
-        tangent = torch.zeros_like(x)
-        tangent[:, i] = 1.0
-        v, column = torch.func.jvp(field_x, (x,), (tangent,))  # column i of J: J e_i  [N, 3]
-        columns.append(column)
-    jac = torch.stack(columns, dim=-1)                              # [N, 3 (output), 3 (input)]
+    with torch.enable_grad():
+        z = x.detach().requires_grad_(True)
+        v = field_x(z)
+        rows = [torch.autograd.grad(v[:, i].sum(), z, retain_graph=i < 2)[0] for i in range(3)]
+    jac = torch.stack(rows, dim=1)                                  # [N, 3 (output), 3 (input)]
     trace = jac.diagonal(dim1=-2, dim2=-1).sum(-1)
-    return v, trace - torch.einsum("ni,nij,nj->n", x, jac, x)
+    return v.detach(), trace - torch.einsum("ni,nij,nj->n", x, jac, x)
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
