@@ -20,6 +20,7 @@ from geo.files import atomic_write_text
 from geo.reports import claims as claims_mod
 from geo.reports import plots, publish, tables, testsets
 from geo.reports.document import Image, Section, Table, Text, render_html, render_markdown, write_figures
+from geo.reports.oracle import oracle_section
 from geo.reports.runs import ReportError, Run, SkippedRun, check_caches, find_runs
 
 FORMATS = ("html", "md", "both")
@@ -223,6 +224,9 @@ def build_report(paths: Iterable[str | Path], out_dir: str | Path, *, fmt: str =
     per_test_set, variants = test_set_sections(runs)
     sections = [runs_section(runs, skipped, labels), *per_test_set[:2], table_section(runs, labels),
                 claims_section(runs, labels), *figures_sections(runs, labels), maps, *per_test_set[2:]]
+    known_density = oracle_section(runs)  # runs on a synthetic cache with known densities
+    if known_density is not None:
+        sections.insert(sections.index(maps), known_density)
 
     out_dir = Path(out_dir)
     with publish.building(out_dir) as build:  # swapped in whole when every file is written
