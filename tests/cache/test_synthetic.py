@@ -69,3 +69,18 @@ def test_written_cache_and_oracle_gap_in_the_report(tmp_path):
     result = build_report([tmp_path / "run"], tmp_path / "report", fmt="md", n_maps=0)
     text = (result.out_dir / "report.md").read_text()
     assert "NLL minus the oracle" in text and f"{gap['gap_nats']:.3f}" in text
+
+
+def test_cli_data_synthetic(tmp_path):
+    from click.testing import CliRunner
+
+    from geo.cli import cli
+
+    out = tmp_path / "s.h5"
+    result = CliRunner().invoke(cli, ["data", "synthetic", "--out", str(out), "--n", "100", "--dim", "8"])
+    assert result.exit_code == 0, result.output
+    assert out.exists() and oracle_path(out).exists() and str(oracle_path(out)) in result.output
+    again = CliRunner().invoke(cli, ["data", "synthetic", "--out", str(out), "--n", "100"])
+    assert again.exit_code == 2 and "already exists" in again.output
+    bad = CliRunner().invoke(cli, ["data", "synthetic", "--out", str(tmp_path / "t.h5"), "--n", "3"])
+    assert bad.exit_code == 2 and "--n must be >= 10" in bad.output
