@@ -18,6 +18,7 @@ Cell heads read only the partition's ``centres_xyz [c, 3]``, ``means_xyz [c, 3]`
 ``geo.heads`` never imports ``geo.pipeline`` or ``geo.training``.
 """
 
+from geo.heads import flow as _flow  # noqa: F401  (registers "flow")
 from geo.heads import knn as _knn  # noqa: F401  (registers "knn")
 from geo.heads import mvmf as _mvmf  # noqa: F401  (registers "mvmf")
 from geo.heads import regression as _regression  # noqa: F401  (registers "regression")

@@ -43,7 +43,7 @@ from torch.utils.checkpoint import checkpoint
 from geo.errors import ConfigError
 from geo.geometry import normalize, vmf_log_density_pairwise, vmf_log_normalizer, xyz_to_latlon
 from geo.heads.registry import register_head
-from geo.heads.base import CellHead, VmfMixture, matmul_dtype_of
+from geo.heads.base import CellHead, VmfMixture, matmul_dtype_of, trunk_options_of
 from geo.heads.mixture_modes import mixture_modes
 from geo.heads.mvmf_loss import mvmf_log_density_at
 
@@ -97,9 +97,10 @@ class MvMFHead(CellHead):
     max_chunk_bytes: int = 256 * 2**20
 
     def __init__(self, feature_dim: int, partition: Any, *, kappa0: float = 16.0, train_mu: bool = True,
-                 train_kappa: bool = True, mu_init: str = "centre", matmul_dtype: Any = None):
+                 train_kappa: bool = True, mu_init: str = "centre", matmul_dtype: Any = None,
+                 trunk_width: int = 512, trunk_depth: int = 0):
         centres = torch.as_tensor(partition.centres_xyz, dtype=torch.float64)
-        super().__init__(feature_dim, centres.shape[0], matmul_dtype)
+        super().__init__(feature_dim, centres.shape[0], matmul_dtype, trunk_width, trunk_depth)
         if mu_init not in MU_INITS:
             raise ConfigError(f"mu_init must be one of {', '.join(MU_INITS)}, not {mu_init!r}")
         if not math.isfinite(float(kappa0)):
@@ -108,12 +109,12 @@ class MvMFHead(CellHead):
         self.mu_raw = nn.Parameter(normalize(init).to(torch.float32), requires_grad=bool(train_mu))
         self.log_kappa = nn.Parameter(torch.full((self.n_cells,), float(kappa0)), requires_grad=bool(train_kappa))
         self.options = {"kappa0": float(kappa0), "train_mu": bool(train_mu), "train_kappa": bool(train_kappa),
-                        "mu_init": mu_init, "matmul_dtype": self.matmul_dtype_name}
+                        "mu_init": mu_init, "matmul_dtype": self.matmul_dtype_name, **self.trunk_options()}
 
     @classmethod
     def options_from_config(cls, config: dict) -> dict:
         return dict(kappa0=config["kappa0"], train_mu=config["train_mu"], train_kappa=config["train_kappa"],
-                    mu_init=config["mu_init"], matmul_dtype=matmul_dtype_of(config))
+                    mu_init=config["mu_init"], matmul_dtype=matmul_dtype_of(config), **trunk_options_of(config))
 
     @classmethod
     def parameter_count(cls, feature_dim: int, n_cells: int) -> int:

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from geo.geometry import normalize, vmf_log_normalizer, xyz_to_latlon
-from geo.heads.base import Head, VmfMixture, matmul_dtype_of, matmul_dtype_option, resolve_matmul_dtype
+from geo.heads.base import (Head, VmfMixture, matmul_dtype_of, matmul_dtype_option, resolve_matmul_dtype,
+                            trunk_options_of)
 from geo.heads.registry import register_head
 
 LOG_KAPPA_RANGE = (-14.0, 21.0)  # kappa from ~1e-6 to ~1.3e9, the range the vMF terms are exact over
@@ -72,18 +73,18 @@ class RegressionHead(Head):
     predict_modes = ("argmax", "mode")  # the prediction is the density's mean and its mode
     needs_calibration = True
 
-    def __init__(self, feature_dim: int, *, matmul_dtype: Any = None):
+    def __init__(self, feature_dim: int, *, matmul_dtype: Any = None, trunk_width: int = 512, trunk_depth: int = 0):
         super().__init__(feature_dim)
         self.matmul_dtype = resolve_matmul_dtype(matmul_dtype)
-        self.linear = nn.Linear(self.feature_dim, 3)
+        self.linear = nn.Linear(self._attach_trunk(trunk_width, trunk_depth), 3)
         nn.init.xavier_uniform_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
         self.register_buffer("log_kappa", torch.zeros(()))
-        self.options = {"matmul_dtype": matmul_dtype_option(self.matmul_dtype)}
+        self.options = {"matmul_dtype": matmul_dtype_option(self.matmul_dtype), **self.trunk_options()}
 
     @classmethod
     def options_from_config(cls, config: dict) -> dict:
-        return dict(matmul_dtype=matmul_dtype_of(config))
+        return dict(matmul_dtype=matmul_dtype_of(config), **trunk_options_of(config))
 
     @classmethod
     def parameter_count(cls, feature_dim: int, n_cells: int) -> int:

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from geo.errors import ConfigError
 from geo.geometry import EARTH_RADIUS_KM, normalize, wrap_lon_deg, xyz_to_latlon
 from geo.heads.registry import register_head
-from geo.heads.base import CellDensity, CellHead, matmul_dtype_of
+from geo.heads.base import CellDensity, CellHead, matmul_dtype_of, trunk_options_of
 
 PREDICT_AT = ("centre", "mean")
 
@@ -70,9 +70,10 @@ class SoftmaxHead(CellHead):
     predict_modes = ("centre", "mean", "argmax", "mode")
 
     def __init__(self, feature_dim: int, partition: Any, *, predict_at: str = "centre",
-                 label_smoothing_km: float = 0.0, matmul_dtype: Any = None):
+                 label_smoothing_km: float = 0.0, matmul_dtype: Any = None, trunk_width: int = 512,
+                 trunk_depth: int = 0):
         centres = torch.as_tensor(np.asarray(partition.centres_xyz), dtype=torch.float64)
-        super().__init__(feature_dim, centres.shape[0], matmul_dtype)
+        super().__init__(feature_dim, centres.shape[0], matmul_dtype, trunk_width, trunk_depth)
         if predict_at not in PREDICT_AT:
             raise ConfigError(f"predict_at must be one of {', '.join(PREDICT_AT)}, not {predict_at!r}")
         areas = torch.as_tensor(np.asarray(partition.areas_sr), dtype=torch.float64)
@@ -90,14 +91,14 @@ class SoftmaxHead(CellHead):
         self.register_buffer("means_xyz", normalize(means).to(torch.float32))
         self.register_buffer("log_areas_sr", torch.log(areas).to(torch.float32))
         self.options = {"predict_at": predict_at, "label_smoothing_km": self.label_smoothing_km,
-                        "matmul_dtype": self.matmul_dtype_name}
+                        "matmul_dtype": self.matmul_dtype_name, **self.trunk_options()}
 
     @classmethod
     def options_from_config(cls, config: dict) -> dict:
         predict = config.get("predict")
         return dict(predict_at=predict if predict in PREDICT_AT else PREDICT_AT[0],
                     label_smoothing_km=float(config.get("label_smoothing_km") or 0.0),
-                    matmul_dtype=matmul_dtype_of(config))
+                    matmul_dtype=matmul_dtype_of(config), **trunk_options_of(config))
 
     def row_targets(self, lat_deg, lon_deg) -> dict[str, torch.Tensor]:
         """Each row's cell, assigned once for the whole dataset: the loss is then a plain cross-entropy."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from geo.heads.base import matmul_dtype_of
+from geo.heads.base import matmul_dtype_of, trunk_options_of
 from geo.heads.registry import register_head
 from geo.heads.vmf_mixture import VmfMixtureHead
 
@@ -27,13 +27,15 @@ class VmfHead(VmfMixtureHead):
         matmul_dtype: None or bfloat16, for the W x product only.
     """
 
-    def __init__(self, feature_dim: int, *, log_kappa0: float = 2.0, matmul_dtype: Any = None):
-        super().__init__(feature_dim, n_components=1, log_kappa0=log_kappa0, matmul_dtype=matmul_dtype)
+    def __init__(self, feature_dim: int, *, log_kappa0: float = 2.0, matmul_dtype: Any = None, trunk_width: int = 512,
+                 trunk_depth: int = 0):
+        super().__init__(feature_dim, n_components=1, log_kappa0=log_kappa0, matmul_dtype=matmul_dtype,
+                         trunk_width=trunk_width, trunk_depth=trunk_depth)
         del self.options["n_components"]
 
     @classmethod
     def options_from_config(cls, config: dict) -> dict:
-        return dict(matmul_dtype=matmul_dtype_of(config))
+        return dict(matmul_dtype=matmul_dtype_of(config), **trunk_options_of(config))
 
     @classmethod
     def parameter_count(cls, feature_dim: int, n_cells: int) -> int:

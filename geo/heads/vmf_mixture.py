@@ -32,7 +32,8 @@ from torch import nn
 
 from geo.errors import ConfigError
 from geo.geometry import normalize, vmf_log_normalizer, xyz_to_latlon
-from geo.heads.base import Head, VmfMixture, matmul_dtype_of, matmul_dtype_option, resolve_matmul_dtype
+from geo.heads.base import (Head, VmfMixture, matmul_dtype_of, matmul_dtype_option, resolve_matmul_dtype,
+                            trunk_options_of)
 from geo.heads.mixture_modes import mixture_modes
 from geo.heads.registry import register_head
 
@@ -63,7 +64,7 @@ class VmfMixtureHead(Head):
     predict_modes = ("argmax", "mode")
 
     def __init__(self, feature_dim: int, *, n_components: int = 4, log_kappa0: float = 2.0,
-                 matmul_dtype: Any = None):
+                 matmul_dtype: Any = None, trunk_width: int = 512, trunk_depth: int = 0):
         super().__init__(feature_dim)
         if not 1 <= int(n_components) <= MAX_COMPONENTS:
             raise ConfigError(f"n_components (K) must be between 1 and {MAX_COMPONENTS}, not {n_components}")
@@ -72,22 +73,23 @@ class VmfMixtureHead(Head):
         self.n_components = int(n_components)
         self.log_kappa0 = float(log_kappa0)
         self.matmul_dtype = resolve_matmul_dtype(matmul_dtype)
-        self.linear = nn.Linear(self.feature_dim, 5 * self.n_components)
+        self.linear = nn.Linear(self._attach_trunk(trunk_width, trunk_depth), 5 * self.n_components)
         nn.init.xavier_uniform_(self.linear.weight)
         with torch.no_grad():
             # Mixing and concentration rows start at zero: uniform pi and kappa = e^log_kappa0 for
             # every input (random rows would start some inputs at kappa ~ e^10 and huge gradients).
-            self.linear.weight.view(self.n_components, 5, self.feature_dim)[:, [0, 4]] = 0.0
+            self.linear.weight.view(self.n_components, 5, self.linear.in_features)[:, [0, 4]] = 0.0
             bias = torch.zeros(self.n_components, 5)
             bias[:, 1:4] = _fibonacci_xyz(self.n_components).float() if self.n_components > 1 else \
                 torch.tensor([1.0, 0.0, 0.0])
             self.linear.bias.copy_(bias.reshape(-1))
         self.options = {"n_components": self.n_components, "log_kappa0": self.log_kappa0,
-                        "matmul_dtype": matmul_dtype_option(self.matmul_dtype)}
+                        "matmul_dtype": matmul_dtype_option(self.matmul_dtype), **self.trunk_options()}
 
     @classmethod
     def options_from_config(cls, config: dict) -> dict:
-        return dict(n_components=int(config.get("mixture_components") or 4), matmul_dtype=matmul_dtype_of(config))
+        return dict(n_components=int(config.get("mixture_components") or 4), matmul_dtype=matmul_dtype_of(config),
+                    **trunk_options_of(config))
 
     @classmethod
     def parameter_count(cls, feature_dim: int, n_cells: int) -> int:

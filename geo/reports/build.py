@@ -21,6 +21,7 @@ from geo.reports import claims as claims_mod
 from geo.reports import plots, publish, scope, tables, testsets
 from geo.reports.document import (Details, Image, Section, Table, Text, render_html, render_markdown,
                                   write_figures)
+from geo.reports.oracle import oracle_section
 from geo.reports.runs import ReportError, Run, SkippedRun, check_caches, find_runs
 
 FORMATS = ("html", "md", "both")
@@ -304,6 +305,9 @@ def build_report(paths: Iterable[str | Path], out_dir: str | Path, *, fmt: str =
     sections = [runs_section(runs, skipped, labels), *per_test_set[:2], table_section(runs, labels),
                 claims_section(runs, labels), calibration_section(runs), *figures_sections(runs, labels), maps,
                 *per_test_set[2:]]
+    known_density = oracle_section(runs)  # runs on a synthetic cache with known densities
+    if known_density is not None:
+        sections.insert(sections.index(maps), known_density)
 
     out_dir = Path(out_dir)
     with publish.building(out_dir) as build:  # swapped in whole when every file is written

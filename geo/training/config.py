@@ -70,6 +70,15 @@ class FitConfig:
     mixture_components: int = _option(4, "vmf-mixture: K, the input-dependent vMF components (1-16).")
     knn_k: int = _option(16, "knn: neighbours retrieved from the train split (cosine similarity).")
     hier_levels: int = _option(3, "softmax-hier: nested partitions trained jointly (c, ~c/4, ~c/16 ...; 1-4).")
+    flow_width: int = _option(256, "flow: width of the field's residual AdaLN-MLP.")
+    flow_depth: int = _option(3, "flow: residual blocks of the field's MLP.")
+    flow_cond_dropout: float = _option(0.1, "flow: fraction of training rows given the null condition "
+                                            "(for classifier-free guidance).")
+    flow_guidance: float = _option(1.0, "flow: guidance scale w of v_null + w (v_cond - v_null); 1 = none.")
+    flow_samples: int = _option(16, "flow: N of the best-of-N-by-density prediction (ODE solves per row).")
+    trunk_depth: int = _option(0, "Residual MLP blocks in front of the head (mvmf, softmax, regression, vmf, "
+                                   "vmf-mixture); 0 = the paper's head, linear in the features.")
+    trunk_width: int = _option(512, "Width of that trunk (with --trunk-depth > 0).")
     label_smoothing_km: float = _option(0.0, "Softmax: haversine label smoothing tau in km (PIGEON's target "
                                              "exp(-(d(y, centre_j) - d(y, centre_true)) / tau)); 0 = cross-entropy.")
     predict: str | None = _option(None, "Prediction mode; default the head's first (mvmf: argmax | mode; "
@@ -123,7 +132,8 @@ def check_options(config: FitConfig, *, n_train: int | None = None) -> None:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             refuse(name, "must be a finite number")
-    for name in ("n_cells", "batch_size", "epochs", "max_memory_mb", "mixture_components", "hier_levels", "knn_k"):
+    for name in ("n_cells", "batch_size", "epochs", "max_memory_mb", "mixture_components", "hier_levels", "knn_k",
+                 "flow_width", "flow_depth", "flow_samples", "trunk_width"):
         if getattr(config, name) < 1:
             refuse(name, "must be >= 1")
     if config.eval_every < 0:
@@ -136,6 +146,12 @@ def check_options(config: FitConfig, *, n_train: int | None = None) -> None:
         refuse("min_lr_fraction", "must be in [0, 1]")
     if config.weight_decay < 0:
         refuse("weight_decay", "must be >= 0 (0 = no decay)")
+    if config.trunk_depth < 0:
+        refuse("trunk_depth", "must be >= 0 (0 = no trunk)")
+    if not 0 <= config.flow_cond_dropout < 1:
+        refuse("flow_cond_dropout", "must be in [0, 1)")
+    if not math.isfinite(config.flow_guidance):
+        refuse("flow_guidance", "must be a finite number")
     if config.label_smoothing_km < 0:
         refuse("label_smoothing_km", "must be >= 0 (0 = plain cross-entropy)")
     low, high = KAPPA0_RANGE
@@ -167,7 +183,9 @@ def few_steps_warning(resolved: dict) -> str | None:
 
 # FitConfig fields added after the first run format (geo 0.1): a run directory written before
 # them was trained with what is now their default.
-_FIELDS_ADDED_SINCE_0_1 = ("train_fraction", "mixture_components", "knn_k", "hier_levels", "label_smoothing_km")
+_FIELDS_ADDED_SINCE_0_1 = ("train_fraction", "mixture_components", "knn_k", "hier_levels", "label_smoothing_km",
+                          "flow_width", "flow_depth", "flow_cond_dropout", "flow_guidance", "flow_samples",
+                          "trunk_depth", "trunk_width")
 
 
 def implied_by_older_runs(resolved: dict) -> dict:

@@ -133,8 +133,11 @@ def sweep_grid(heads: Sequence[str], n_cells: Sequence[int], kappa0s: Sequence[f
                 for lr, fraction in itertools.product(lrs, fractions):
                     config = dataclasses.replace(base, head=head, n_cells=c, lr=lr, train_fraction=fraction,
                                                  **varied)
-                    grid.append((run_name(head, c, varied, lr if len(lrs) > 1 else None,
-                                          fraction if len(fractions) > 1 else None), config))
+                    name = run_name(head, c, varied, lr if len(lrs) > 1 else None,
+                                    fraction if len(fractions) > 1 else None)
+                    if base.trunk_depth > 0 and "trunk_depth" in head_class(head).__init__.__code__.co_varnames:
+                        name += f"-deep{base.trunk_depth}x{base.trunk_width}"  # the optional trunk
+                    grid.append((name, config))
     return grid
 
 

@@ -326,3 +326,16 @@ def test_every_head_family_in_one_sweep_trains_as_fit_head_does(cache, tmp_path)
     for head in heads:
         fit_head(cache, dataclasses.replace(BASE, head=head, n_cells=24), tmp_path / "alone" / head, progress=False)
         _assert_same_run(tmp_path / "sweep" / f"{head}-c24", tmp_path / "alone" / head)
+
+
+@pytest.mark.slow
+def test_a_flow_head_in_a_sweep_trains_as_fit_head_does(cache, tmp_path):
+    # a tiny field and best-of-2 (every evaluation solves ODEs for each val row); one epoch, one evaluation
+    base = dataclasses.replace(BASE, epochs=1, eval_every=4, flow_width=16, flow_depth=1, flow_samples=2)
+    sweep(cache, tmp_path / "sweep", heads=["flow", "softmax"], n_cells=[24], kappa0s=[12.0], base_config=base,
+          progress=False)
+    alone = fit_head(cache, dataclasses.replace(base, head="flow", n_cells=24), tmp_path / "alone", progress=False)
+    _assert_same_run(tmp_path / "sweep" / "flow-c24", tmp_path / "alone")
+    config = json.loads((tmp_path / "alone" / "config.json").read_text())
+    assert config["head_options"]["width"] == 16 and config["head_options"]["n_samples"] == 2
+    assert alone["nll_nats"] is not None and alone["predict"] == "best"
