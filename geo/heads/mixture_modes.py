@@ -46,7 +46,8 @@ def _tangent_basis(y: torch.Tensor) -> torch.Tensor:
 
 
 def mixture_modes(log_weights: torch.Tensor, mu_xyz: torch.Tensor, log_kappa: torch.Tensor, k: int, n_starts: int,
-                  max_iter: int, step_tol_rad: float = 1e-13, tol_rad: float = 1e-10) -> torch.Tensor:
+                  max_iter: int, step_tol_rad: float = 1e-13, tol_rad: float = 1e-10,
+                  start_index: torch.Tensor | None = None) -> torch.Tensor:
     """k highest local maxima of each row's vMF mixture, ``[B, k, 3]`` float64 unit vectors.
 
     ``log_weights [B, L]`` (log mixing weights; need not be normalised), ``mu_xyz [B, L, 3]``,
@@ -55,6 +56,8 @@ def mixture_modes(log_weights: torch.Tensor, mu_xyz: torch.Tensor, log_kappa: to
     Starts: the ``max(n_starts, 2k)`` component means where the *mixture* density is
     highest (not the highest own peak): a cluster of overlapping light components
     whose sum beats an isolated heavy one is then searched from inside the cluster.
+    ``start_index [B, S]`` (indices into L) gives the starts instead, for callers that
+    rank the means without the [B, L, L] matrix (the MvMF head, whose L reaches 2^15).
     Each (row, start) pair climbs on its own and stops on its own:
 
     - MM step (the fixed point above) by default; it stops when its step is below
@@ -82,12 +85,15 @@ def mixture_modes(log_weights: torch.Tensor, mu_xyz: torch.Tensor, log_kappa: to
     kappa = torch.exp(lk)
     log_base = lw + vmf_log_normalizer(lk)                               # [B, L] log weight + log normaliser
 
-    # The mixture's log density at each retained mean ([B, L]), by the float64 dot form
-    # |a - b|^2 = 2 - 2 a.b (error ~1e-16 kappa nats: enough to rank starts).
-    sq_chord_means = (2.0 - 2.0 * torch.einsum("bld,bmd->blm", mu, mu)).clamp_min(0.0)
-    at_means = torch.logsumexp(log_base[:, None, :] - 0.5 * kappa[:, None, :] * sq_chord_means, dim=-1)
-    n_start = min(n_starts, n_comp)
-    starts = torch.topk(at_means, n_start, dim=-1).indices               # [B, S]
+    if start_index is None:
+        # The mixture's log density at each retained mean ([B, L]), by the float64 dot form
+        # |a - b|^2 = 2 - 2 a.b (error ~1e-16 kappa nats: enough to rank starts).
+        sq_chord_means = (2.0 - 2.0 * torch.einsum("bld,bmd->blm", mu, mu)).clamp_min(0.0)
+        at_means = torch.logsumexp(log_base[:, None, :] - 0.5 * kappa[:, None, :] * sq_chord_means, dim=-1)
+        n_start = min(n_starts, n_comp)
+        starts = torch.topk(at_means, n_start, dim=-1).indices           # [B, S]
+    else:
+        starts, n_start = start_index, start_index.shape[1]
 
     # One flat axis of (row, start) pairs [P = B S], so a pair stops as soon as it has converged.
     pair_row = torch.arange(n_rows, device=device).repeat_interleave(n_start)

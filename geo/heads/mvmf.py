@@ -34,8 +34,10 @@ CPU tensors (float64 exists on every device's host; predictions go to disk).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -45,6 +47,7 @@ from geo.geometry import normalize, vmf_log_density_pairwise, vmf_log_normalizer
 from geo.heads.registry import register_head
 from geo.heads.base import CellHead, VmfMixture, matmul_dtype_of, trunk_options_of
 from geo.heads.mixture_modes import mixture_modes
+from geo.heads.mixture_reach import ReachGraph, mode_support, reach_graph
 from geo.heads.mvmf_loss import mvmf_log_density_at
 
 MU_INITS = ("centre", "mean")
@@ -239,7 +242,7 @@ class MvMFHead(CellHead):
         return torch.cat(out, dim=1) if out else log_weights.new_zeros((n_rows, 0))
 
     def predict(self, logits: torch.Tensor, k: int = 1, mode: str = "argmax", *, n_starts: int = 8,
-                n_components: int = 256, max_iter: int = 10_000) -> tuple[torch.Tensor, torch.Tensor]:
+                n_components: int | None = None, max_iter: int = 10_000) -> tuple[torch.Tensor, torch.Tensor]:
         """Predicted locations ``(lat_deg [B, k], lon_deg [B, k])``, float64 degrees.
 
         mode="argmax" (eq. 7, the paper's): the means of the k components with the
@@ -251,10 +254,14 @@ class MvMFHead(CellHead):
         overlapping components are searched, not only the heaviest isolated ones),
         which is an MM ascent, so each start climbs monotonically to a local maximum;
         it runs until converged (a RuntimeWarning names rows still moving after
-        ``max_iter`` iterations). The search uses the ``n_components`` components of
-        highest peak Gamma_i C(kappa_i): the neglected ones add at most their summed
-        peaks to the density. Distinct maxima (further apart than
-        ~1 m) come first; fewer than k distinct maxima are padded with repeats.
+        ``max_iter`` iterations). The search runs on each row's kept components
+        (``geo.heads.mixture_reach``): every component near any place whose neighbours'
+        summed peaks could beat the densest mean, so the components left out cannot
+        raise the maximum by more than ``MODE_GAP_NATS`` (their tail, ~1e-9 nats).
+        ``n_components`` caps the kept components per row (None: no cap); a row whose
+        cut could hide a higher maximum gets a RuntimeWarning with the possible gap.
+        Distinct maxima (further apart than ~1 m) come first; fewer than k distinct
+        maxima are padded with repeats.
         """
         k = self._check_k(k)
         if mode == "argmax":
@@ -263,31 +270,76 @@ class MvMFHead(CellHead):
         if mode != "mode":
             raise ConfigError(f"predict mode for the mvmf head must be one of {', '.join(self.predict_modes)}, "
                               f"not {mode!r}")
-        n_starts = max(n_starts, 2 * k)
-        # The search's temporaries are [rows, starts, components, 3] float64: chunk the rows.
-        n_comp = min(n_components, self.n_cells)  # + the [rows, L, L] densities at the means that rank the starts
-        rows = max(1, self.max_chunk_bytes // (4 * 8 * (3 * n_starts * n_comp + n_comp * n_comp)))
         with torch.no_grad():
-            points = torch.cat([_density_modes(self, logits[r:r + rows], k, n_starts, n_components, max_iter)
-                                for r in range(0, logits.shape[0], rows)]) if logits.shape[0] else \
-                torch.zeros((0, k, 3), dtype=torch.float64)
+            points = _density_modes(self, logits, k, max(n_starts, 2 * k), n_components, max_iter)
         return xyz_to_latlon(points.cpu())
 
+    def _reach_graph(self) -> ReachGraph | None:
+        """The components' pair graph (``geo.heads.mixture_reach``, on the CPU), kept until mu or
+        kappa change (it depends on them only, not on the row)."""
+        key = (self.mu_raw._version, self.log_kappa._version, self.mu_raw.data_ptr(), self.log_kappa.data_ptr())
+        cached = self.__dict__.get("_reach_cache")
+        if cached is None or cached[0] != key:
+            mu = normalize(self.mu_raw.detach().cpu().double()).numpy()
+            # an int32 index twice and a float64 value per pair
+            graph = reach_graph(mu, self.log_kappa.detach().cpu().double().numpy(), self.max_chunk_bytes // 16)
+            cached = (key, graph)
+            self.__dict__["_reach_cache"] = cached
+        return cached[1]
 
-def _density_modes(head: MvMFHead, logits: torch.Tensor, k: int, n_starts: int, n_components: int,
+
+# A row whose cut support (``n_components``) could hide a maximum this much higher is warned about.
+MODE_GAP_NATS = 1e-6
+
+
+def _density_modes(head: MvMFHead, logits: torch.Tensor, k: int, n_starts: int, max_components: int | None,
                    max_iter: int) -> torch.Tensor:
     """k highest local maxima of each row's MvMF density, ``[B, k, 3]`` float64 unit vectors.
 
-    Each row keeps its ``n_components`` components of highest peak log Gamma_i + log C(kappa_i);
-    the search itself is ``geo.heads.mixture_modes.mixture_modes``.
+    Each row's kept components come from ``geo.heads.mixture_reach.mode_support``; the search
+    itself is ``geo.heads.mixture_modes.mixture_modes``, started from the densest kept means.
     """
     f64 = torch.float64
     # float64 throughout (on the CPU for devices without it): the iteration resolves metres.
     device = head.mu_raw.device if head._exact(head.mu_raw.device) else torch.device("cpu")
-    log_weights = torch.log_softmax(logits.to(device=device, dtype=f64), dim=-1)
     mu_all = normalize(head.mu_raw.detach().to(device=device, dtype=f64))
     log_kappa_all = head.log_kappa.detach().to(device=device, dtype=f64)
-    peak = log_weights + vmf_log_normalizer(log_kappa_all)[None, :]
-    comp = torch.topk(peak, min(n_components, head.n_cells), dim=-1).indices   # [B, L]
-    return mixture_modes(torch.gather(log_weights, 1, comp), mu_all[comp], log_kappa_all[comp], k, n_starts,
-                         max_iter)
+    log_norm = vmf_log_normalizer(log_kappa_all)
+    graph = head._reach_graph()
+    n_rows = logits.shape[0]
+    log_weights = torch.log_softmax(logits.detach().to(dtype=f64), dim=-1).cpu()
+    peak = (log_weights + vmf_log_normalizer(log_kappa_all.cpu())[None, :]).numpy()
+    supports = [mode_support(peak[r], graph, k, max_components) for r in range(n_rows)]
+    gap = np.array([s.gap_nats for s in supports])
+    counts = [len(s.index) for s in supports]
+    out = torch.zeros((n_rows, k, 3), dtype=f64, device=device)
+    # The climb's temporaries are ~4 float64 [rows, starts, L, 3]: rows of similar L together, chunked.
+    climb_bytes = 4 * 8 * 3 * n_starts
+    order = np.argsort(counts, kind="stable")
+    i = 0
+    while i < n_rows:
+        j = min(n_rows, i + max(1, head.max_chunk_bytes // (climb_bytes * counts[order[i]])))
+        j = min(j, i + max(1, head.max_chunk_bytes // (climb_bytes * counts[order[j - 1]])))
+        rows = order[i:j]
+        width = counts[order[j - 1]]
+        index = np.zeros((len(rows), width), dtype=np.int64)
+        valid = np.zeros((len(rows), width), dtype=bool)
+        for n, r in enumerate(rows):
+            index[n, :counts[r]], valid[n, :counts[r]] = supports[r].index, True
+        index_t, valid_t = torch.from_numpy(index).to(device), torch.from_numpy(valid).to(device)
+        sel = torch.from_numpy(rows).to(device)
+        lw = torch.where(valid_t, torch.gather(log_weights.to(device)[sel], 1, index_t), -math.inf)
+        # the densest kept means first (the support's order); short rows repeat their best
+        starts = torch.arange(min(n_starts, width), device=device).expand(len(rows), -1)
+        starts = torch.where(valid_t[:, :starts.shape[1]], starts, torch.zeros_like(starts))
+        out[sel] = mixture_modes(lw, mu_all[index_t], log_kappa_all[index_t], k, n_starts, max_iter,
+                                 start_index=starts)
+        i = j
+    bad = np.flatnonzero(gap > MODE_GAP_NATS)
+    if len(bad):
+        named = ", ".join(str(r) for r in bad[:10]) + (", ..." if len(bad) > 10 else "")
+        warnings.warn(f"vMF mixture mode search: {len(bad)} of {n_rows} rows (rows {named}) could not bound the "
+                      f"components left out (n_components = {max_components}): the maximum may be up to "
+                      f"{float(gap.max()):.3g} nats higher than found (raise n_components, or pass None)",
+                      RuntimeWarning, stacklevel=3)
+    return out

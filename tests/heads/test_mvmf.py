@@ -409,3 +409,129 @@ def test_mode_search_says_when_it_did_not_converge():
         warnings.simplefilter("error")  # converged: no warning
         lat, lon = head.predict(logits, mode="mode")
     assert haversine_km(lat.item(), lon.item(), 0.0, 0.0) * 1e3 < 0.01  # metres
+
+
+# ---- the mode search where many light components make the maximum (issue 22) -------------
+
+
+def _reference_maximum(log_w: np.ndarray, mu: np.ndarray, kappa: np.ndarray, centres: np.ndarray,
+                       half_width_rad: float, n_grid: int = 61) -> float:
+    """The highest log density near ``centres`` (float64, independent of geo): an n_grid^2 grid of
+    +- half_width_rad around each centre, then Nelder-Mead from the 3 best grid points in the
+    tangent plane (coordinates in units of the grid step)."""
+    from scipy.optimize import minimize
+
+    grids = [_local_grid(c, half_width_rad, n_grid) for c in centres]
+    # 256 points at a time: the [points, components, 3] temporary stays small at c = 2^15
+    points = np.concatenate(grids)
+    dens = np.concatenate([_log_mixture_f64(log_w, mu, kappa, points[s:s + 256]) for s in range(0, len(points), 256)])
+    best = dens.max()
+    step = 2 * half_width_rad / (n_grid - 1)
+    for g in np.argsort(-dens)[:3]:
+        start = np.concatenate(grids)[g]
+        e1 = unit(np.cross(start, [0.0, 0.0, 1.0] if abs(start[2]) < 0.9 else [1.0, 0.0, 0.0]))
+        e2 = np.cross(start, e1)
+
+        def neg(st, start=start, e1=e1, e2=e2):
+            return -_log_mixture_f64(log_w, mu, kappa, unit(start + step * (st[0] * e1 + st[1] * e2))[None])[0]
+
+        res = minimize(neg, np.zeros(2), method="Nelder-Mead",
+                       options=dict(xatol=1e-10, fatol=1e-14, maxiter=4000, initial_simplex=[[0, 0], [1, 0], [0, 1]]))
+        best = max(best, -res.fun)
+    return best
+
+
+def _head_with(mu: np.ndarray, log_kappa) -> object:
+    head = create_head("mvmf", feature_dim=2, partition=stand_in_partition(mu)).double()
+    with torch.no_grad():
+        head.mu_raw.copy_(torch.from_numpy(mu))
+        head.log_kappa.copy_(torch.as_tensor(log_kappa, dtype=torch.float64).expand(len(mu)))
+    return head
+
+
+def _found_log_density(head, logits: torch.Tensor, **predict_kw) -> np.ndarray:
+    """float64 log density at each row's predicted mode (independent of the head), ``[B]``."""
+    lat, lon = head.predict(logits, mode="mode", **predict_kw)
+    mu, kappa = unit(head.mu_raw.detach().double().numpy()), np.exp(head.log_kappa.detach().double().numpy())
+    log_w = torch.log_softmax(logits.double(), -1).numpy()
+    found = latlon_xyz(lat[:, 0].numpy(), lon[:, 0].numpy())
+    return np.array([_log_mixture_f64(log_w[b], mu, kappa, found[b:b + 1])[0] for b in range(len(found))])
+
+
+def _isolated_and_cluster(n_isolated: int, w_isolated: float, n_cluster: int, w_cluster: float,
+                          spread_widths: float, seed: int):
+    """Components at kappa = e^12: n_isolated on a Fibonacci lattice (>= 8 degrees apart) with weight
+    w_isolated, n_cluster within ~spread_widths kernel widths of (20N, 100E) with weight w_cluster."""
+    rng = np.random.default_rng(seed)
+    sigma = math.exp(-6.0)
+    isolated = fibonacci_sphere(n_isolated)
+    centre = latlon_xyz(20.0, 100.0)
+    isolated = isolated[np.linalg.norm(isolated - centre, axis=1) > 0.1][:n_isolated]
+    cluster = unit(centre + rng.normal(size=(n_cluster, 3)) * sigma * spread_widths)
+    mu = np.concatenate([isolated, cluster])
+    logits = torch.from_numpy(np.log(np.r_[np.full(len(isolated), w_isolated), np.full(n_cluster, w_cluster)]))[None]
+    return _head_with(mu, 12.0), logits, centre, sigma
+
+
+@pytest.mark.parametrize("case", ["1024 at e^12", "256 + cluster of 16"])
+def test_mode_search_finds_a_maximum_made_by_many_light_components(case):
+    # the audit's two cases: every clustered component is lighter than every isolated one, so the
+    # 256 heaviest peaks are all isolated, but the cluster's summed density is the maximum
+    if case == "1024 at e^12":
+        head, logits, centre, sigma = _isolated_and_cluster(400, 1.25e-3, 624, 8.0e-4, 1.0, seed=1)
+    else:
+        head, logits, centre, sigma = _isolated_and_cluster(256, 0.0037, 16, 0.0033, 0.3, seed=2)
+    mu, kappa = unit(head.mu_raw.detach().double().numpy()), np.exp(head.log_kappa.detach().double().numpy())
+    log_w = torch.log_softmax(logits.double(), -1)[0].numpy()
+    best_isolated = _log_mixture_f64(log_w, mu, kappa, mu[:1])[0]
+    reference = _reference_maximum(log_w, mu, kappa, centre[None], 5 * sigma)
+    assert reference > best_isolated + 2.0  # the cluster's maximum is far above any isolated peak
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing was left out unbounded: no warning
+        found = _found_log_density(head, logits)[0]
+    assert abs(found - reference) < 1e-6, (found, reference)
+
+
+def test_mode_search_says_when_its_component_cap_may_hide_the_maximum():
+    head, logits, centre, sigma = _isolated_and_cluster(256, 0.0037, 16, 0.0033, 0.3, seed=2)
+    with pytest.warns(RuntimeWarning, match=r"1 of 1 rows \(rows 0\) could not bound .* up to [0-9.e+-]+ nats"):
+        head.predict(logits, mode="mode", n_components=8)
+
+
+def _clustered_mixture(seed: int, c: int = 2 ** 15):
+    """c components: a background with kappa e^10-e^14 at uniform means, and 12 clusters of 100-2000
+    light components (~0.3-2 kernel widths apart) whose summed weights compete with the heaviest ones."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(100, 2000, 12)
+    centres = unit(rng.normal(size=(12, 3)))
+    log_kappa = rng.uniform(10.0, 14.0, c)
+    mu = unit(rng.normal(size=(c, 3)))
+    logits = rng.normal(size=c) * 1.5
+    start = 0
+    for centre, size in zip(centres, sizes):
+        block = slice(start, start + size)
+        log_kappa[block] = rng.uniform(11.0, 13.0)
+        spread = rng.uniform(0.3, 2.0) * math.exp(-0.5 * log_kappa[start])
+        mu[block] = unit(centre + rng.normal(size=(size, 3)) * spread)
+        logits[block] = rng.normal(size=size) * 0.3 - np.log(size) + rng.uniform(2.0, 5.0)
+        start += size
+    return mu, log_kappa, logits, centres
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mode_search_on_random_clustered_mixtures_of_2_15_components(seed):
+    mu, log_kappa, logits, centres = _clustered_mixture(seed)
+    head = _head_with(mu, torch.from_numpy(log_kappa))
+    kappa = np.exp(log_kappa)
+    log_w = logits - logsumexp(logits)
+    # reference: grids around every cluster and the 8 densest means (float64, all 2^15 components)
+    peak = log_w + np.log(kappa)
+    dense_means = mu[np.argsort(-peak)[:8]]
+    width = 4 * math.exp(-5.0)
+    reference = max(_reference_maximum(log_w, mu, kappa, centres, width, n_grid=31),
+                    _reference_maximum(log_w, mu, kappa, dense_means, width / 4, n_grid=21))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        found = _found_log_density(head, torch.from_numpy(logits)[None])[0]
+    assert found > reference - 1e-6, (found, reference)
