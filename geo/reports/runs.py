@@ -90,6 +90,8 @@ class Run:
     # For a run seen on another test set (geo.reports.testsets): RUN/eval/NAME, whose metrics are ``test``.
     eval_dir: Path | None = None
     test_set: str | None = None
+    # A knn run's search index, as its metrics.json records it (knn_index, knn_index_build_s, knn_recall@k ...).
+    knn_index: dict = field(default_factory=dict)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -205,6 +207,7 @@ def read_run(path: str | Path) -> Run:
         warnings=warnings, split=final.get("split"),
         train_fraction=float(fraction) if _finite(fraction) else 1.0,
         n_train=int(n_train) if _finite(n_train) else None,
+        knn_index={k: v for k, v in final.items() if k.startswith("knn_")},
     )
 
 
