@@ -272,9 +272,16 @@ class HeadTrainer:
         if getattr(self.head, "search", None) is not None:  # an approximate index: its recall@k against exact, on val
             batches = (x for _, x in self.cache.iter_batches("val", self.cfg["eval_batch_size"], shuffle=False))
             extra[f"knn_recall@{self.head.max_k}"] = index_recall(self.head, batches, self.device)
-        return score_and_write(self.head, self.cache, final_split, self.cfg, self.out_dir, device=self.device,
-                               country_fn=country_fn, progress=progress, selected_step=state["best"]["step"],
-                               select_by=self.cfg["select_by"], train_elapsed_s=state["elapsed_s"], **extra)
+        metrics = score_and_write(self.head, self.cache, final_split, self.cfg, self.out_dir, device=self.device,
+                                  country_fn=country_fn, progress=progress, selected_step=state["best"]["step"],
+                                  select_by=self.cfg["select_by"], train_elapsed_s=state["elapsed_s"], **extra)
+        stats = getattr(self.head, "search_stats", None)
+        if stats is not None:  # retrieval: the time its searches took in this process (val, test, recall)
+            metrics.update(knn_search_s=stats["exact_s"] + stats["index_s"],
+                           knn_search_queries=stats["exact_queries"] + stats["index_queries"],
+                           knn_index_search_s=stats["index_s"], knn_index_search_queries=stats["index_queries"])
+            runs.write_json(self.out_dir / runs.METRICS_FILE, metrics)
+        return metrics
 
 
 def train_together(cache, trainers: list[HeadTrainer], *, bar=None,
