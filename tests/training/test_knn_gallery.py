@@ -175,5 +175,11 @@ def test_fit_knn_and_evaluate_stream_under_a_budget_far_below_the_cache(tmp_path
         evaluated = evaluate_run(tmp_path / run, n_bootstrap=0)
         assert evaluated["acc@750km"] == pytest.approx(metrics["acc@750km"])
     assert knn["acc@750km"] > 0.8  # (one epoch of ~30 steps teaches the mvmf little: only its streaming is checked)
-    _, order, q = _brute_force(path, "val", 8)
-    np.testing.assert_array_equal(head.exact_topk(torch.from_numpy(q).float())[1].numpy(), order)
+    sims, order, q = _brute_force(path, "val", 8)
+    found = head.exact_topk(torch.from_numpy(q).float())[1].numpy()
+    # float16 features repeat: neighbours tied in float32 may swap; each one found is as similar as brute force's
+    with FeatureCache(path) as c:
+        g = c.load_features(c.split_rows("train")).astype(np.float64)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    np.testing.assert_allclose(np.einsum("qd,qkd->qk", q, g[found]), sims, atol=1e-6)
+    assert np.mean(found == order) > 0.99
