@@ -83,3 +83,28 @@ def verified_prefix(f: h5py.File, commits: np.ndarray) -> int:
                 return i
         previous = record
     return len(commits)
+
+
+def content_sha256(f: h5py.File) -> str:
+    """Hex sha256 naming a complete cache's content: its shape, dtype and every committed block's checksum.
+
+    Built from the ``/commits`` records the writer stored (``block_digest`` of each block as
+    written), so it costs O(blocks), not a read of the features: what a run that refers to a
+    cache's rows (the knn head's gallery) records, and checks before reading them again.
+    A file without commit records (not written by ``CacheWriter``) is hashed block by block
+    from its rows as stored, the same digest its records would hold.
+    """
+    digest = hashlib.sha256()
+    features = f["features"]
+    digest.update(f"{features.shape[0]}x{features.shape[1]}:{features.dtype.str}".encode())
+    commits = read_commits(f)
+    if len(commits) and int(commits[-1]["rows"]) == features.shape[0]:
+        for record in commits:
+            digest.update(bytes(record["sha256"]))
+        return digest.hexdigest()
+    block = max(1, (64 << 20) // max(1, features.shape[1] * features.dtype.itemsize))
+    n_skipped = f["skipped"].shape[0] if "skipped" in f else 0
+    for start in range(0, features.shape[0], block):
+        stop = min(start + block, features.shape[0])
+        digest.update(stored_digest(f, start, stop, 0, n_skipped if stop == features.shape[0] else 0))
+    return digest.hexdigest()

@@ -23,6 +23,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from geo.cache.commits import content_sha256
 from geo.cache.schema import (
     SPLIT_NAMES,
     chunk_rows,
@@ -115,6 +116,10 @@ class FeatureCache:
         self.country: np.ndarray = f["country"][:].astype(np.int16)
         self.skipped: list[tuple[str, str]] = read_skipped(f) if "skipped" in f else []
         self._in_memory: dict[str, np.ndarray] = {}
+
+    def content_sha256(self) -> str:
+        """Hex sha256 naming the file's content (``geo.cache.commits.content_sha256``: O(blocks), no feature read)."""
+        return content_sha256(self._file)
 
     def validate(self) -> list[str]:
         """Every problem in the file, one line each naming dataset and first row (empty = valid)."""

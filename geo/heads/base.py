@@ -34,10 +34,11 @@ Declared facts, read by training, sweeps, reports, credible radii and
   evaluation, so the selected state carries its own calibration (e.g. the
   regression head's one kappa, a buffer). The default does nothing;
 - ``trainable``: False for a head with nothing to train (retrieval): the trainer
-  makes no optimizer and takes no steps for it;
-- ``needs_gallery`` and ``fit_gallery(features [n, d], lat_deg [n], lon_deg [n])``:
-  a head that keeps the train split itself (retrieval) gets it once from the
-  trainer, before anything else; it keeps it in its state (buffers);
+  makes no optimizer, takes no steps and evaluates it once (one metrics.jsonl line);
+- ``needs_gallery`` and ``fit_gallery(gallery)``: a head that searches the train
+  split itself (retrieval) gets it from the training layer (fit, evaluate, predict)
+  as an object serving its features in blocks (``geo.heads.knn.Gallery``, read from
+  the run's cache); it keeps a reference, never a copy in its state;
 - ``vmf_mixture(output)`` / ``cell_density(output)``: the density in a form the
   credible radii and maps integrate exactly (a vMF mixture, or a piecewise-constant
   density over a partition's cells); None when the head's density is not of that form.
@@ -154,7 +155,7 @@ class Head(nn.Module):
     predict_modes: ClassVar[tuple[str, ...]] = ("argmax",)
     sweep_options: ClassVar[dict[str, str]] = {}
     trainable: ClassVar[bool] = True  # False: nothing to optimise (the trainer takes no steps)
-    needs_gallery: ClassVar[bool] = False  # the trainer calls fit_gallery() with the train split once
+    needs_gallery: ClassVar[bool] = False  # the training layer calls fit_gallery() with the train split
     needs_calibration: ClassVar[bool] = False  # the trainer calls calibrate() on val outputs before evaluating
     shared_components: ClassVar[bool] = False  # a mixture whose components do not depend on the input (MvMF)
 
@@ -220,8 +221,8 @@ class Head(nn.Module):
         """The parameters decoupled weight decay applies to (matrices acting on features)."""
         return [p for p in self.parameters() if p.requires_grad and p.ndim >= 2 and p.shape[-1] == self.feature_dim]
 
-    def fit_gallery(self, features, lat_deg, lon_deg) -> None:
-        """Keep the train split: features ``[n, d]`` and locations in degrees ``[n]`` (heads with ``needs_gallery``)."""
+    def fit_gallery(self, gallery, *args, **kwargs) -> None:
+        """Attach the train split as a gallery (``geo.heads.knn.Gallery``; heads with ``needs_gallery``)."""
 
     def calibrate(self, outputs: torch.Tensor, target_xyz: torch.Tensor) -> None:
         """Fit what the head fits on held-out data: its ``outputs`` on the val split and the true points ``[n, 3]``.

@@ -1,13 +1,22 @@
 """The ``knn`` head: image retrieval (Im2GPS-deep, Vo et al.) over the train split's features.
 
-Nothing is trained. The gallery is the train split: its features, normalised,
-and its locations as unit vectors, given once by the trainer through the head's
-``fit_gallery`` hook (``needs_gallery = True``) and kept as buffers, i.e. saved with
-the head's state in the run's checkpoint (so a run predicts without its cache;
-the cost is n x d float32 in the checkpoint). For a query x, the k gallery rows
-of highest cosine similarity s_i, found exactly by blocked matrix products
-(``block_rows`` gallery rows at a time, a running top-k merged per block: memory
-O(B x block_rows), whatever the gallery size).
+Nothing is trained. The gallery is the train split: its features and its
+locations, given once through ``fit_gallery`` (``needs_gallery = True``) as a
+:class:`Gallery`, an object that serves the features in consecutive blocks. The
+head keeps a reference to it and the locations' unit vectors, never the features,
+and none of it is part of the head's state: a run's checkpoint holds log kappa
+only. The training layer gives the head a gallery that reads the run's cache
+(``geo.training.gallery``: which cache, which rows and the cache's content hash
+are recorded in the run, and checked before each use); tests and small galleries
+use :class:`ArrayGallery`.
+
+Search, for a query x: the k gallery rows of highest cosine similarity s_i.
+Exact by default: the gallery is streamed in blocks whose size follows from
+``max_memory_mb`` (block features widened to float32 one block at a time, on the
+query's device), each block's top-k merged with the running one, so memory is
+bounded whatever the gallery's size and the result is brute force's. Or through
+a ``search`` callable given with the gallery (an approximate FAISS index built by
+the training layer, ``geo.training.knn_index``), which returns its own top-k.
 
 Output of ``forward``: ``[B, k, 4]`` float32, per neighbour (most similar first)
 its similarity and its location's unit vector. The density is a vMF kernel
@@ -26,6 +35,9 @@ neighbours: ``geo.heads.mixture_modes``), "nn" the nearest neighbour's location
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Iterator
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -38,6 +50,42 @@ from geo.heads.registry import register_head
 
 LOG_KAPPA_GRID = np.arange(-2.0, 22.01, 0.5)  # the calibration's coarse grid of log kappa
 
+GallerySearch = Callable[[np.ndarray, int], "tuple[np.ndarray, np.ndarray]"]
+"""``search(queries [B, d] float32 unit rows, k) -> (sims [B, k] float32, gallery index [B, k] int64)``,
+most similar first: an index over the gallery (FAISS), given to ``fit_gallery``."""
+
+
+class Gallery(Protocol):
+    """What a retrieval head reads its gallery through (the training layer provides one over a cache).
+
+    ``n_rows``, ``feature_dim``; ``lat_deg``, ``lon_deg`` ``[n]`` float64 degrees (small: kept in memory);
+    ``blocks(max_rows)`` yields the features ``[b, d]`` (any float dtype, not normalised) in gallery-row
+    order, consecutive blocks of at most ``max_rows`` rows covering the gallery once.
+    """
+
+    n_rows: int
+    feature_dim: int
+    lat_deg: np.ndarray
+    lon_deg: np.ndarray
+
+    def blocks(self, max_rows: int) -> Iterator[np.ndarray]: ...
+
+
+class ArrayGallery:
+    """A :class:`Gallery` over arrays in memory: features ``[n, d]``, lat_deg, lon_deg ``[n]`` degrees."""
+
+    def __init__(self, features, lat_deg, lon_deg):
+        self.features = np.asarray(features)
+        if self.features.ndim != 2:
+            raise ConfigError(f"knn: gallery features must be [n, d], not {self.features.shape}")
+        self.n_rows, self.feature_dim = self.features.shape
+        self.lat_deg = np.asarray(lat_deg, np.float64)
+        self.lon_deg = np.asarray(lon_deg, np.float64)
+
+    def blocks(self, max_rows: int) -> Iterator[np.ndarray]:
+        for start in range(0, self.n_rows, max_rows):
+            yield self.features[start:start + max_rows]
+
 
 def topk_cosine(queries: torch.Tensor, gallery: torch.Tensor, k: int, block_rows: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,14 +94,26 @@ def topk_cosine(queries: torch.Tensor, gallery: torch.Tensor, k: int, block_rows
     The gallery is read ``block_rows`` rows at a time; each block's top-k is merged
     with the running one, so memory is O(B x (block_rows + k)).
     """
-    best_s = queries.new_full((queries.shape[0], 0), -math.inf)
-    best_i = torch.zeros((queries.shape[0], 0), dtype=torch.int64, device=queries.device)
+    merger = TopK(queries.shape[0], k, queries)
     for start in range(0, gallery.shape[0], block_rows):
-        sims = queries @ gallery[start:start + block_rows].T                       # [B, g]
-        s, i = torch.topk(sims, min(k, sims.shape[1]), dim=1)
-        best_s, order = torch.topk(torch.cat([best_s, s], 1), min(k, best_s.shape[1] + s.shape[1]), dim=1)
-        best_i = torch.gather(torch.cat([best_i, i + start], 1), 1, order)
-    return best_s, best_i
+        merger.add(queries @ gallery[start:start + block_rows].T, start)
+    return merger.sims, merger.index
+
+
+class TopK:
+    """The running top-k of ``B`` queries over similarity blocks ``[B, g]`` (merged block by block)."""
+
+    def __init__(self, n_queries: int, k: int, like: torch.Tensor):
+        self.k = k
+        self.sims = like.new_full((n_queries, 0), -math.inf)
+        self.index = torch.zeros((n_queries, 0), dtype=torch.int64, device=like.device)
+
+    def add(self, sims: torch.Tensor, start: int) -> None:
+        """Merge a block of similarities ``[B, g]`` whose columns are gallery rows ``start .. start + g``."""
+        s, i = torch.topk(sims, min(self.k, sims.shape[1]), dim=1)
+        both = torch.cat([self.sims, s], 1)
+        self.sims, order = torch.topk(both, min(self.k, both.shape[1]), dim=1)
+        self.index = torch.gather(torch.cat([self.index, i + start], 1), 1, order)
 
 
 @register_head("knn")
@@ -63,7 +123,9 @@ class KnnHead(Head):
     Args:
         feature_dim: d, the width of the features.
         k: neighbours per query.
-        block_rows: gallery rows per block of the exact top-k search (memory, not results).
+        max_memory_mb: bound on the exact search's temporaries (a gallery block as read, widened to
+            float32, and its ``[B, block]`` similarities); sets the gallery rows per block.
+        block_rows: gallery rows per block, overriding ``max_memory_mb`` (memory, never results).
     """
 
     has_density = True
@@ -72,49 +134,107 @@ class KnnHead(Head):
     needs_gallery = True
     needs_calibration = True
 
-    def __init__(self, feature_dim: int, *, k: int = 16, block_rows: int = 65536):
+    def __init__(self, feature_dim: int, *, k: int = 16, max_memory_mb: float = 2048, block_rows: int | None = None):
         super().__init__(feature_dim)
-        if int(k) < 1 or int(block_rows) < 1:
-            raise ConfigError(f"knn: k and block_rows must be >= 1, not {k}, {block_rows}")
-        self.k, self.block_rows = int(k), int(block_rows)
-        self.register_buffer("gallery_features", torch.zeros(0, self.feature_dim))
-        self.register_buffer("gallery_xyz", torch.zeros(0, 3))
+        if int(k) < 1 or (block_rows is not None and int(block_rows) < 1) or not max_memory_mb > 0:
+            raise ConfigError(f"knn: k and block_rows must be >= 1 and max_memory_mb > 0, not "
+                              f"{k}, {block_rows}, {max_memory_mb}")
+        self.k, self.max_memory_mb = int(k), float(max_memory_mb)
+        self.block_rows = None if block_rows is None else int(block_rows)
+        self.gallery: Gallery | None = None
+        self.search: GallerySearch | None = None
+        self.gallery_xyz = torch.zeros(0, 3, dtype=torch.float64)  # not a buffer: never in the state
+        # Seconds and queries spent searching, exactly and through the index (what benchmarks compare).
+        self.search_stats = {"exact_s": 0.0, "exact_queries": 0, "index_s": 0.0, "index_queries": 0}
         self.register_buffer("log_kappa", torch.tensor(3.0))
-        self.options = {"k": self.k}
+        self.options = {"k": self.k, "max_memory_mb": self.max_memory_mb}
 
     @classmethod
     def options_from_config(cls, config: dict) -> dict:
-        return dict(k=int(config.get("knn_k") or 16))
+        return dict(k=int(config.get("knn_k") or 16), max_memory_mb=float(config.get("max_memory_mb") or 2048))
 
     @property
     def max_k(self) -> int:
         return self.k
 
-    def fit_gallery(self, features, lat_deg, lon_deg) -> None:
-        """The gallery: features ``[n, d]`` (any float dtype; normalised here) and their locations (degrees)."""
-        features = torch.as_tensor(np.asarray(features))
-        if features.ndim != 2 or features.shape[1] != self.feature_dim or features.shape[0] < self.k:
+    def fit_gallery(self, gallery, lat_deg=None, lon_deg=None, *, search: GallerySearch | None = None) -> None:
+        """Attach the gallery: a :class:`Gallery`, or features ``[n, d]`` with lat_deg, lon_deg ``[n]`` (degrees).
+
+        ``search``: an index over the gallery (``GallerySearch``) that replaces the exact search.
+        Only a reference is kept (and the locations' unit vectors): nothing of it enters the state.
+        """
+        if lat_deg is not None or lon_deg is not None:
+            gallery = ArrayGallery(gallery, lat_deg, lon_deg)
+        if gallery.feature_dim != self.feature_dim or gallery.n_rows < self.k:
             raise ConfigError(f"knn: the gallery must be [n >= k = {self.k}, {self.feature_dim}] features, "
-                              f"not {tuple(features.shape)}")
-        device, dtype = self.log_kappa.device, self.log_kappa.dtype  # float32 (float64 for a float64 head)
-        self.gallery_features = normalize(features.to(torch.float64)).to(device, dtype)
-        self.gallery_xyz = torch.from_numpy(latlon_to_xyz(np.asarray(lat_deg, np.float64),
-                                                          np.asarray(lon_deg, np.float64))).to(device, dtype)
+                              f"not [{gallery.n_rows}, {gallery.feature_dim}]")
+        self.gallery, self.search = gallery, search
+        self.gallery_xyz = torch.from_numpy(latlon_to_xyz(np.asarray(gallery.lat_deg, np.float64),
+                                                          np.asarray(gallery.lon_deg, np.float64)))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The gallery's size is known only from the state being loaded: take its shape first.
+        # Runs written before galleries were referenced kept them in the state: ignore those copies.
         for name in ("gallery_features", "gallery_xyz"):
-            if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.log_kappa.device))
+            state_dict.pop(prefix + name, None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def gallery_block_rows(self, n_queries: int) -> int:
+        """Gallery rows per block of the exact search for ``n_queries`` queries (``max_memory_mb``'s bound).
+
+        Per gallery row a block holds the row as read (<= 8 bytes per feature), widened (4 or 8
+        bytes per feature) and one similarity per query (4 or 8 bytes) plus its top-k merge.
+        """
+        if self.block_rows is not None:
+            return self.block_rows
+        width = self.log_kappa.element_size()
+        per_row = self.feature_dim * (8 + width) + 2 * width * max(1, n_queries)
+        return max(self.k, int(self.max_memory_mb * 2**20) // per_row)
+
+    @torch.no_grad()
+    def exact_topk(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k by cosine similarity of ``queries [B, d]`` (unit rows) over the streamed gallery.
+
+        Returns ``(sims [B, k], gallery index [B, k] int64)``, most similar first, on the queries'
+        device and dtype. Each block is widened to the queries' dtype and its rows' norms are
+        divided out of the similarities (a [B, g] scaling instead of normalising [g, d]).
+        """
+        t0 = time.perf_counter()
+        merger = TopK(queries.shape[0], self.k, queries)
+        start = 0
+        for block in self.gallery.blocks(self.gallery_block_rows(queries.shape[0])):
+            x = torch.from_numpy(np.ascontiguousarray(block)).to(queries.device).to(queries.dtype)
+            inv_norm = 1.0 / torch.linalg.vector_norm(x, dim=1).clamp_min(torch.finfo(queries.dtype).tiny)
+            merger.add((queries @ x.T).mul_(inv_norm), start)
+            start += x.shape[0]
+        if start != self.gallery.n_rows:
+            raise ConfigError(f"knn: the gallery served {start} rows, expected {self.gallery.n_rows}")
+        self.search_stats["exact_s"] += time.perf_counter() - t0
+        self.search_stats["exact_queries"] += queries.shape[0]
+        return merger.sims, merger.index
+
+    def index_topk(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-k of ``queries [B, d]`` (unit rows) from the ``search`` index (exact search without one)."""
+        if self.search is None:
+            return self.exact_topk(queries)
+        t0 = time.perf_counter()
+        sims, index = self.search(queries.detach().to("cpu", torch.float32).numpy(), self.k)
+        self.search_stats["index_s"] += time.perf_counter() - t0
+        self.search_stats["index_queries"] += queries.shape[0]
+        sims = torch.from_numpy(np.asarray(sims)).to(queries.device, queries.dtype)
+        index = torch.from_numpy(np.asarray(index, np.int64)).to(queries.device)
+        short = (index < 0).any(dim=1)  # the index found fewer than k rows (e.g. IVF lists probed too small)
+        if bool(short.any()):
+            sims[short], index[short] = self.exact_topk(queries[short])
+        return sims, index
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """The k neighbours ``[B, k, 4]``: cosine similarity, then the unit vector of the neighbour's location."""
-        if self.gallery_features.shape[0] < self.k:
-            raise ConfigError("knn: no gallery; fit_gallery(train features, lat, lon) first")
-        queries = normalize(features.to(self.gallery_features.device, self.gallery_features.dtype))
-        sims, index = topk_cosine(queries, self.gallery_features, self.k, self.block_rows)
-        return torch.cat([sims[..., None], self.gallery_xyz[index]], dim=-1)
+        if self.gallery is None:
+            raise ConfigError("knn: no gallery; fit_gallery(gallery) first (a run's head gets its cache's)")
+        queries = normalize(features.to(self.log_kappa.device, self.log_kappa.dtype))
+        sims, index = self.index_topk(queries)
+        xyz = self.gallery_xyz[index.cpu()].to(queries.device, queries.dtype)
+        return torch.cat([sims[..., None], xyz], dim=-1)
 
     def _mixture(self, output: torch.Tensor):
         """(log weights [B, k], unit means [B, k, 3], log kappa []) of the kernel density."""

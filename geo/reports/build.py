@@ -136,7 +136,8 @@ def runs_section(runs: list[Run], skipped: list[SkippedRun], labels: dict[str, s
 def table_section(runs: list[Run], labels: dict[str, str]) -> Section:
     blocks = [Table(tables.to_markdown(runs), tables.to_html(runs)),
               Text(" ".join(filter(None, [tables.CONVENTIONS, tables.kappa0_note(runs),
-                                          tables.NT_NOTE if tables.has_untestable(runs) else ""])))]
+                                          tables.NT_NOTE if tables.has_untestable(runs) else "",
+                                          tables.knn_index_note(runs)])))]
     splits = sorted({r.split or "?" for r in runs})
     if splits != ["test"]:
         blocks.append(Text(f"Note: metrics.json of some runs is not on the test split (splits: {', '.join(splits)})."))

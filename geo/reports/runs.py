@@ -109,6 +109,8 @@ class Run:
     # "frozen" (a head on cached features) or "end-to-end" (`geo finetune`: backbone and head trained together).
     features: str = "frozen"
     parent: str | None = None  # an end-to-end run's parent run directory (config.json's parent_run)
+    # A knn run's search index, as its metrics.json records it (knn_index, knn_index_build_s, knn_recall@k ...).
+    knn_index: dict = field(default_factory=dict)
 
     @property
     def train_min_km(self) -> float | None:
@@ -241,6 +243,7 @@ def read_run(path: str | Path) -> Run:
         n_train=int(n_train) if _finite(n_train) else None, reference=reference_of(final),
         features=END_TO_END if config.get("stage") == END_TO_END else FROZEN,
         parent=str(config["parent_run"]) if config.get("parent_run") else None,
+        knn_index={k: v for k, v in final.items() if k.startswith("knn_")},
     )
 
 

@@ -47,6 +47,26 @@ def kappa0_note(runs: list[Run]) -> str:
     return f"Half of an initial MvMF component's mass lies within ({radii})."
 
 
+def knn_index_note(runs: list[Run]) -> str:
+    """How the knn runs searched their gallery: the FAISS index, its build time and its recall@k against exact."""
+    notes = []
+    for run in runs:
+        facts = run.knn_index
+        if not facts.get("knn_index"):
+            continue
+        recall = next(((k.split("@")[1], v) for k, v in facts.items() if k.startswith("knn_recall@")), None)
+        text = f"{run.name}: {facts['knn_index']} index ({facts.get('knn_index_factory', '?')}"
+        if facts.get("knn_nprobe") is not None:
+            text += f", nprobe {facts['knn_nprobe']}"
+        if facts.get("knn_index_build_s") is not None:
+            text += f", built in {facts['knn_index_build_s']:.1f} s"
+        text += ")"
+        if recall is not None and recall[1] is not None:
+            text += f", recall@{recall[0]} against exact search on val {recall[1]:.3f}"
+        notes.append(text)
+    return ("Approximate retrieval: " + "; ".join(notes) + ".") if notes else ""
+
+
 @dataclass(frozen=True)
 class Column:
     """A metric column: key in Run.test, title, value -> text, shown with interval?"""

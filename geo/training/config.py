@@ -45,6 +45,8 @@ KAPPA0_RANGE = (math.log(1e-6), math.log(1e9))
 # Fewer optimizer steps than this in a whole run learn next to nothing (the issue's case: 3 epochs
 # of 6,000 rows at batch 1024 = 15 steps end no better than chance): fit-head and sweep warn up front.
 MIN_USEFUL_STEPS = 100
+# Queries per evaluation batch of a retrieval head: each batch is one pass over the gallery.
+GALLERY_EVAL_BATCH = 16384
 
 
 def _option(default, help: str, **cli):
@@ -69,6 +71,12 @@ class FitConfig:
                            choices=("centre", "mean"))
     mixture_components: int = _option(4, "vmf-mixture: K, the input-dependent vMF components (1-16).")
     knn_k: int = _option(16, "knn: neighbours retrieved from the train split (cosine similarity).")
+    knn_index: str = _option("exact", "knn: search the gallery exactly (streamed from the cache) or through a "
+                                      "FAISS index built once beside the cache (flat: exact, in memory; ivf, hnsw: "
+                                      "approximate, 8-bit codes; needs the faiss extra).",
+                             choices=("exact", "flat", "ivf", "hnsw"))
+    knn_nprobe: int = _option(32, "knn --knn-index ivf: inverted lists searched per query (hnsw: efSearch / 4); "
+                                  "more = higher recall, slower.")
     hier_levels: int = _option(3, "softmax-hier: nested partitions trained jointly (c, ~c/4, ~c/16 ...; 1-4).")
     flow_width: int = _option(256, "flow: width of the field's residual AdaLN-MLP.")
     flow_depth: int = _option(3, "flow: residual blocks of the field's MLP.")
@@ -99,7 +107,8 @@ class FitConfig:
     precision: str = _option("auto", "Of the features x W product (auto = bf16 where the device runs it "
                                       "natively); vMF terms always run in float32 or float64.",
                              choices=("auto", "bf16", "fp32"))
-    max_memory_mb: int = _option(2048, "Bound on the batch x cells temporaries; batches are chunked to fit.")
+    max_memory_mb: int = _option(2048, "Bound on the batch x cells temporaries; batches are chunked to fit. "
+                                       "knn: bound on the exact search's gallery blocks (streamed from the cache).")
 
 
 def fit_config_fields() -> list[dataclasses.Field]:
@@ -133,9 +142,11 @@ def check_options(config: FitConfig, *, n_train: int | None = None) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             refuse(name, "must be a finite number")
     for name in ("n_cells", "batch_size", "epochs", "max_memory_mb", "mixture_components", "hier_levels", "knn_k",
-                 "flow_width", "flow_depth", "flow_samples", "trunk_width"):
+                 "flow_width", "flow_depth", "flow_samples", "trunk_width", "knn_nprobe"):
         if getattr(config, name) < 1:
             refuse(name, "must be >= 1")
+    if config.knn_index not in ("exact", "flat", "ivf", "hnsw"):
+        refuse("knn_index", "choose one of: exact, flat, ivf, hnsw")
     if config.eval_every < 0:
         refuse("eval_every", "must be >= 0 (0 = once per epoch)")
     if config.lr <= 0:
@@ -174,7 +185,7 @@ def check_options(config: FitConfig, *, n_train: int | None = None) -> None:
 def few_steps_warning(resolved: dict) -> str | None:
     """A warning when a resolved config makes fewer than ``MIN_USEFUL_STEPS`` optimizer steps, else None."""
     steps = resolved["total_steps"]
-    if steps >= MIN_USEFUL_STEPS:
+    if steps >= MIN_USEFUL_STEPS or resolved.get("trainable") is False:
         return None
     return (f"only {steps} optimizer steps ({resolved['n_train']} train rows / --batch-size "
             f"{resolved['batch_size']} x --epochs {resolved['epochs']}); under {MIN_USEFUL_STEPS} steps a head "
@@ -185,7 +196,8 @@ def few_steps_warning(resolved: dict) -> str | None:
 # them was trained with what is now their default.
 _FIELDS_ADDED_SINCE_0_1 = ("train_fraction", "mixture_components", "knn_k", "hier_levels", "label_smoothing_km",
                           "flow_width", "flow_depth", "flow_cond_dropout", "flow_guidance", "flow_samples",
-                          "trunk_depth", "trunk_width")
+                          "trunk_depth", "trunk_width",
+                          "knn_index", "knn_nprobe")
 
 
 def implied_by_older_runs(resolved: dict) -> dict:
@@ -195,7 +207,7 @@ def implied_by_older_runs(resolved: dict) -> dict:
     keys that are compared anyway (``n_train``, ``seed``).
     """
     defaults = {f.name: f.default for f in fit_config_fields() if f.name in _FIELDS_ADDED_SINCE_0_1}
-    return {**defaults, "n_train_split": resolved.get("n_train_split"),
+    return {**defaults, "trainable": resolved.get("trainable"), "n_train_split": resolved.get("n_train_split"),
             "train_subset_seed": resolved.get("train_subset_seed")}
 
 
@@ -217,21 +229,32 @@ def resolve_config(config: FitConfig, cache, cache_path: Path, n_train: int, n_v
     predict = cls.check_predict(config.predict)
     check_options(config, n_train=n_train)
     device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
+    # Retrieval compares features by cosine: bf16 queries (8-bit mantissas) would change the neighbours.
+    precision = "fp32" if cls.needs_gallery and config.precision == "auto" else resolve_precision(config.precision,
+                                                                                                  device)
     n_train_split, n_train = n_train, subset_size(n_train, config.train_fraction)
     steps_per_epoch = -(-n_train // config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
+    # A head with nothing to train (retrieval) is evaluated once: no epochs, no steps.
+    epochs = config.epochs if cls.trainable else 0
+    total_steps = steps_per_epoch * epochs
     chunk_rows = max(1, min(config.batch_size, config.max_memory_mb * 2**20 // (config.n_cells * BYTES_PER_ROW_CELL)))
+    # Retrieval reads the whole gallery once per evaluation batch: large batches, few passes
+    # (its memory is bounded per gallery block, not per batch x cells).
+    eval_batch_size = max(chunk_rows, GALLERY_EVAL_BATCH) if cls.needs_gallery else chunk_rows
     resolved = dataclasses.asdict(config)
     resolved.update(
         format=runs.RUN_FORMAT, geo_version=__version__, predict=predict, device=str(device), precision=precision,
         eval_every=config.eval_every or steps_per_epoch, select_mode="min" if config.select_by in LOWER_IS_BETTER
         else "max", optimizer="adamw", lr_schedule="linear-warmup-cosine",
         warmup_steps=int(round(config.warmup_fraction * total_steps)), steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps, chunk_rows=chunk_rows, eval_batch_size=chunk_rows, topk=TOPK,
+        total_steps=total_steps, chunk_rows=chunk_rows, eval_batch_size=eval_batch_size, topk=TOPK,
+        epochs=epochs, trainable=cls.trainable,
         train_fraction=float(config.train_fraction), n_train=n_train, n_train_split=n_train_split, train_subset_seed=config.seed, n_val=n_val,
         cache_path=str(Path(cache_path).resolve()),
         cache_feature_dim=cache.feature_dim, cache_n_rows=cache.n_rows, cache_provenance=cache.provenance,
     )
+    if cls.needs_gallery:  # which cache, which rows and its content hash: the gallery is read, never copied
+        from geo.training.gallery import gallery_record
+        resolved["gallery"] = gallery_record(cache, cache_path, config.train_fraction, config.seed)
     resolved["head_options"] = cls.options_from_config(resolved)
     return runs.json_safe(resolved)

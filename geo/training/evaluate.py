@@ -59,10 +59,13 @@ def feature_dtype(precision: str) -> torch.dtype:
 
 @torch.no_grad()
 def calibrate_on_split(head, cache, split: str, *, device: torch.device, feature_dtype: torch.dtype,
-                       batch_size: int) -> None:
+                       batch_size: int) -> list[torch.Tensor]:
     """``head.calibrate(outputs, target_xyz)`` with the head's outputs on every row of ``split`` (eval mode).
 
     For heads that declare ``needs_calibration`` (their outputs are small, e.g. ``[n, 3]``).
+    Returns the outputs per batch (``iter_batches(split, batch_size, shuffle=False)``'s), which
+    ``evaluate_split`` can reuse: calibration fits on the outputs, so it cannot change them, and a
+    retrieval head's outputs cost a pass over its gallery.
     """
     outputs, targets = [], []
     with eval_mode(head):
@@ -70,6 +73,7 @@ def calibrate_on_split(head, cache, split: str, *, device: torch.device, feature
             outputs.append(head(features_to_tensor(features, device, feature_dtype)))
             targets.append(torch.from_numpy(latlon_to_xyz(cache.lat_deg[rows], cache.lon_deg[rows])))
     head.calibrate(torch.cat(outputs), torch.cat(targets).to(device))
+    return outputs
 
 
 @torch.no_grad()
@@ -88,6 +92,7 @@ def evaluate_split(
     progress: bool = False,
     calibration: bool | None = None,
     calibration_samples: int = CALIBRATION_SAMPLES,
+    outputs: list[torch.Tensor] | None = None,
 ) -> tuple[dict, dict | None]:
     """Metrics of ``head`` on ``split`` of ``cache`` and, if ``topk``, per-row predictions.
 
@@ -105,6 +110,8 @@ def evaluate_split(
             the same rows in the same order); None = when ``topk`` (final scoring, not the
             val evaluations during training).
         calibration_samples: Monte Carlo samples per row where no closed form exists.
+        outputs: the head's outputs per batch of ``iter_batches(split, batch_size, shuffle=False)``,
+            already computed (``calibrate_on_split``'s); None = compute them here.
     Returns:
         ``(metrics, predictions)``: ``metrics`` from ``geo.metrics.summarize``
         (+ ``"split"``, ``"predict"``); ``predictions`` a dict of numpy arrays with
@@ -132,13 +139,12 @@ def evaluate_split(
     done = 0
     with eval_mode(head):
         batches = cache.iter_batches(split, batch_size, shuffle=False)
-        for rows, features in tqdm(batches, total=-(-n // batch_size), desc=f"eval {split}", disable=not progress,
-                                   leave=False, unit="batch"):
+        for i, (rows, features) in enumerate(tqdm(batches, total=-(-n // batch_size), desc=f"eval {split}",
+                                                  disable=not progress, leave=False, unit="batch")):
             b = len(rows)
             sl = slice(done, done + b)
             row_order[sl] = rows
-            x = features_to_tensor(features, device, feature_dtype)
-            logits = head(x)
+            logits = head(features_to_tensor(features, device, feature_dtype)) if outputs is None else outputs[i]
             lat, lon = head.predict(logits, k=1, mode=predict)
             pred_lat[sl] = lat[:, 0].double().cpu().numpy()
             pred_lon[sl] = lon[:, 0].double().cpu().numpy()

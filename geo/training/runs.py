@@ -25,7 +25,9 @@ so a killed run never leaves a half-written file under the final name.
 ``build_head`` re-creates a run's head from its configuration (the head class
 says how: ``Head.options_from_config``; the options recorded as ``head_options``
 win when present) and ``load_head(run_dir)`` loads a finished run's selected
-head: the one way evaluate, reports and ``geo predict`` get a run's head.
+head: the one way evaluate, reports and ``geo predict`` get a run's head (a
+retrieval head gets its gallery from the cache the run records, checked against
+the recorded content hash: ``geo.training.gallery``).
 """
 
 from __future__ import annotations
@@ -339,4 +341,7 @@ def load_head(run_dir: str | Path, device: torch.device | str = "cpu") -> RunHea
     merged = dict(checkpoint["config"], head_options=config.get("head_options") or checkpoint["config"].get(
         "head_options"))
     head = build_head(merged, partition, int(config["cache_feature_dim"]), device, saved=checkpoint).eval()
+    if head.needs_gallery:  # retrieval: the gallery is read from the run's cache, checked unchanged
+        from geo.training.gallery import attach_gallery
+        attach_gallery(head, config)
     return RunHead(head, config, partition, (checkpoint.get("best") or {}).get("step"))

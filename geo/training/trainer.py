@@ -25,6 +25,8 @@ from geo.geometry import latlon_to_xyz
 from geo.heads import Head, head_class
 from geo.sphere.partition import Partition
 from geo.training import reference, runs
+from geo.training.gallery import attach_gallery
+from geo.training.knn_index import index_recall
 from geo.training.evaluate import (CountryFn, calibrate_on_split, evaluate_split, feature_dtype, features_to_tensor,
                                   score_and_write)
 from geo.training.subsets import train_subset
@@ -150,10 +152,10 @@ class HeadTrainer:
         self.head = runs.build_head(config, partition, cache.feature_dim, self.device)
         if resume:
             self.head.load_state_dict(saved["head_state"])
-        else:
-            if self.head.needs_gallery:  # retrieval: the train split itself, kept in the head's state
-                train = self.train_rows  # its --train-fraction: the gallery is what it trains on
-                self.head.fit_gallery(cache.load_features(train), cache.lat_deg[train], cache.lon_deg[train])
+        # Retrieval: the gallery (its --train-fraction of the train split) is read from the cache
+        # the run records, checked unchanged, never copied (and its index opened or built once).
+        self.gallery_facts = attach_gallery(self.head, config, progress=True) if self.head.needs_gallery else {}
+        if not resume:
             # written only now that the partition and head exist: bad options leave no run behind
             runs.write_json(self.out_dir / runs.CONFIG_FILE, config)
         self.partition = partition if self.head.uses_partition else None
@@ -183,6 +185,11 @@ class HeadTrainer:
     @property
     def done(self) -> bool:
         return self.state["step"] >= self.cfg["total_steps"]
+
+    def evaluate_if_untrainable(self) -> None:
+        """A head with nothing to train (retrieval) is evaluated once, at step 0 (unless its checkpoint has it)."""
+        if not self.head.trainable and self.state["best"]["metrics"] is None:
+            self.evaluate_and_checkpoint()
 
     @property
     def position(self) -> tuple[int, int]:
@@ -228,11 +235,12 @@ class HeadTrainer:
         """Score the head on val, keep it if best so far, log a line, save the checkpoint; returns the score."""
         state, cfg = self.state, self.cfg
         t0 = time.perf_counter()
+        outputs = None
         if self.head.needs_calibration:  # e.g. the regression head's kappa: fitted on val before scoring val
-            calibrate_on_split(self.head, self.cache, "val", device=self.device, feature_dtype=self.x_dtype,
-                               batch_size=cfg["eval_batch_size"])
+            outputs = calibrate_on_split(self.head, self.cache, "val", device=self.device, feature_dtype=self.x_dtype,
+                                         batch_size=cfg["eval_batch_size"])
         metrics, _ = evaluate_split(self.head, self.cache, "val", predict=cfg["predict"], device=self.device,
-                                    feature_dtype=self.x_dtype, batch_size=cfg["eval_batch_size"])
+                                    feature_dtype=self.x_dtype, batch_size=cfg["eval_batch_size"], outputs=outputs)
         if cfg["select_by"] not in metrics:
             raise ConfigError(f"--select-by {cfg['select_by']!r} is not a metric of this head; "
                               f"choose one of: {', '.join(k for k in metrics if k not in ('split', 'predict'))}")
@@ -244,8 +252,10 @@ class HeadTrainer:
             state["best"] = {"step": state["step"], "score": score, "metrics": metrics,
                              "head_state": _cpu_state(self.head)}
         state["elapsed_s"] += time.perf_counter() - t0
+        trained = self.optimizer is not None
         line = {"step": state["step"], "epoch": state["step"] / cfg["steps_per_epoch"],
-                "train_loss": state["loss_sum"] / max(1, state["loss_count"]), "lr": lr_at(state["step"] - 1, cfg),
+                "train_loss": state["loss_sum"] / max(1, state["loss_count"]) if trained else None,
+                "lr": lr_at(state["step"] - 1, cfg) if trained else None,
                 **{f"val_{k}": v for k, v in metrics.items() if k not in ("split", "predict")},
                 "best": improved, "elapsed_s": state["elapsed_s"]}
         state["loss_sum"], state["loss_count"] = 0.0, 0
@@ -269,10 +279,22 @@ class HeadTrainer:
             final_split = "test" if len(self.cache.split_rows("test")) else "val"
         except CacheError:
             final_split = "val"
-        return score_and_write(self.head, self.cache, final_split, self.cfg, self.out_dir, device=self.device,
-                               country_fn=country_fn, progress=progress, selected_step=state["best"]["step"],
-                               select_by=self.cfg["select_by"], train_elapsed_s=state["elapsed_s"],
-                               train_lat_lon=reference.train_locations(self.cache), partition=self.partition)
+        extra = dict(self.gallery_facts)
+        if getattr(self.head, "search", None) is not None:  # an approximate index: its recall@k against exact, on val
+            batches = (x for _, x in self.cache.iter_batches("val", self.cfg["eval_batch_size"], shuffle=False))
+            extra[f"knn_recall@{self.head.max_k}"] = index_recall(self.head, batches, self.device)
+        metrics = score_and_write(self.head, self.cache, final_split, self.cfg, self.out_dir, device=self.device,
+                                  country_fn=country_fn, progress=progress, selected_step=state["best"]["step"],
+                                  select_by=self.cfg["select_by"], train_elapsed_s=state["elapsed_s"],
+                                  train_lat_lon=reference.train_locations(self.cache), partition=self.partition,
+                                  **extra)
+        stats = getattr(self.head, "search_stats", None)
+        if stats is not None:  # retrieval: the time its searches took in this process (val, test, recall)
+            metrics.update(knn_search_s=stats["exact_s"] + stats["index_s"],
+                           knn_search_queries=stats["exact_queries"] + stats["index_queries"],
+                           knn_index_search_s=stats["index_s"], knn_index_search_queries=stats["index_queries"])
+            runs.write_json(self.out_dir / runs.METRICS_FILE, metrics)
+        return metrics
 
 
 def train_together(cache, trainers: list[HeadTrainer], *, bar=None,
@@ -286,6 +308,8 @@ def train_together(cache, trainers: list[HeadTrainer], *, bar=None,
     train rows, is the one each would see alone.
     ``callback(trainer, step, loss)`` runs after every step of every trainer.
     """
+    for t in trainers:
+        t.evaluate_if_untrainable()
     todo = [t for t in trainers if not t.done]
     if not todo:
         return

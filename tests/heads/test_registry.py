@@ -142,6 +142,7 @@ def test_options_recreate_the_head(name):
     again = create_head(name, feature_dim=FEATURE_DIM, partition=partition_of(name), **head.options)
     assert again.options == head.options and again.name == head.name == name
     again.load_state_dict(head.state_dict())
+    HEADS[name].get("prepare", lambda h: None)(again)  # a gallery is attached, never part of the state
     x, y = batch()
     torch.manual_seed(1)  # the same draws for a stochastic loss (flow matching)
     loss_again = again.loss(again(x), y)
