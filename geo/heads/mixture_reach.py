@@ -141,7 +141,12 @@ def mode_support(peak_log: np.ndarray, graph: ReachGraph | None, k: int,
     upper = np.bincount(graph.by_j_i[pos], weights=scaled[heavy[owner]] * graph.by_j_h[pos], minlength=c)
     upper += delta * graph.g
     at_heavy = _at_means(graph, scaled, heavy)
-    t = np.sort(at_heavy)[::-1][min(k, len(heavy)) - 1]                      # >= 1 for k = 1 (the best peak)
+    # t: the k-th largest of lower bounds of the density at the means (exact at heavy means; a light
+    # component's own peak at its mean), so that for k > 1 light components are ranked too (>= 1 for k = 1).
+    light = np.ones(c, dtype=bool)
+    light[heavy] = False
+    candidates = np.concatenate([at_heavy, scaled[light]])
+    t = np.sort(candidates)[::-1][min(k, c) - 1]
     hot = np.flatnonzero(upper >= t * (1.0 - 1e-9))                         # rounding must not cool the best
     pos, _ = _ranges(graph.by_i_ptr, hot)
     kept = np.unique(graph.by_i_j[pos]).astype(np.int64)

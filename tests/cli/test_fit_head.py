@@ -73,7 +73,7 @@ def test_user_errors_exit_2_with_a_message(cache, tmp_path):
                                  "--out", str(tmp_path / "a")])
     assert result.exit_code == 2 and "Error: --predict centre is not available for head 'mvmf'" in result.output
     result = runner.invoke(cli, ["fit-head", cache, "--head", "planet", *ARGS, "--out", str(tmp_path / "b")])
-    assert result.exit_code == 2 and "known heads: knn, mvmf, regression, softmax, softmax-hier, " in result.output
+    assert result.exit_code == 2 and "known heads: flow, knn, mvmf, regression, softmax, softmax-hier, " in result.output
     assert runner.invoke(cli, ["fit-head", cache, "--head", "softmax", *ARGS, "--out", str(tmp_path / "c")]
                          ).exit_code == 0
     result = runner.invoke(cli, ["fit-head", cache, "--head", "softmax", *ARGS, "--seed", "1",

@@ -92,9 +92,9 @@ def test_report_of_real_runs_has_maps(tmp_path):
     for name in ("partition.png", "mvmf_means.png", "density_maps.png"):
         assert f"](figures/{name})" in md
     assert not result.notes
-    # Training curves + 3 maps; accuracy vs c and vs κ0 need 2 values and say so.
+    # Training curves + reliability diagram + 3 maps; accuracy vs c and vs κ0 need 2 values and say so.
     html = (tmp_path / "out" / "index.html").read_text()
-    assert html.count("<img") == 4 and html.count("Not drawn: needs runs at ≥ 2 values of") == 2
+    assert html.count("<img") == 5 and html.count("Not drawn: needs runs at ≥ 2 values of") == 2
 
     # Without the cache the density maps are skipped with the reason; the rest is still made.
     cache.rename(tmp_path / "moved.h5")
