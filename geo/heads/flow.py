@@ -278,6 +278,8 @@ class FlowHead(Head):
         """``n`` draws per row from the head's density: ``output [B, M] -> xyz [B, n, 3]`` float64 on the CPU
         (reproducible with a seeded CPU ``generator``; torch's global RNG without one)."""
         b = output.shape[0]
+        if b == 0 or int(n) == 0:
+            return torch.zeros((b, int(n), 3), dtype=torch.float64)
         x0 = uniform_sphere(b * int(n), generator=generator, dtype=torch.float64).to(output).view(b, int(n), 3)
         with torch.no_grad():
             points = self._push(output.detach(), x0, with_log_density=False)[0]
