@@ -194,6 +194,19 @@ def claim_softmax_not_monotone(runs: list[Run]) -> Claim:
                     "(a significant drop at some scale).", verdict, subcases)
 
 
+def _paired_subcase(case: str, first: tuple[str, Run], second: tuple[str, Run], acc_key: str) -> SubCase:
+    """A sub-case "does ``first`` beat ``second`` at ``acc_key``": the verdict of ``compare`` and the numbers
+    behind it (each run's accuracy, the paired difference with its interval where predictions allow)."""
+    (label_a, a), (label_b, b) = first, second
+    verdict = {"higher": HOLDS, "lower": FAILS, "overlap": INCONCLUSIVE}[compare(a, b, acc_key)]
+    difference = paired(a, b, acc_key)
+    paired_text = (f"; paired difference {100 * difference.difference:+.1f} points "
+                   f"[{100 * difference.low:+.1f}, {100 * difference.high:+.1f}] over {difference.n} images"
+                   if difference is not None else "")
+    return SubCase(case, f"{label_a} ({a.name}) {_acc(a, acc_key)} vs {label_b} ({b.name}) "
+                         f"{_acc(b, acc_key)}{paired_text}", verdict)
+
+
 def claim_mvmf_beats_softmax(runs: list[Run]) -> Claim:
     statement = "MvMF beats softmax at every distance scale at equal c."
     # Equal c and equal training data (runs on a --train-fraction subset are compared among themselves).
@@ -214,14 +227,7 @@ def claim_mvmf_beats_softmax(runs: list[Run]) -> Claim:
             if not testable(scale, mvmf, softmax):
                 subcases.append(SubCase(case, _untestable_evidence(mvmf, softmax), NOT_TESTABLE))
                 continue
-            outcome = compare(mvmf, softmax, acc_key)
-            verdict = {"higher": HOLDS, "lower": FAILS, "overlap": INCONCLUSIVE}[outcome]
-            difference = paired(mvmf, softmax, acc_key)
-            paired_text = (f"; paired difference {100 * difference.difference:+.1f} points "
-                           f"[{100 * difference.low:+.1f}, {100 * difference.high:+.1f}] over {difference.n} images"
-                           if difference is not None else "")
-            subcases.append(SubCase(case, f"mvmf ({mvmf.name}) {_acc(mvmf, acc_key)} vs softmax ({softmax.name}) "
-                                          f"{_acc(softmax, acc_key)}{paired_text}", verdict))
+            subcases.append(_paired_subcase(case, ("mvmf", mvmf), ("softmax", softmax), acc_key))
     return Claim(3, statement, _combine_all([c.verdict for c in subcases]), subcases)
 
 
@@ -307,13 +313,7 @@ def claim_end_to_end_improves(runs: list[Run]) -> Claim:
             if not testable(scale, child, parent):
                 subcases.append(SubCase(case, _untestable_evidence(child, parent), NOT_TESTABLE))
                 continue
-            verdict = {"higher": HOLDS, "lower": FAILS, "overlap": INCONCLUSIVE}[compare(child, parent, acc_key)]
-            difference = paired(child, parent, acc_key)
-            paired_text = (f"; paired difference {100 * difference.difference:+.1f} points "
-                           f"[{100 * difference.low:+.1f}, {100 * difference.high:+.1f}] over {difference.n} images"
-                           if difference is not None else "")
-            subcases.append(SubCase(case, f"end-to-end ({child.name}) {_acc(child, acc_key)} vs frozen "
-                                          f"({parent.name}) {_acc(parent, acc_key)}{paired_text}", verdict))
+            subcases.append(_paired_subcase(case, ("end-to-end", child), ("frozen", parent), acc_key))
     return Claim(6, statement, _combine_all([c.verdict for c in subcases]), subcases)
 
 

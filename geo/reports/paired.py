@@ -68,17 +68,23 @@ def _errors(path: str, mtime_ns: int) -> dict[str, float]:
     return dict(zip(table["id"].to_pylist(), table["dist_km"].to_numpy(zero_copy_only=False).tolist()))
 
 
-def matched_errors(path_a: Path, path_b: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """Errors of two predictions files on their shared image ids (sorted), or None if either is unreadable."""
+def _matched(column_of, path_a: Path, path_b: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """``column_of(path, mtime_ns) -> {id: value}`` of two predictions files on their shared ids (sorted),
+    or None if either is unreadable or lacks the column, or they share no id."""
     try:
-        a = _errors(str(path_a), Path(path_a).stat().st_mtime_ns)
-        b = _errors(str(path_b), Path(path_b).stat().st_mtime_ns)
+        a = column_of(str(path_a), Path(path_a).stat().st_mtime_ns)
+        b = column_of(str(path_b), Path(path_b).stat().st_mtime_ns)
     except (OSError, KeyError, ValueError, ImportError):
         return None
     shared = sorted(set(a) & set(b))
     if not shared:
         return None
     return np.array([a[i] for i in shared]), np.array([b[i] for i in shared])
+
+
+def matched_errors(path_a: Path, path_b: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """Errors of two predictions files on their shared image ids (sorted), or None if either is unreadable."""
+    return _matched(_errors, path_a, path_b)
 
 
 # ---- calibration: the paired bootstrap of a calibration-error difference --------------------------------
@@ -138,12 +144,4 @@ def hpd_levels(path: Path) -> np.ndarray | None:
 
 def matched_hpd_levels(path_a: Path, path_b: Path) -> tuple[np.ndarray, np.ndarray] | None:
     """HPD levels of two predictions files on their shared image ids (sorted), or None if either has none."""
-    try:
-        a = _hpd_levels(str(path_a), Path(path_a).stat().st_mtime_ns)
-        b = _hpd_levels(str(path_b), Path(path_b).stat().st_mtime_ns)
-    except (OSError, KeyError, ValueError, ImportError):
-        return None
-    shared = sorted(set(a) & set(b))
-    if not shared:
-        return None
-    return np.array([a[i] for i in shared]), np.array([b[i] for i in shared])
+    return _matched(_hpd_levels, path_a, path_b)
