@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -247,14 +248,18 @@ def test_hpd_levels_and_areas_match_a_dense_grid_integral(name):
     level = integral of p over {p > p(y)}, area = the grid area of the densest points holding the mass."""
     head = make(name).double()
     x, y = batch(4, seed=5)
-    grid = torch.from_numpy(fibonacci_sphere(400_000))
+    # The flow head's density is an ODE solve per point: a coarser grid (its test density is smooth) and
+    # its own cap on calibration samples (flow.CALIBRATION_SAMPLES), hence a wider Monte Carlo tolerance.
+    grid = torch.from_numpy(fibonacci_sphere(20_000 if name == "flow" else 400_000))
+    n_samples = min(10_000, getattr(sys.modules[type(head).__module__], "CALIBRATION_SAMPLES", 10_000))
+    hpd_tol = max(0.02, 4 * 0.5 / math.sqrt(n_samples))  # 4 standard errors of a Monte Carlo level, at least
     weight = 4 * math.pi / len(grid)
     levels = (0.5, 0.95)
     with torch.no_grad():
         out = head(x.double())
         log_p_grid = head.log_density(out, grid).numpy()
         log_p_y = torch.stack([head.log_density(out[r:r + 1], y[r:r + 1])[0, 0] for r in range(4)]).numpy()
-        results = {method: head.calibration(out, y, levels=levels, n_samples=10_000, method=method,
+        results = {method: head.calibration(out, y, levels=levels, n_samples=n_samples, method=method,
                                             generator=torch.Generator().manual_seed(6))
                    for method in ("auto", "monte-carlo")}
     for row in range(4):
@@ -267,9 +272,10 @@ def test_hpd_levels_and_areas_match_a_dense_grid_integral(name):
         ref_area = [(np.searchsorted(cum, a) + 1) * weight for a in levels]
         for method, (hpd, area) in results.items():
             # Monte Carlo: standard error <= 0.5 / sqrt(10^4) = 0.005; the grid's own error is ~1e-3
-            assert low - 0.02 <= float(hpd[row]) <= high + 0.02, (method, row, float(hpd[row]), low, high)
+            assert low - hpd_tol <= float(hpd[row]) <= high + hpd_tol, (method, row, float(hpd[row]), low, high)
             # areas: the Monte Carlo estimate of the 95 % region weighs its low-density edge by 1 / p
             parts = head.mixture_parts(out)
             exact = method == "auto" and (parts is None or parts[0].shape[1] == 1)
-            np.testing.assert_allclose(area[row].numpy(), ref_area, rtol=0.03 if exact else 0.12,
+            np.testing.assert_allclose(area[row].numpy(), ref_area, rtol=0.03 if exact else 0.12 if n_samples >= 2500
+                                       else 0.3,
                                        err_msg=f"{method} row {row}")
