@@ -19,10 +19,10 @@ memory traffic than the [B, c, 3] differences of ``geometry.vmf_log_density_pair
 difference form remains the fallback on MPS, which has no float64. In float32
 the factored form would be the "kappa (mu.y - 1)" pitfall: it must stay float64.
 The loss (``log_density_at``) is one autograd Function, ``geo.heads.mvmf_loss``:
-rows in chunks of at most ``max_chunk_bytes`` of reused buffers, nothing
-[B, c]-sized saved, the log vMF matrix recomputed in backward, so training
-memory stays bounded for large c (MvMF loss+backward 3x faster than autograd
-with checkpointing at B = 1024, c = 2^13; see that module). On MPS the loss
+rows in cache-sized chunks of reused buffers, softmax(logits + log vMF) and
+softmax(logits) kept for backward (two [B, c] tensors: the trainer's chunking
+bounds B), so each element is exponentiated twice per step and backward is one
+float64 product (see that module). On MPS the loss
 falls back to autograd on the difference form, checkpointed per chunk.
 
 Shapes and units: features ``[B, d]``, logits ``[B, c]``, points are unit
@@ -200,7 +200,7 @@ class MvMFHead(CellHead):
         device = self.mu_raw.device
         logits = logits.to(device=device, dtype=self.compute_dtype)
         if self._exact(device):
-            # One autograd Function over row chunks (geo.heads.mvmf_loss): reused buffers, recompute in backward.
+            # One autograd Function over row chunks (geo.heads.mvmf_loss): reused buffers, two saved softmaxes.
             # Its buffers: one float64 and two float32 (or float64) elements per row and cell.
             rows = max(1, self.max_chunk_bytes // (16 * self.n_cells))
             return mvmf_log_density_at(logits, torch.as_tensor(target_xyz).to(device), self.mu_raw, self.log_kappa,
