@@ -42,7 +42,13 @@ The **area of the credible region** at level a (the smallest region holding mass
 - Monte Carlo: area = E_p[1{p(Y) >= t_a} / p(Y)] estimated from the same samples
   (importance sampling with p itself: on the region 1 / p <= 1 / t_a, so the estimate
   has bounded variance even for regions of a few km^2, which uniform points would miss),
-  t_a the (1 - a) quantile of the samples' log-densities.
+  t_a the (1 - a) quantile of the samples' log-densities. Its standard error per row, by
+  the influence function of this quantile-truncated mean, is sd_p((1/p - 1/t_a) 1{p >= t_a}) / sqrt(n)
+  (zero where the density is flat inside the region, since the sample threshold then moves
+  mass and area in step), estimated from the same samples by ``monte_carlo_area_se``. For a
+  vMF with kappa >> 1 it is 1.05 % of the area at a = 0.5 and 3.2 % at a = 0.95 for n = 2500
+  (closed form; tests/heads/test_density.py checks the estimate against the spread over
+  repeats). The median area over a test set's rows, which the metrics report, varies less.
 """
 
 from __future__ import annotations
@@ -258,6 +264,24 @@ def cell_hpd(log_probs: torch.Tensor, log_areas_sr: torch.Tensor, cell: torch.Te
         part = ((level - before_p) / p_sorted.gather(1, j).clamp_min(1e-300)).clamp(0.0, 1.0)
         areas.append((before_a + part * a_sorted.gather(1, j))[:, 0])
     return hpd, torch.stack(areas, dim=1)
+
+
+def monte_carlo_area_se(log_density_samples: torch.Tensor, levels: Sequence[float]) -> torch.Tensor:
+    """Standard errors ``[B, L]`` (sr) of ``monte_carlo_hpd``'s credible areas, from the same samples.
+
+    ``log_density_samples [B, n]``: log p at n draws from each row's own p. The influence-function
+    estimate sd((1/p - 1/t_a) 1{p >= t_a}) / sqrt(n) of the module docstring, float64.
+    """
+    lp = torch.as_tensor(log_density_samples, dtype=torch.float64).cpu()
+    n = lp.shape[1]
+    inv_p = torch.exp(-torch.sort(lp, dim=1, descending=True).values)
+    out = []
+    for level in levels:
+        m = min(n, max(1, int(math.ceil(float(level) * n))))
+        term = torch.zeros_like(inv_p)
+        term[:, :m] = inv_p[:, :m] - inv_p[:, m - 1:m]              # 1/p - 1/t on the m densest samples
+        out.append(term.std(dim=1) / math.sqrt(n))
+    return torch.stack(out, dim=1)
 
 
 def monte_carlo_hpd(log_density_at_y: torch.Tensor, log_density_samples: torch.Tensor, levels: Sequence[float],
