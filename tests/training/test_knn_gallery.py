@@ -157,6 +157,23 @@ def test_faiss_flat_equals_exact_and_ivf_recall_is_measured(cache, tmp_path):
     assert "ivf index" in note and "recall@8" in note and f"{recall:.3f}" in note
 
 
+def test_hnsw_index_recall_is_what_brute_force_says_and_grows_with_its_search_width(cache, tmp_path):
+    import faiss  # noqa: F401  (a test extra: an import error fails the test, never skips it)
+
+    _, order, q = _brute_force(cache, "val", 8)
+    recalls = []
+    for nprobe in (1, 16):  # efSearch = max(4 nprobe, 2 k): 16, then 64
+        out = fit_head(cache, FitConfig(**KNN, knn_index="hnsw", knn_nprobe=nprobe), tmp_path / f"hnsw{nprobe}",
+                       progress=False)
+        approx = load_head(tmp_path / f"hnsw{nprobe}").head.index_topk(torch.from_numpy(q).float())[1].numpy()
+        recall = np.mean([len(set(a_) & set(e)) / 8 for a_, e in zip(approx, order)])
+        assert out["knn_index"] == "hnsw" and out["knn_nprobe"] == nprobe
+        assert out["knn_recall@8"] == pytest.approx(recall, abs=1e-12)
+        assert os.path.basename(out["knn_index_path"]).startswith("hnsw-")
+        recalls.append(recall)
+    assert 0.5 < recalls[0] <= recalls[1] < 1  # 8-bit codes: most neighbours (0.94 here), never fewer with a wider search
+
+
 @pytest.mark.slow
 def test_fit_knn_and_evaluate_stream_under_a_budget_far_below_the_cache(tmp_path, monkeypatch):
     import geo.cache.reader as reader
