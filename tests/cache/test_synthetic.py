@@ -106,7 +106,7 @@ def test_cli_data_synthetic(tmp_path):
 
 # The CPU budget of the known-density benchmark (README: "A benchmark where the true density is known"):
 # fit-head's 10 epochs at batch 1024 on the default cache (100,000 rows), the MvMF initialised at kappa = e^8
-# (~110 km; e^16, the paper's default for 4.7M photos, starts every component 2.5 km wide) with lr 1e-2,
+# (~140 km half-mass radius; e^16, the paper's default for 4.7M photos, starts every component 2.5 km wide) with lr 1e-2,
 # the model selected on val NLL.
 CPU_BUDGET = dict(epochs=10, batch_size=1024, lr=1e-2, kappa0=8.0, select_by="nll_nats", precision="fp32",
                   device="cpu")
