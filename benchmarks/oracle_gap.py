@@ -1,4 +1,6 @@
-"""Each head family's gap to the oracle on the known-density cache (README: "A benchmark where the true density is known").
+"""Each head family's NLL minus the oracle's on the known-density cache (``geo data synthetic``).
+
+README: "A benchmark where the true density is known".
 
 Writes ``geo data synthetic``'s default cache (100,000 rows, 64 MP-16 anchors, d = 64) unless
 ``--cache`` names one, trains each head with ``fit_head(score=False)`` (selected on val NLL),

@@ -33,8 +33,8 @@ def test_the_oracle_is_the_mixture_log_density_at_the_row():
 
 
 def test_the_features_determine_the_scene_so_the_oracle_is_p_of_y_given_the_features():
-    """The oracle is p(y | features) only if the scene's posterior given the features is a point mass:
-    the log-likelihood of each row's own scene beats every other scene's by > 100 nats (Gaussian noise, unit variance)."""
+    """The oracle is p(y | features) only if the scene's posterior given the features is a point mass: the
+    log-likelihood of each row's own scene beats every other scene's by > 100 nats (unit Gaussian noise)."""
     n_anchors, n = len(ANCHORS[0]), 400
     rows = synthetic_rows(*ANCHORS, n=n, feature_dim=64, seed=3)
     codes = rows["codes"]
@@ -105,9 +105,9 @@ def test_cli_data_synthetic(tmp_path):
 
 
 # The CPU budget of the known-density benchmark (README: "A benchmark where the true density is known"):
-# fit-head's 10 epochs at batch 1024 on the default cache (100,000 rows), the MvMF initialised at kappa = e^8
-# (~140 km half-mass radius; e^16, the paper's default for 4.7M photos, starts every component 2.5 km wide) with lr 1e-2,
-# the model selected on val NLL.
+# fit-head's 10 epochs at batch 1024 on the default cache (100,000 rows), the MvMF initialised at
+# kappa = e^8 (~140 km half-mass radius; e^16, the paper's default for 4.7M photos, starts every
+# component 2.5 km wide) with lr 1e-2, the model selected on val NLL.
 CPU_BUDGET = dict(epochs=10, batch_size=1024, lr=1e-2, kappa0=8.0, select_by="nll_nats", precision="fp32",
                   device="cpu")
 

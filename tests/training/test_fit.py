@@ -212,7 +212,8 @@ def test_evaluate_run_reproduces_the_final_metrics_and_checks_provenance(cache, 
 def test_fit_without_scoring_keeps_the_selected_head_and_writes_no_scores(cache, tmp_path):
     config = FitConfig(head="mvmf", select_by="nll_nats", **dict(FAST, epochs=3))
     val = fit_head(cache, config, tmp_path / "bare", progress=False, score=False)
-    assert not (tmp_path / "bare" / "metrics.json").exists() and not (tmp_path / "bare" / "predictions.parquet").exists()
+    assert not (tmp_path / "bare" / "metrics.json").exists()
+    assert not (tmp_path / "bare" / "predictions.parquet").exists()
     lines = runs.read_jsonl(tmp_path / "bare" / "metrics.jsonl")
     assert val["nll_nats"] == min(line["val_nll_nats"] for line in lines)
     # The checkpoint's selected head is the one a scored run of the same configuration selects and scores.
