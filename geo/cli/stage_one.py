@@ -155,7 +155,9 @@ def data_earth_command(out_dir, n, size_px, source, seed, min_test_distance_km, 
 
 @data_group.command("synthetic")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Cache file to write (.h5).")
-@click.option("--n", "n", default=20_000, show_default=True, type=int, help="Rows (80/10/10 train/val/test).")
+@click.option("--n", "n", default=100_000, show_default=True, type=int,
+              help="Rows (80/10/10 train/val/test); fewer leave each scene too few training rows to tell a head's "
+                   "family from its sample (geo.cache.synthetic: Size).")
 @click.option("--dim", "feature_dim", default=64, show_default=True, type=int, help="Feature width d.")
 @click.option("--anchors", "n_anchors", default=64, show_default=True, type=int,
               help="Mixture anchors drawn from the MP-16 photo locations (package geoclip).")
@@ -172,18 +174,16 @@ def data_synthetic_command(out_path, n, feature_dim, n_anchors, seed, overwrite)
     \b
     Example:
       geo data synthetic --out synth.h5
-      geo fit-head synth.h5 --head flow --out runs/flow && geo report runs --out report
+      geo fit-head synth.h5 --head mvmf --kappa0 8 --lr 1e-2 --select-by nll_nats --out runs/mvmf
+      geo report runs --out report
     """
-    import numpy as np
-
-    from geo.cache.synthetic import oracle_path, write_synthetic_cache
+    from geo.cache.synthetic import oracle_path, pick_anchors, write_synthetic_cache
     from geo.errors import ConfigError
     from geo.pipeline.earth import load_locations
 
     if n < 10 or feature_dim < 1 or n_anchors < 3:
         raise ConfigError(f"--n must be >= 10, --dim >= 1 and --anchors >= 3 (got {n}, {feature_dim}, {n_anchors})")
     lat, lon, _ = load_locations()
-    pick = np.random.default_rng(seed).choice(len(lat), n_anchors, replace=False)
-    path = write_synthetic_cache(out_path, lat[pick], lon[pick], n=n, feature_dim=feature_dim, seed=seed,
-                                 overwrite=overwrite)
+    path = write_synthetic_cache(out_path, *pick_anchors(lat, lon, n_anchors, seed=seed), n=n,
+                                 feature_dim=feature_dim, seed=seed, overwrite=overwrite)
     click.echo(f"cache:  {path} ({n} rows, d = {feature_dim})\noracle: {oracle_path(path)}")

@@ -209,6 +209,21 @@ def test_evaluate_run_reproduces_the_final_metrics_and_checks_provenance(cache, 
         evaluate_run(run, predict="centre")
 
 
+def test_fit_without_scoring_keeps_the_selected_head_and_writes_no_scores(cache, tmp_path):
+    config = FitConfig(head="mvmf", select_by="nll_nats", **dict(FAST, epochs=3))
+    val = fit_head(cache, config, tmp_path / "bare", progress=False, score=False)
+    assert not (tmp_path / "bare" / "metrics.json").exists()
+    assert not (tmp_path / "bare" / "predictions.parquet").exists()
+    lines = runs.read_jsonl(tmp_path / "bare" / "metrics.jsonl")
+    assert val["nll_nats"] == min(line["val_nll_nats"] for line in lines)
+    # The checkpoint's selected head is the one a scored run of the same configuration selects and scores.
+    fit_head(cache, config, tmp_path / "scored", progress=False)
+    val_again = evaluate_run(tmp_path / "bare", split="val", n_bootstrap=0)
+    assert val_again["nll_nats"] == pytest.approx(val["nll_nats"], rel=1e-6)
+    assert evaluate_run(tmp_path / "bare", n_bootstrap=0)["nll_nats"] == pytest.approx(
+        json.loads((tmp_path / "scored" / "metrics.json").read_text())["nll_nats"], rel=1e-6)
+
+
 def _hashes(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
