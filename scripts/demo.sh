@@ -9,7 +9,8 @@
 #   5. geo report      - table, plots, maps and the paper's claims checked on these runs, per test set
 # Each stage reuses what a previous run completed and rebuilds what is incomplete.
 # DEMO_SIZE=small (default; measured from a clean clone, install included, on 2 cores without native bf16:
-#   13 min 32 s, of which 4 fine-tuning epochs ~8.5 min) | medium | large (| tiny: the smoke test's).
+#   13 min 32 s with 4 fine-tuning epochs on one AVX2 CPU; 15 min 45 s with 2 epochs on a slower one,
+#   README "How long it takes") | medium | large (| tiny: the smoke test's).
 # DEMO_EPOCHS=N fine-tunes N epochs instead of the size's own.
 # DEMO_PRECISION=fp32 forces float32 where auto would use bf16: how a CPU without native bf16 runs it.
 # DEMO_E2E=1 adds stage 4b (opt-in: it does not fit the 15 minutes of `make demo` on 2 cores): the
