@@ -31,12 +31,15 @@ $(VENV)/.installed: $(VENV)/.installed-demo
 install: $(VENV)/.installed
 
 # The whole suite, slow end-to-end tests included (CI runs this), after the import layering check.
+# One pytest-xdist worker per core (tests/conftest.py gives each worker and its subprocesses one thread);
+# worksteal keeps both cores busy to the end when one worker draws the few minute-long tests.
+TEST_WORKERS ?= auto
 test: lint-imports
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 # The same without the tests marked slow (the demo end to end, DDP, ...): for quick iterations.
 test-fast: lint-imports
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 lint-imports: $(VENV)/.installed
 	$(VENV)/bin/lint-imports

@@ -45,7 +45,8 @@ import pyarrow.parquet as pq
 from geo.cache.writer import CacheWriter
 from geo.geometry import latlon_to_xyz, xyz_to_latlon
 
-# log kappa per localisability level: ~70 km, ~430 km and ~1,560 km half-mass radii
+# log kappa per localisability level: half-mass radii 83 km, 480 km and 1,679 km (the angle θ with
+# (1 - e^(-κ(1 - cos θ))) / (1 - e^(-2κ)) = 1/2, times 6371 km)
 LEVELS = {"city": 9.0, "region": 5.5, "continent": 3.0}
 LEVEL_PROBS = (0.4, 0.4, 0.2)
 PATTERNS = ((1.0, 0.0, 0.0), (0.7, 0.3, 0.0), (0.5, 0.3, 0.2), (0.34, 0.33, 0.33))

@@ -28,7 +28,10 @@ HEADS = {
                 prepare=lambda head: head.fit_gallery(*_gallery())),
     "vmf": dict(options={"log_kappa0": 3.0}, shape=lambda b: (b, 1, 5), k=1),
     # a tiny field: the quadrature test solves 3 x 100,000 ODEs
-    "flow": dict(options={"width": 16, "depth": 1, "n_samples": 4}, shape=lambda b: (b, 5 * 16), k=2, grid=4000),
+    # quadrature: the grid of the sampling and HPD tests. The flow head's density is an ODE solve per point
+    # (~0.5 ms each here), so 400,000 points cost minutes; its test density is smooth, and 20,000 points resolve it.
+    "flow": dict(options={"width": 16, "depth": 1, "n_samples": 4}, shape=lambda b: (b, 5 * 16), k=2, grid=4000,
+                 quadrature=20_000),
     "vmf-mixture": dict(options={"n_components": 3, "log_kappa0": 3.0}, shape=lambda b: (b, 3, 5), k=2),
 }
 TEST_OPTIONS = {name: case["options"] for name, case in HEADS.items()}
@@ -215,7 +218,7 @@ def test_samples_follow_the_density(name):
     head = make(name).double()
     x, _ = batch(2, seed=3)
     n = 20_000
-    grid = torch.from_numpy(fibonacci_sphere(400_000))
+    grid = torch.from_numpy(fibonacci_sphere(HEADS.get(name, {}).get("quadrature", 400_000)))
     weight = 4 * math.pi / len(grid)
     cells = _real_partition(24)
     grid_lat, grid_lon = np.degrees(np.arcsin(np.clip(grid[:, 2].numpy(), -1, 1))), \
@@ -248,9 +251,9 @@ def test_hpd_levels_and_areas_match_a_dense_grid_integral(name):
     level = integral of p over {p > p(y)}, area = the grid area of the densest points holding the mass."""
     head = make(name).double()
     x, y = batch(4, seed=5)
-    # The flow head's density is an ODE solve per point: a coarser grid (its test density is smooth) and
-    # its own cap on calibration samples (flow.CALIBRATION_SAMPLES), hence a wider Monte Carlo tolerance.
-    grid = torch.from_numpy(fibonacci_sphere(20_000 if name == "flow" else 400_000))
+    # The flow head's density is an ODE solve per point: a coarser grid (HEADS' quadrature; its test density is
+    # smooth) and its own cap on calibration samples (flow.CALIBRATION_SAMPLES), hence a wider Monte Carlo tolerance.
+    grid = torch.from_numpy(fibonacci_sphere(HEADS.get(name, {}).get("quadrature", 400_000)))
     n_samples = min(10_000, getattr(sys.modules[type(head).__module__], "CALIBRATION_SAMPLES", 10_000))
     hpd_tol = max(0.02, 4 * 0.5 / math.sqrt(n_samples))  # 4 standard errors of a Monte Carlo level, at least
     weight = 4 * math.pi / len(grid)
