@@ -34,12 +34,13 @@ install: $(VENV)/.installed
 # One pytest-xdist worker per core (tests/conftest.py gives each worker and its subprocesses one thread);
 # worksteal keeps both cores busy to the end when one worker draws the few minute-long tests.
 TEST_WORKERS ?= auto
+XDIST := -n $(TEST_WORKERS) --dist worksteal
 test: lint-imports
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
+	$(PY) -m pytest $(XDIST)
 
 # The same without the tests marked slow (the demo end to end, DDP, ...): for quick iterations.
 test-fast: lint-imports
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not slow"
+	$(PY) -m pytest $(XDIST) -m "not slow"
 
 lint-imports: $(VENV)/.installed
 	$(VENV)/bin/lint-imports

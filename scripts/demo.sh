@@ -37,14 +37,16 @@ case "$SIZE" in
   large)  N=40000; N2=5000; PX=96; EPOCHS=10; BACKBONE=wide_resnet50_2; CLASSES=16,64,256,1024,4096; KAPPA0=4,8,12,16 ;;
   *) echo "DEMO_SIZE must be small, medium or large (got '$SIZE')" >&2; exit 2 ;;
 esac
-# small on a CPU without native bf16 (and no GPU): 1 fine-tuning epoch and 1,000 places. Measured on
+# small where the fine-tuning runs float32 on a CPU (what --precision auto resolves to without native bf16,
+# as geo.devices decides it, or DEMO_PRECISION=fp32): 1 fine-tuning epoch and 1,000 places. Measured on
 # 2-core AVX2 EPYCs (2 Dec 2026), where a fine-tuning epoch took 200-250 s: 4 epochs alone were 14 minutes
 # of the 15; with 2 epochs `make demo` took 15 min 45 s on one machine and 18 min 7 s on another (at 48 px:
 # a smaller image saves little, the step is not bound by the convolutions' pixels). Val country accuracy
 # after the first of those 2 epochs was 40.3 % and after the second 31.3 % (majority 30.3 %).
-if [ "$SIZE" = small ] && { [ "$PRECISION" = fp32 ] || [ "$(python -c 'import torch
-from geo.devices import cpu_supports_bf16
-print(int(torch.cuda.is_available() or cpu_supports_bf16()))')" = 0 ]; }; then
+if [ "$SIZE" = small ] && [ "$(python -c 'import sys
+from geo.devices import resolve_device, resolve_precision
+device = resolve_device()
+print(device.type == "cpu" and resolve_precision(sys.argv[1], device) == "fp32")' "$PRECISION")" = True ]; then
   EPOCHS=1
   N2=1000
 fi

@@ -64,6 +64,11 @@ def make(name: str, **extra) -> Head:
     return head
 
 
+def quadrature_grid(name: str) -> torch.Tensor:
+    """The Fibonacci grid ``[G, 3]`` of the sampling and HPD tests: 400,000 points, or the head's own ``quadrature``."""
+    return torch.from_numpy(fibonacci_sphere(HEADS.get(name, {}).get("quadrature", 400_000)))
+
+
 def batch(n=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, FEATURE_DIM, generator=g)
@@ -218,7 +223,7 @@ def test_samples_follow_the_density(name):
     head = make(name).double()
     x, _ = batch(2, seed=3)
     n = 20_000
-    grid = torch.from_numpy(fibonacci_sphere(HEADS.get(name, {}).get("quadrature", 400_000)))
+    grid = quadrature_grid(name)
     weight = 4 * math.pi / len(grid)
     cells = _real_partition(24)
     grid_lat, grid_lon = np.degrees(np.arcsin(np.clip(grid[:, 2].numpy(), -1, 1))), \
@@ -253,7 +258,7 @@ def test_hpd_levels_and_areas_match_a_dense_grid_integral(name):
     x, y = batch(4, seed=5)
     # The flow head's density is an ODE solve per point: a coarser grid (HEADS' quadrature; its test density is
     # smooth) and its own cap on calibration samples (flow.CALIBRATION_SAMPLES), hence a wider Monte Carlo tolerance.
-    grid = torch.from_numpy(fibonacci_sphere(HEADS.get(name, {}).get("quadrature", 400_000)))
+    grid = quadrature_grid(name)
     n_samples = min(10_000, getattr(sys.modules[type(head).__module__], "CALIBRATION_SAMPLES", 10_000))
     hpd_tol = max(0.02, 4 * 0.5 / math.sqrt(n_samples))  # 4 standard errors of a Monte Carlo level, at least
     weight = 4 * math.pi / len(grid)
