@@ -218,3 +218,47 @@ def test_nearest_distance_km_equals_brute_force_haversine(chunk_rows):
     assert got[-1] == pytest.approx(0.2224, abs=1e-3)
     with pytest.raises(ValueError, match="at least one reference"):
         g.nearest_distance_km(lat, lon, [], [])
+
+
+def _mixture_like_terms(dtype):
+    """[200, 400] log terms of a vMF mixture at points: a few near the row's maximum, most 1e2-3e5 nats below
+    (far components at kappa ~ e^12), whole rows of -inf, a row with +inf, -inf entries scattered."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 400, dtype=torch.float64, generator=g) * 10
+    x[:, 20:] -= 3e5 * torch.rand(200, 380, dtype=torch.float64, generator=g)
+    x[:, 300:350] = -80.0 - 30.0 * torch.rand(200, 50, dtype=torch.float64, generator=g)  # float32 denormal range
+    x[0] = -math.inf
+    x[1, 7] = math.inf
+    x[2:, 390:] = -math.inf
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_logsumexp_equals_torch_and_a_float64_sum_on_terms_that_underflow(dtype):
+    logsumexp = g.logsumexp
+
+    x = _mixture_like_terms(dtype)
+    ours = logsumexp(x, dim=-1)
+    assert ours.dtype == dtype
+    torch.testing.assert_close(ours, torch.logsumexp(x, dim=-1), rtol=0, atol=0)  # the same to the last bit here
+    # independent reference: math.fsum of the exponentials in float64 (Python floats), row by row
+    for r in range(2, 200, 37):
+        terms = x[r].double().tolist()
+        top = max(terms)
+        ref = top + math.log(math.fsum(math.exp(t - top) for t in terms))
+        assert abs(float(ours[r]) - ref) <= (1e-14 if dtype == torch.float64 else 1e-5) * max(1.0, abs(ref))
+    assert ours[0] == -math.inf and ours[1] == math.inf
+    assert torch.equal(logsumexp(x.T, dim=0, keepdim=True)[0], ours)
+
+
+def test_softmax_and_logsumexp_equal_torchs_and_the_gradient_is_the_softmax():
+    logsumexp, softmax_and_logsumexp = g.logsumexp, g.softmax_and_logsumexp
+
+    x = _mixture_like_terms(torch.float64)[2:]
+    soft, lse = softmax_and_logsumexp(x, dim=-1)
+    torch.testing.assert_close(soft, torch.softmax(x, dim=-1), rtol=0, atol=1e-15)
+    torch.testing.assert_close(lse, torch.logsumexp(x, dim=-1), rtol=0, atol=0)
+    leaf = (torch.randn(5, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: logsumexp(t, dim=1), (leaf,))
+    grad, = torch.autograd.grad(logsumexp(leaf, dim=1).sum(), [leaf])
+    torch.testing.assert_close(grad, torch.softmax(leaf.detach(), dim=1), rtol=0, atol=1e-15)

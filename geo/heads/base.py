@@ -70,7 +70,7 @@ from torch import nn
 
 from geo.devices import cpu_supports_bf16, onednn_fp32_matmuls
 from geo.errors import ConfigError
-from geo.geometry import vmf_log_normalizer
+from geo.geometry import logsumexp, vmf_log_normalizer
 from geo.heads import density
 
 MATMUL_DTYPES = {None: None, "float32": None, "bfloat16": torch.bfloat16}
@@ -282,7 +282,7 @@ class Head(nn.Module):
             log_peak = (log_w + vmf_log_normalizer(log_kappa))[:, None, :]              # [B, 1, K]
             kappa = torch.exp(log_kappa)[:, None, :]
             rows = max(1, 2**22 // max(1, n * k))
-            out = [torch.logsumexp(log_peak[r:r + rows] - 0.5 * kappa[r:r + rows] * (
+            out = [logsumexp(log_peak[r:r + rows] - 0.5 * kappa[r:r + rows] * (
                 points[r:r + rows, :, None, :] - mu[r:r + rows, None, :, :]).pow(2).sum(-1), dim=-1)
                 for r in range(0, b, rows)]
             return torch.cat(out) if out else torch.zeros((0, n), dtype=torch.float64)

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from geo.errors import ConfigError
-from geo.geometry import latlon_to_xyz, normalize, vmf_log_normalizer, xyz_to_latlon
+from geo.geometry import latlon_to_xyz, logsumexp, normalize, vmf_log_normalizer, xyz_to_latlon
 from geo.heads.base import Head, VmfMixture
 from geo.heads.mixture_modes import mixture_modes
 from geo.heads.registry import register_head
@@ -246,7 +246,7 @@ class KnnHead(Head):
         log_w, mu, lk = self._mixture(output)
         lk = lk if log_kappa is None else log_kappa
         sq_chord = (points[:, :, None, :] - mu[:, None, :, :]).pow(2).sum(-1)              # [B, G, k]
-        return torch.logsumexp(log_w[:, None, :] + vmf_log_normalizer(lk) - 0.5 * torch.exp(lk) * sq_chord, dim=-1)
+        return logsumexp(log_w[:, None, :] + vmf_log_normalizer(lk) - 0.5 * torch.exp(lk) * sq_chord, dim=-1)
 
     def log_density_at(self, output: torch.Tensor, target_xyz: torch.Tensor) -> torch.Tensor:
         """log p(y_b | x_b) per steradian: ``[B, k, 4], [B, 3] -> [B]``."""
@@ -274,7 +274,7 @@ class KnnHead(Head):
 
         def mean_ll(log_kappa: float) -> float:
             lk = torch.tensor(log_kappa, dtype=torch.float64)
-            return float(torch.logsumexp(log_w + vmf_log_normalizer(lk) - 0.5 * torch.exp(lk) * sq_chord, -1).mean())
+            return float(logsumexp(log_w + vmf_log_normalizer(lk) - 0.5 * torch.exp(lk) * sq_chord, -1).mean())
 
         scores = [mean_ll(v) for v in LOG_KAPPA_GRID]
         best = int(np.argmax(scores))

@@ -24,7 +24,7 @@ import warnings
 
 import torch
 
-from geo.geometry import EARTH_RADIUS_KM, normalize, vmf_log_normalizer
+from geo.geometry import EARTH_RADIUS_KM, logsumexp, normalize, softmax_and_logsumexp, vmf_log_normalizer
 
 # A Newton or stretched step is at most this many kernel widths 1 / sqrt(kappa_eff) long
 # (kappa_eff = the responsibility-weighted kappa): it stays near the maximum being climbed to,
@@ -89,7 +89,7 @@ def mixture_modes(log_weights: torch.Tensor, mu_xyz: torch.Tensor, log_kappa: to
         # The mixture's log density at each retained mean ([B, L]), by the float64 dot form
         # |a - b|^2 = 2 - 2 a.b (error ~1e-16 kappa nats: enough to rank starts).
         sq_chord_means = (2.0 - 2.0 * torch.einsum("bld,bmd->blm", mu, mu)).clamp_min(0.0)
-        at_means = torch.logsumexp(log_base[:, None, :] - 0.5 * kappa[:, None, :] * sq_chord_means, dim=-1)
+        at_means = logsumexp(log_base[:, None, :] - 0.5 * kappa[:, None, :] * sq_chord_means, dim=-1)
         n_start = min(n_starts, n_comp)
         starts = torch.topk(at_means, n_start, dim=-1).indices           # [B, S]
     else:
@@ -116,11 +116,10 @@ def mixture_modes(log_weights: torch.Tensor, mu_xyz: torch.Tensor, log_kappa: to
         mu_a, kappa_a = mu[rows], kappa[rows]                            # [n, L, 3], [n, L]
         sq_chord = (ya[:, None, :] - mu_a).pow(2).sum(-1)                # [n, L]
         terms = log_base[rows] - 0.5 * kappa_a * sq_chord
-        log_p = torch.logsumexp(terms, dim=-1)                           # [n]
+        resp, log_p = softmax_and_logsumexp(terms, dim=-1)              # responsibilities [n, L], log p [n]
         # A trial step that went downhill: back to its start's MM point (an ascent), shorter
         # trials from now on, no update now.
         undo = trial[active] & (log_p < prev_log_p[active] - ASCENT_SLACK_NATS)
-        resp = torch.softmax(terms, dim=-1)                              # responsibilities, in log space
         r_kappa = resp * kappa_a
         m = torch.einsum("nl,nld->nd", r_kappa, mu_a)                    # gradient of log p in R^3
         y_mm = normalize(m)
@@ -177,7 +176,7 @@ def mixture_modes(log_weights: torch.Tensor, mu_xyz: torch.Tensor, log_kappa: to
                       f"raise max_iter)", RuntimeWarning, stacklevel=3)
     y = y.reshape(n_rows, n_start, 3)
     sq_chord = (y[:, :, None, :] - mu[:, None, :, :]).pow(2).sum(-1)     # [B, S, L]
-    log_dens = torch.logsumexp(log_base[:, None, :] - 0.5 * kappa[:, None, :] * sq_chord, dim=-1)  # [B, S]
+    log_dens = logsumexp(log_base[:, None, :] - 0.5 * kappa[:, None, :] * sq_chord, dim=-1)  # [B, S]
     # Rank by density, putting repeats of an earlier (higher) maximum last.
     order = torch.argsort(log_dens, dim=-1, descending=True)
     y = torch.gather(y, 1, order[..., None].expand(-1, -1, 3))

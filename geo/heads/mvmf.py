@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from geo.errors import ConfigError
-from geo.geometry import normalize, vmf_log_density_pairwise, vmf_log_normalizer, xyz_to_latlon
+from geo.geometry import logsumexp, normalize, vmf_log_density_pairwise, vmf_log_normalizer, xyz_to_latlon
 from geo.heads.registry import register_head
 from geo.heads.base import CellHead, VmfMixture, matmul_dtype_of, trunk_options_of
 from geo.heads.mixture_modes import mixture_modes
@@ -155,7 +155,9 @@ class MvMFHead(CellHead):
             keep = order[: int(torch.searchsorted(cum, torch.tensor([1.0 - NEGLECT_WEIGHT], dtype=torch.float64))) + 1]
             y = lhs_all[r]
             lhs = torch.cat([y / torch.linalg.vector_norm(y, dim=-1, keepdim=True), torch.ones_like(y[:, :1])], 1)
-            out[r] = torch.logsumexp(lhs @ rhs_all[keep].T + log_w[r, keep][None, :], dim=-1)
+            rhs = rhs_all[keep].clone()
+            rhs[:, 3] += log_w[r, keep]                    # the weights folded into the constant column
+            out[r] = logsumexp(lhs @ rhs.T, dim=-1)
         return out
 
     def initial_means_xyz(self, partition):
@@ -236,7 +238,7 @@ class MvMFHead(CellHead):
                 log_vmf = vmf_log_density_pairwise(a[g0:g0 + grid_rows], b, *rest)        # [g, c]
             else:
                 log_vmf = (a[g0:g0 + grid_rows] @ b.T).to(log_weights.dtype)              # [g, c]
-            cols = [torch.logsumexp(log_weights[b0:b0 + batch_rows, None, :] + log_vmf[None], dim=-1)
+            cols = [logsumexp(log_weights[b0:b0 + batch_rows, None, :] + log_vmf[None], dim=-1)
                     for b0 in range(0, n_rows, batch_rows)]
             out.append(torch.cat(cols, dim=0))
         return torch.cat(out, dim=1) if out else log_weights.new_zeros((n_rows, 0))

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from geo.errors import ConfigError
-from geo.geometry import normalize, vmf_log_normalizer, xyz_to_latlon
+from geo.geometry import logsumexp, normalize, vmf_log_normalizer, xyz_to_latlon
 from geo.heads.base import (Head, VmfMixture, matmul_dtype_of, matmul_dtype_option, resolve_matmul_dtype,
                             trunk_options_of)
 from geo.heads.mixture_modes import mixture_modes
@@ -118,7 +118,7 @@ class VmfMixtureHead(Head):
         log_pi, mu, log_kappa = self._parts(output)
         y = torch.as_tensor(target_xyz).to(output)
         sq_chord = (y[:, None, :] - mu).pow(2).sum(-1)                                     # [B, K]
-        return torch.logsumexp(log_pi + vmf_log_normalizer(log_kappa) - 0.5 * torch.exp(log_kappa) * sq_chord, dim=1)
+        return logsumexp(log_pi + vmf_log_normalizer(log_kappa) - 0.5 * torch.exp(log_kappa) * sq_chord, dim=1)
 
     def loss(self, output: torch.Tensor, target_xyz: torch.Tensor) -> torch.Tensor:
         """Mean negative log-likelihood, nats per steradian: ``[B, K, 5], [B, 3] -> []``."""
@@ -134,7 +134,7 @@ class VmfMixtureHead(Head):
         out = []
         for g0 in range(0, grid.shape[0], rows):
             sq_chord = (grid[None, g0:g0 + rows, None, :] - mu[:, None, :, :]).pow(2).sum(-1)  # [B, g, K]
-            out.append(torch.logsumexp(log_peak - 0.5 * kappa * sq_chord, dim=-1))
+            out.append(logsumexp(log_peak - 0.5 * kappa * sq_chord, dim=-1))
         return torch.cat(out, dim=1) if out else output.new_zeros((output.shape[0], 0))
 
     def vmf_mixture(self, output_row: torch.Tensor) -> VmfMixture:

@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from geo.geometry import latlon_to_xyz, vmf_log_density_pairwise, xyz_to_latlon
+from geo.geometry import latlon_to_xyz, logsumexp, vmf_log_density_pairwise, xyz_to_latlon
 from geo.worldmap.world import lat_lon_grid, pixel_index
 
 N_LON = 360  # density maps: 360 x 180 pixels of 1°
@@ -37,7 +37,7 @@ def pixel_log10_mass(head, logits: torch.Tensor, n_lon: int = N_LON) -> np.ndarr
             narrow = log_kappa > -2 * math.log(math.radians(360 / n_lon))
             mass = np.zeros(lat.size)
             if (~narrow).any():
-                log_dens = torch.logsumexp(log_w[~narrow] + vmf_log_density_pairwise(
+                log_dens = logsumexp(log_w[~narrow] + vmf_log_density_pairwise(
                     grid, mu[~narrow], log_kappa[~narrow]), dim=-1)
                 mass += np.exp(log_dens.numpy()) * area.ravel()
             if narrow.any():
