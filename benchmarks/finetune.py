@@ -139,7 +139,7 @@ def end_to_end_steps(place: Placement, kind: str, *, backbone: str, px: int, bat
     (`geo finetune`'s step: ``EndToEnd`` through ``geo.pipeline.finetune.train_step`` with the head's loss)."""
     import numpy as np
 
-    from geo.endtoend.finetune import EndToEnd, freeze, head_loss_fn, make_optimizer
+    from geo.endtoend.model import EndToEnd, freeze, head_loss_fn, make_optimizer
     from geo.training.evaluate import feature_dtype
     from geo.geometry import latlon_to_xyz
     from geo.heads import create_head

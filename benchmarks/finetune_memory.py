@@ -31,7 +31,7 @@ def one(args) -> dict:
     import numpy as np
     import torch
 
-    from geo.endtoend.finetune import EndToEnd, freeze, head_loss_fn, make_optimizer
+    from geo.endtoend.model import EndToEnd, freeze, head_loss_fn, make_optimizer
     from geo.geometry import latlon_to_xyz
     from geo.heads import create_head
     from geo.pipeline.backbone import create_backbone, placement

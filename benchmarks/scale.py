@@ -31,6 +31,7 @@ Usage:
     python benchmarks/scale.py                                   # full size (a long while; ~30 GB of disk)
     python benchmarks/scale.py --rows 200000 --dim 256 --test-rows 20000     # a smoke run
     python benchmarks/scale.py --stages info,knn-exact,knn-ivf,report       # a subset of stages
+    python benchmarks/scale.py --keep --reuse --stages knn-ivf   # again on the kept cache (no rewrite)
 Files go under --dir (default /tmp/geo-scale), deleted at the end unless --keep.
 """
 
@@ -163,9 +164,14 @@ def main() -> None:
     parser.add_argument("--test-rows", type=int, default=210_000, help="rows of the separate test cache")
     parser.add_argument("--cells", type=int, default=8192, help="c of fit-head and sweep (2^13)")
     parser.add_argument("--nprobe", type=int, default=32, help="--knn-nprobe of the IVF run")
+    parser.add_argument("--rerank", type=int, default=4, help="--knn-rerank of the IVF run (1: no re-ranking)")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma list of: {', '.join(STAGES)}")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/geo-scale"))
     parser.add_argument("--keep", action="store_true", help="keep the files")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse a complete cache left in --dir by a --keep run with the same --rows, --dim, "
+                             "--val-rows, --test-rows-in-cache and --seed (and its FAISS indexes) instead of "
+                             "writing it again")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     stages = [s for s in args.stages.split(",") if s]
@@ -188,10 +194,19 @@ def main() -> None:
           flush=True)
     try:
         t0 = time.perf_counter()
-        source = write_cache(cache, args.rows, args.dim, args.val_rows, args.test_rows_in_cache, args.seed)
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-        row("write cache", "CacheWriter", time.perf_counter() - t0, rss,
-            f"{cache.stat().st_size / 1e9:.1f} GB; locations: {source}")
+        made_with = {"rows": args.rows, "dim": args.dim, "val_rows": args.val_rows,
+                     "test_rows_in_cache": args.test_rows_in_cache, "seed": args.seed}
+        stamp = root / "mp16.params.json"
+        if args.reuse and cache.exists() and stamp.exists() and json.loads(stamp.read_text()) == made_with:
+            print(f"  reusing {cache} ({cache.stat().st_size / 1e9:.1f} GB, written by an earlier --keep run)",
+                  flush=True)
+        else:
+            stamp.unlink(missing_ok=True)
+            source = write_cache(cache, args.rows, args.dim, args.val_rows, args.test_rows_in_cache, args.seed)
+            stamp.write_text(json.dumps(made_with))
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+            row("write cache", "CacheWriter", time.perf_counter() - t0, rss,
+                f"{cache.stat().st_size / 1e9:.1f} GB; locations: {source}")
         n_train = args.rows - args.val_rows - args.test_rows_in_cache
         fits = {}
 
@@ -223,7 +238,8 @@ def main() -> None:
             if f"knn-{kind}" not in stages:
                 continue
             out = runs / f"knn-{kind}"
-            extra = ["--knn-index", kind, "--knn-nprobe", str(args.nprobe)] if kind != "exact" else []
+            extra = ["--knn-index", kind, "--knn-nprobe", str(args.nprobe), "--knn-rerank", str(args.rerank)] \
+                if kind != "exact" else []
             wall, rss, rc = measure([*geo, "fit-head", str(cache), "--head", "knn", *extra, "--out", str(out),
                                      "--overwrite"], logs / f"knn-{kind}.log")
             m = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}

@@ -15,9 +15,9 @@ import contextlib
 import hashlib
 import os
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
-from geo.errors import disk_error
+from geo.errors import ConfigError, disk_error
 
 TMP_SUFFIX = ".tmp"
 
@@ -29,6 +29,19 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_file_sha256(path: str | os.PathLike, recorded: str, *, missing: str, changed: Callable[[str], str]) -> None:
+    """Refuse a file that is gone or whose bytes are not those recorded (a backbone checkpoint, ...).
+
+    ConfigError(``missing``) when ``path`` is no file; ConfigError(``changed(actual)``) when its
+    sha256 is not ``recorded``, ``actual`` being the sha256 it has now.
+    """
+    if not Path(path).is_file():
+        raise ConfigError(missing)
+    actual = sha256_file(path)
+    if actual != recorded:
+        raise ConfigError(changed(actual))
 
 
 def temporary_path(path: str | os.PathLike) -> Path:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from geo import devices
-from geo.heads.base import bf16_outputs_are_faster
+from geo.heads.low_precision import bf16_outputs_are_faster
 
 
 @pytest.fixture

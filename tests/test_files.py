@@ -87,3 +87,21 @@ def test_the_cli_prints_a_disk_error_as_one_line_exit_2(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert result.output.strip() == f"Error: no space left on device while writing {tmp_path / 'big.bin'}: " \
                                     "free space (or write elsewhere) and rerun the same command"
+
+
+def test_check_file_sha256_refuses_a_missing_or_changed_file_with_its_own_messages(tmp_path):
+    import hashlib
+
+    from geo.errors import ConfigError
+    from geo.files import check_file_sha256
+
+    path = tmp_path / "backbone.pt"
+    path.write_bytes(b"weights")
+    recorded = hashlib.sha256(b"weights").hexdigest()
+    check_file_sha256(path, recorded, missing="gone", changed=lambda actual: f"now {actual}")  # the same bytes: fine
+    path.write_bytes(b"other weights")
+    with pytest.raises(ConfigError, match=f"^now {hashlib.sha256(b'other weights').hexdigest()}$"):
+        check_file_sha256(path, recorded, missing="gone", changed=lambda actual: f"now {actual}")
+    path.unlink()
+    with pytest.raises(ConfigError, match="^gone$"):
+        check_file_sha256(path, recorded, missing="gone", changed=lambda actual: f"now {actual}")

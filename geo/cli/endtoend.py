@@ -60,7 +60,8 @@ def finetune_cmd(run, manifest, out, epochs, lr, batch_size, warmup_fraction, mi
       geo evaluate runs/mvmf-c8192-k16-e2e --cache im2gps3k-e2e.h5 --name im2gps3k
       geo report runs/ --out report/
     """
-    from geo.endtoend.finetune import EndToEndConfig, run_finetune
+    from geo.endtoend.config import EndToEndConfig
+    from geo.endtoend.finetune import run_finetune
     from geo.training.evaluate import format_metrics
 
     config = EndToEndConfig(epochs=epochs, lr=lr, batch_size=batch_size, warmup_fraction=warmup_fraction,

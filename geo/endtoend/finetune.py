@@ -31,26 +31,22 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from geo.cache.store import CacheWriter, FeatureCache
-from geo.devices import autocast
 from geo.errors import ConfigError, GeoError
 from geo.files import sha256_file
 from geo.geometry import latlon_to_xyz
-from geo.heads import head_class
 from geo.pipeline import distributed
-from geo.pipeline.backbone import (Backbone, Placement, backbone_eval_transform, backbone_resize_px, create_backbone,
-                                   placement, save_backbone)
+from geo.pipeline.backbone import (Backbone, Placement, backbone_eval_transform, create_backbone, placement,
+                                   save_backbone)
 from geo.pipeline.countries import country_codes
-from geo.pipeline.distributed import Dist, shard_range
+from geo.pipeline.distributed import Dist
 from geo.pipeline.extract import _labels, default_workers, extract_rows
 from geo.pipeline.finetune import train_step
 from geo.pipeline.images import describe_transform
@@ -58,178 +54,19 @@ from geo.pipeline.manifest import read_manifest
 from geo.training import runs
 from geo.training.config import TOPK
 from geo.training.evaluate import evaluate_split, feature_dtype, score_and_write
-from geo.training.trainer import TrainingError, adamw, lr_at, optimizer_groups
+from geo.training.trainer import TrainingError, lr_at
 from geo.version import __version__
-from geo.endtoend.data import (FeatureArrays, SeededBatches, batch_seed, check_manifest_splits, count_differing_rows,
-                               epoch_order, sub_manifest)
+from geo.endtoend.config import EndToEndConfig, check_options
+from geo.endtoend.data import (FeatureArrays, SeededBatches, batch_seed, check_manifest_splits, epoch_order,
+                               sub_manifest)
+from geo.endtoend.model import EndToEnd, freeze, head_loss_fn, make_optimizer, val_features
+from geo.endtoend.parent import Parent, check_manifest_against_cache, check_parent
 
 STATE_FILE = "e2e_state.pt"
 BACKBONE_FILE = "backbone.pt"
 STAGE = "end-to-end"
 # config.json keys known only once the run's own cache is written (not compared on resume).
 _LATE_KEYS = ("cache_path", "cache_provenance", "cache_feature_dim", "cache_n_rows", "geo_version")
-
-
-@dataclass
-class EndToEndConfig:
-    """Options of ``geo finetune`` (defaults: the paper's second round, section 4.2)."""
-
-    epochs: int = 5
-    lr: float = 1e-5
-    batch_size: int = 32
-    warmup_fraction: float = 0.05
-    min_lr_fraction: float = 0.01
-    weight_decay: float | None = None  # on the head's W only; None: the parent run's
-    finetune_blocks: int | None = None  # None: the whole backbone; 0: frozen (the head alone); N: the last N blocks
-    augment: bool = True  # the backbone's training augmentation (as `geo extract` fine-tunes); False: eval transform
-    workers: int | None = None  # None: as geo extract
-    device: str = "auto"
-    precision: str = "auto"
-    seed: int = 0
-    checkpoint_every: int = 0  # steps between resumable states; 0 = once per epoch (at the val evaluation)
-    backbone_checkpoint: str | None = None  # where the parent cache's backbone checkpoint is now
-    allow_other_manifest: bool = False
-    overwrite: bool = False
-
-
-def check_options(config: EndToEndConfig) -> None:
-    """Refuse values out of range, naming the option as typed."""
-    def refuse(flag: str, value, why: str):
-        raise ConfigError(f"{flag} {value!r}: {why}")
-
-    for name in ("lr", "warmup_fraction", "min_lr_fraction"):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            refuse("--" + name.replace("_", "-"), value, "must be a finite number")
-    if config.lr <= 0:
-        refuse("--lr", config.lr, "must be > 0")
-    if config.epochs < 1:
-        refuse("--epochs", config.epochs, "must be >= 1")
-    if config.batch_size < 1:
-        refuse("--batch-size", config.batch_size, "must be >= 1")
-    if not 0 <= config.warmup_fraction < 1:
-        refuse("--warmup-fraction", config.warmup_fraction, "must be in [0, 1)")
-    if not 0 <= config.min_lr_fraction <= 1:
-        refuse("--min-lr-fraction", config.min_lr_fraction, "must be in [0, 1]")
-    if config.weight_decay is not None and not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
-        refuse("--weight-decay", config.weight_decay, "must be >= 0")
-    if config.finetune_blocks is not None and config.finetune_blocks < 0:
-        refuse("--finetune-blocks", config.finetune_blocks, "must be >= 0 (0 = backbone frozen, the head alone)")
-    if config.workers is not None and config.workers < 0:
-        refuse("--workers", config.workers, "must be >= 0")
-    if config.checkpoint_every < 0:
-        refuse("--checkpoint-every", config.checkpoint_every, "must be >= 0 (0 = once per epoch)")
-
-
-# ---- the parent run ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Parent:
-    path: Path
-    config: dict
-    checkpoint_path: Path  # the backbone checkpoint its cache was extracted with (sha256 verified)
-
-
-def check_parent(run_dir: str | os.PathLike, backbone_checkpoint: str | None) -> Parent:
-    """A finished run with a trainable head whose cache names a backbone checkpoint that is at hand."""
-    run_dir = Path(run_dir).expanduser().resolve()
-    if not (run_dir / runs.CONFIG_FILE).is_file():
-        raise ConfigError(f"{run_dir}: not a run directory (no {runs.CONFIG_FILE})")
-    config = runs.read_config(run_dir)
-    for name in (runs.CHECKPOINT_FILE, runs.METRICS_FILE):
-        if not (run_dir / name).is_file():
-            raise ConfigError(f"{run_dir}: no {name}; finish the run first (rerun its fit-head or sweep)")
-    cls = head_class(config["head"])
-    if not cls.trainable:
-        raise ConfigError(f"{run_dir}: head {config['head']!r} has nothing to train (no parameters a loss moves); "
-                          "end-to-end fine-tuning needs a trainable head such as mvmf or softmax")
-    provenance = config.get("cache_provenance") or {}
-    missing = [k for k in ("backbone", "weights", "checkpoint_path", "image_size", "transform") if k not in provenance]
-    if missing:
-        raise ConfigError(f"{run_dir}: its cache's provenance lacks {', '.join(missing)}; only a run on a cache made "
-                          "by `geo extract` names the backbone checkpoint to fine-tune")
-    recorded = str(provenance["weights"])
-    path = Path(backbone_checkpoint or provenance["checkpoint_path"]).expanduser().resolve()
-    where = "--backbone-checkpoint" if backbone_checkpoint else "its cache's provenance"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir}: backbone checkpoint {path} (from {where}, sha256 {recorded}) is missing; "
-                          "pass its current location with --backbone-checkpoint PATH")
-    actual = sha256_file(path)
-    if actual != recorded:
-        raise ConfigError(f"{run_dir}: its cache was extracted with a backbone checkpoint of sha256 {recorded}, but "
-                          f"{path} (from {where}) has sha256 {actual}; pass the right file with "
-                          "--backbone-checkpoint PATH")
-    return Parent(run_dir, config, path)
-
-
-def check_manifest_against_cache(manifest, parent: Parent, allow_other: bool) -> int:
-    """Number of rows differing from those of the parent's cache; ConfigError unless ``allow_other``."""
-    provenance = parent.config["cache_provenance"]
-    if manifest.sha256 == provenance.get("manifest_sha256"):
-        return 0
-    cache_path = Path(parent.config.get("cache_path", ""))
-    if not cache_path.is_file():
-        if allow_other:
-            return -1
-        raise ConfigError(f"{manifest.path}: not the manifest run {parent.path}'s cache was built from (sha256 "
-                          f"{manifest.sha256}, the cache records {provenance.get('manifest_sha256')}), and that "
-                          f"cache ({cache_path}) is not at hand to count the differing rows; pass "
-                          "--allow-other-manifest to fine-tune on it anyway")
-    with FeatureCache(cache_path, validate=False) as cache:
-        differing = count_differing_rows(manifest, cache)
-    if differing and not allow_other:
-        raise ConfigError(f"{manifest.path}: {differing} rows differ (id, location or split) from the rows of "
-                          f"{cache_path} that run {parent.path} was trained on; pass --allow-other-manifest to "
-                          "fine-tune on this manifest anyway")
-    return differing
-
-
-# ---- the model ---------------------------------------------------------------------------------------
-
-
-class EndToEnd(torch.nn.Module):
-    """Backbone then head: images ``[B, 3, S, S]`` -> the head's output (e.g. logits ``[B, c]``).
-
-    The backbone runs under the caller's autocast; the head never does (its W x product has
-    its own precision, ``matmul_dtype``, and its vMF terms run in float32/float64): features
-    enter it as float32, cast to ``x_dtype`` as fit-head feeds cached features.
-    """
-
-    def __init__(self, backbone: Backbone, head, x_dtype: torch.dtype):
-        super().__init__()
-        self.backbone, self.head, self.x_dtype = backbone, head, x_dtype
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.backbone.forward_features(images)
-        with torch.autocast(features.device.type, enabled=False):
-            return self.head(features.float().to(self.x_dtype))
-
-
-def freeze(backbone: Backbone, finetune_blocks: int | None) -> None:
-    """None: train the whole trunk; 0: none of it (eval mode kept); N: its last N blocks. Never the classifier."""
-    backbone.classifier.requires_grad_(False)  # the country classifier takes no part in the head's loss
-    if finetune_blocks == 0:
-        backbone.trunk.requires_grad_(False)
-        backbone._frozen_modules = [""]  # train() keeps the whole trunk in eval mode
-    elif finetune_blocks is not None:
-        backbone.freeze_all_but_last(finetune_blocks)
-
-
-def make_optimizer(model: EndToEnd, config: dict) -> torch.optim.Optimizer:
-    """fit-head's AdamW groups for the head (decay on W only) plus one for the trainable backbone (no decay)."""
-    groups = optimizer_groups(model.head, config)
-    trunk = [p for p in model.backbone.trunk.parameters() if p.requires_grad]
-    if trunk:
-        groups.append({"params": trunk, "weight_decay": 0.0})
-    return adamw(groups, config["lr"])
-
-
-def head_loss_fn(head, weight: float = 1.0):
-    """``loss_fn`` for ``geo.pipeline.finetune.train_step``: the head's own mean loss times ``weight``."""
-    def loss_fn(output, targets: dict):
-        return head.loss(output, **targets) * weight
-    return loss_fn
 
 
 # ---- the run ------------------------------------------------------------------------------------------
@@ -241,33 +78,6 @@ def _cpu(module_or_state) -> dict:
 
 
 @torch.inference_mode()
-def val_features(backbone: Backbone, manifest, rows: np.ndarray, place: Placement, *, batch_size: int, workers: int,
-                 dist: Dist, decode: str = "full") -> tuple[np.ndarray, np.ndarray]:
-    """float16 features [len(rows), d] of manifest ``rows`` through ``backbone`` (eval transform), and a bool mask
-    of the rows that could be read. Under DDP each rank computes its contiguous shard and the shards are summed."""
-    from geo.pipeline.finetune import image_loader
-
-    lo, hi = shard_range(len(rows), dist.rank, dist.world_size)
-    out = torch.zeros(len(rows), backbone.feature_dim, dtype=torch.float32)
-    ok = torch.zeros(len(rows), dtype=torch.float32)
-    was_training = backbone.training
-    backbone.eval()
-    loader = image_loader([manifest.paths[i] for i in rows[lo:hi]], backbone_eval_transform(backbone),
-                          batch_size=batch_size, workers=workers,
-                          draft_short_side=backbone_resize_px(backbone) if decode == "draft" else None)
-    for index, images, _ in loader:
-        if len(index):
-            with autocast(place.device, place.precision):
-                feats = backbone.forward_features(place.inputs(images))
-            out[lo + index] = feats.float().cpu()
-            ok[lo + index] = 1.0
-    backbone.train(was_training)
-    if dist.enabled:
-        torch_dist.all_reduce(out)
-        torch_dist.all_reduce(ok)
-    return out.numpy().astype(np.float16), ok.numpy() > 0
-
-
 def run_finetune(parent_run: str | os.PathLike, manifest_path: str | os.PathLike, out: str | os.PathLike,
                  config: EndToEndConfig, *, progress: bool = True,
                  _stop_after_steps: int | None = None) -> dict:

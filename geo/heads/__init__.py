@@ -26,7 +26,8 @@ from geo.heads import softmax as _softmax  # noqa: F401  (registers "softmax")
 from geo.heads import softmax_hier as _softmax_hier  # noqa: F401  (registers "softmax-hier")
 from geo.heads import vmf as _vmf  # noqa: F401  (registers "vmf")
 from geo.heads import vmf_mixture as _vmf_mixture  # noqa: F401  (registers "vmf-mixture")
-from geo.heads.base import CellHead, Head, LowPrecisionLinear, TrainingBf16Linear, resolve_matmul_dtype
+from geo.heads.base import CellHead, Head
+from geo.heads.low_precision import LowPrecisionLinear, TrainingBf16Linear, resolve_matmul_dtype
 from geo.heads.registry import create_head, head_class, list_heads, register_head
 
 __all__ = ["CellHead", "Head", "LowPrecisionLinear", "TrainingBf16Linear", "create_head", "head_class", "list_heads",

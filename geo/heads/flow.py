@@ -50,8 +50,9 @@ from torch import nn
 from geo.errors import ConfigError
 from geo.geometry import normalize, xyz_to_latlon
 from geo.heads import density
-from geo.heads.base import Head, matmul_dtype_of, matmul_dtype_option, resolve_matmul_dtype
+from geo.heads.base import Head
 from geo.heads.flow_ode import DEFAULT_ATOL, DEFAULT_RTOL, flow_log_density, flow_samples, uniform_sphere
+from geo.heads.low_precision import matmul_dtype_of, matmul_dtype_option, resolve_matmul_dtype
 from geo.heads.registry import register_head
 
 # Monte Carlo samples per row of the calibration (each is an ODE solve with its divergence).

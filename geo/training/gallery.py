@@ -23,6 +23,7 @@ import numpy as np
 
 from geo.cache.commits import content_sha256
 from geo.cache.reader import open_cache_file
+from geo.cache.row_reader import RowReader
 from geo.cache.schema import SPLIT_NAMES
 from geo.errors import CacheError
 from geo.training.subsets import train_subset
@@ -80,6 +81,16 @@ class CacheGallery:
         self.n_rows = int(self.rows.size)
         self.sha256 = expected
 
+    def read_rows(self, positions: np.ndarray) -> np.ndarray:
+        """Features ``[len(positions), d]`` (as stored) of gallery rows by position (0 .. n_rows - 1), any order.
+
+        Through a ``geo.cache.row_reader.RowReader`` opened on first use (the page cache, not h5py's
+        per-chunk lookups): what re-ranking an index's candidates reads.
+        """
+        if getattr(self, "_reader", None) is None:
+            self._reader = RowReader(self.path)
+        return self._reader.read(self.rows[np.asarray(positions, dtype=np.int64)])
+
     def blocks(self, max_rows: int) -> Iterator[np.ndarray]:
         """Features ``[b, d]`` (as stored) of consecutive gallery rows, ``b <= max_rows``, in row order.
 
@@ -125,6 +136,7 @@ def attach_gallery(head, config: dict, *, progress: bool = False) -> dict:
     from geo.training.knn_index import open_or_build_index  # FAISS only when asked for
 
     search, facts = open_or_build_index(gallery, kind, nprobe=int(config.get("knn_nprobe") or 32),
+                                        rerank=int(config.get("knn_rerank") or 1),
                                         k=head.max_k, progress=progress)
     head.fit_gallery(gallery, search=search)
     return facts

