@@ -77,7 +77,6 @@ def _cpu(module_or_state) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
 
 
-@torch.inference_mode()
 def run_finetune(parent_run: str | os.PathLike, manifest_path: str | os.PathLike, out: str | os.PathLike,
                  config: EndToEndConfig, *, progress: bool = True,
                  _stop_after_steps: int | None = None) -> dict:

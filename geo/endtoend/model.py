@@ -56,6 +56,7 @@ def head_loss_fn(head, weight: float = 1.0):
     return loss_fn
 
 
+@torch.inference_mode()
 def val_features(backbone: Backbone, manifest, rows: np.ndarray, place: Placement, *, batch_size: int, workers: int,
                  dist: Dist, decode: str = "full") -> tuple[np.ndarray, np.ndarray]:
     """float16 features [len(rows), d] of manifest ``rows`` through ``backbone`` (eval transform), and a bool mask
