@@ -204,13 +204,15 @@ _UNDERFLOW_FLOOR = {torch.float64: -700.0, torch.float32: -85.0}
 
 
 def _shifted_exp(x: torch.Tensor, dim: int):
-    """``(top, e, total)``: row maxima (detached, +-inf kept), exp(x - finite top) floored at the dtype's
-    underflow floor, and its row sums (keepdim). float16 / bf16 widened to float32."""
+    """``(top, e, total, lse)`` along ``dim`` (keepdim): the row maxima (detached, +-inf kept), exp(x - top)
+    floored at the dtype's underflow floor (a non-finite top shifts by 0), its row sums, and the row
+    logsumexp (-inf for all -inf rows, +inf for rows holding +inf). float16 / bf16 widened to float32."""
     work = x if x.dtype == torch.float64 else x.to(torch.promote_types(x.dtype, torch.float32))
     top = work.detach().amax(dim=dim, keepdim=True)
     finite_top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     e = torch.exp((work - finite_top).clamp_min(_UNDERFLOW_FLOOR.get(work.dtype, -85.0)))
-    return top, finite_top, e, e.sum(dim=dim, keepdim=True)
+    total = e.sum(dim=dim, keepdim=True)
+    return top, e, total, torch.where(torch.isinf(top), top, finite_top + torch.log(total))
 
 
 def logsumexp(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
@@ -223,18 +225,15 @@ def logsumexp(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Te
     -inf, rows holding +inf give +inf, as torch's does. Differentiable (gradient: the softmax,
     zero for floored terms). float16 / bf16 inputs are summed in float32 and returned in their dtype.
     """
-    top, finite_top, _, total = _shifted_exp(x, dim)
-    out = torch.where(torch.isinf(top), top, finite_top + torch.log(total))  # all -inf: -inf; any +inf: +inf
-    out = out if keepdim else out.squeeze(dim)
-    return out.to(x.dtype)
+    lse = _shifted_exp(x, dim)[3]
+    return (lse if keepdim else lse.squeeze(dim)).to(x.dtype)
 
 
 def softmax_and_logsumexp(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """``(torch.softmax(x, dim), torch.logsumexp(x, dim))`` from one exponential per term, floored as in
     ``logsumexp`` (a floored term's softmax is e^-700 / e^-85 of the largest instead of its own, smaller,
     value). Rows without a finite maximum give NaN softmax, as torch's does for all -inf rows."""
-    top, finite_top, e, total = _shifted_exp(x, dim)
-    lse = torch.where(torch.isinf(top), top, finite_top + torch.log(total))
+    top, e, total, lse = _shifted_exp(x, dim)
     soft = torch.where(torch.isfinite(top), e / total, torch.full_like(e, math.nan))
     return soft.to(x.dtype), lse.squeeze(dim).to(x.dtype)
 

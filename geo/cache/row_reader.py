@@ -5,8 +5,8 @@ measured on a 4.7M x 768 float16 cache (chunks of 682 rows, uncompressed), 65,53
 took 19 s (0.3 ms a row) and 1,000 rows 9.9 s. The cache writer stores features uncompressed,
 so each chunk is a contiguous run of whole rows in the file: ``RowReader`` finds each chunk's
 byte offset once (``H5Dchunk_iter``, ~0.03 s for 6,892 chunks) and reads the requested rows
-with ``os.pread``, consecutive rows in one call. Not a memory map: pages of a direct file count
-in the process's resident set (mapping that cache took a knn run from 6.9 to 10.7 GB peak RSS),
+with ``os.pread``, consecutive rows in one call. Not a memory map: the touched pages of a mapped file
+count in the process's resident set (mapping that cache took a knn run from 6.9 to 10.7 GB peak RSS),
 pages read with pread stay in the shared page cache. A dataset with filters (compression),
 unallocated chunks or a byte order the reader cannot express is read with h5py instead, chunk
 by chunk: the same values, only slower.
@@ -14,9 +14,8 @@ by chunk: the same values, only slower.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import os
+from pathlib import Path
 
 import h5py
 import numpy as np

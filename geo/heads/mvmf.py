@@ -157,7 +157,7 @@ class MvMFHead(CellHead):
             keep = order[: int(torch.searchsorted(cum, torch.tensor([1.0 - NEGLECT_WEIGHT], dtype=torch.float64))) + 1]
             y = lhs_all[r]
             lhs = torch.cat([y / torch.linalg.vector_norm(y, dim=-1, keepdim=True), torch.ones_like(y[:, :1])], 1)
-            rhs = rhs_all[keep].clone()
+            rhs = rhs_all[keep]                            # a copy (advanced indexing)
             rhs[:, 3] += log_w[r, keep]                    # the weights folded into the constant column
             out[r] = logsumexp(lhs @ rhs.T, dim=-1)
         return out
@@ -308,7 +308,6 @@ def _density_modes(head: MvMFHead, logits: torch.Tensor, k: int, n_starts: int, 
     device = head.mu_raw.device if head._exact(head.mu_raw.device) else torch.device("cpu")
     mu_all = normalize(head.mu_raw.detach().to(device=device, dtype=f64))
     log_kappa_all = head.log_kappa.detach().to(device=device, dtype=f64)
-    log_norm = vmf_log_normalizer(log_kappa_all)
     graph = head._reach_graph()
     n_rows = logits.shape[0]
     log_weights = torch.log_softmax(logits.detach().to(dtype=f64), dim=-1).cpu()

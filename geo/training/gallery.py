@@ -80,6 +80,7 @@ class CacheGallery:
             self.feature_bytes = int(f["features"].dtype.itemsize)
         self.n_rows = int(self.rows.size)
         self.sha256 = expected
+        self._reader: RowReader | None = None  # opened by the first read_rows
 
     def read_rows(self, positions: np.ndarray) -> np.ndarray:
         """Features ``[len(positions), d]`` (as stored) of gallery rows by position (0 .. n_rows - 1), any order.
@@ -87,7 +88,7 @@ class CacheGallery:
         Through a ``geo.cache.row_reader.RowReader`` opened on first use (the page cache, not h5py's
         per-chunk lookups): what re-ranking an index's candidates reads.
         """
-        if getattr(self, "_reader", None) is None:
+        if self._reader is None:
             self._reader = RowReader(self.path)
         return self._reader.read(self.rows[np.asarray(positions, dtype=np.int64)])
 
