@@ -81,7 +81,7 @@ def main() -> None:
     partition = Partition.build(np.degrees(np.arcsin(rng.uniform(-1, 1, n_points))), rng.uniform(-180, 180, n_points),
                                 2**args.log2c)
     results = [
-        measure("flow (width 256, depth 3)", create_head("flow", feature_dim=args.d, partition=None), args.d,
+        measure("flow (width 128, depth 3, 2 pairs)", create_head("flow", feature_dim=args.d, partition=None), args.d,
                 args.batch, args.steps, args.eval_rows, args.samples, device),
         measure(f"mvmf c=2^{args.log2c}", create_head("mvmf", feature_dim=args.d, partition=partition), args.d,
                 args.batch, args.steps, args.eval_rows, args.samples, device),

@@ -107,6 +107,9 @@ class Head(nn.Module):
     needs_gallery: ClassVar[bool] = False  # the training layer calls fit_gallery() with the train split
     needs_calibration: ClassVar[bool] = False  # the trainer calls calibrate() on val outputs before evaluating
     shared_components: ClassVar[bool] = False  # a mixture whose components do not depend on the input (MvMF)
+    # At most this many val rows (one seeded subset, the same at every evaluation) score the val
+    # evaluations during training; None = the whole split. For heads whose every row costs ODE solves.
+    val_rows_cap: ClassVar[int | None] = None
 
     def __init__(self, feature_dim: int):
         super().__init__()

@@ -81,12 +81,16 @@ class FitConfig:
                                  "re-scored exactly from the cache's features (1 = none: similarities from the "
                                  "8-bit codes).")
     hier_levels: int = _option(3, "softmax-hier: nested partitions trained jointly (c, ~c/4, ~c/16 ...; 1-4).")
-    flow_width: int = _option(256, "flow: width of the field's residual AdaLN-MLP.")
+    flow_width: int = _option(128, "flow: width of the field's residual AdaLN-MLP.")
     flow_depth: int = _option(3, "flow: residual blocks of the field's MLP.")
     flow_cond_dropout: float = _option(0.1, "flow: fraction of training rows given the null condition "
                                             "(for classifier-free guidance).")
     flow_guidance: float = _option(1.0, "flow: guidance scale w of v_null + w (v_cond - v_null); 1 = none.")
     flow_samples: int = _option(16, "flow: N of the best-of-N-by-density prediction (ODE solves per row).")
+    flow_pairs: int = _option(2, "flow: training pairs (x0, t) drawn per row and step (the row's conditioning "
+                                 "is computed once for all of them).")
+    flow_time_power: float = _option(2.0, "flow: training times t = 1 - u^p, u uniform: p > 1 draws more of them "
+                                          "near t = 1, where a city-sharp density is made (1 = uniform t).")
     trunk_depth: int = _option(0, "Residual MLP blocks in front of the head (mvmf, softmax, regression, vmf, "
                                    "vmf-mixture); 0 = the paper's head, linear in the features.")
     trunk_width: int = _option(512, "Width of that trunk (with --trunk-depth > 0).")
@@ -200,8 +204,12 @@ def few_steps_warning(resolved: dict) -> str | None:
 _FIELDS_ADDED_SINCE_0_1 = ("train_fraction", "mixture_components", "knn_k", "hier_levels", "label_smoothing_km",
                           "flow_width", "flow_depth", "flow_cond_dropout", "flow_guidance", "flow_samples",
                           "trunk_depth", "trunk_width",
-                          "knn_index", "knn_nprobe", "knn_rerank")
+                          "knn_index", "knn_nprobe", "knn_rerank", "flow_pairs", "flow_time_power")
 # ... and where a run made before them had another value than today's default.
+# (flow_pairs and flow_time_power are not here although older flow runs trained with 1 and 1.0:
+# every other head's run would then differ from today's config in two options it never reads. They
+# only change training: an older flow run loads as it was trained, and one interrupted before they
+# existed resumes its remaining steps with today's values.)
 _OLDER_RUNS_HAD = {"knn_rerank": 1}  # approximate knn searches were not re-ranked
 
 

@@ -115,9 +115,23 @@ def split_rows(cache) -> dict[str, np.ndarray]:
     return rows_by_split
 
 
+def val_rows(cache, config: dict, cap: int | None) -> np.ndarray | None:
+    """The sorted val rows scoring a run's val evaluations: None (the whole split) unless the head caps them
+    (``Head.val_rows_cap``) below the split's size; then a subset drawn from the run's seed alone, so
+    every evaluation of a run (and of a resumed run) scores the same rows."""
+    rows = cache.split_rows("val")
+    if cap is None or rows.size <= cap:
+        return None
+    return np.sort(np.random.default_rng([config["seed"], _VAL_SUBSET_STREAM]).choice(rows, size=cap, replace=False))
+
+
 def train_rows(cache, config: dict) -> np.ndarray:
     """The sorted cache rows a run trains on: its ``train_fraction`` subset of the train split (all by default)."""
     return train_subset(cache.split_rows("train"), config.get("train_fraction", 1.0), config["seed"])
+
+
+# Second word of the val subset's seed (as geo.training.subsets' stream: never an epoch's data order).
+_VAL_SUBSET_STREAM = 0x7A1
 
 
 class HeadTrainer:
@@ -150,6 +164,7 @@ class HeadTrainer:
             train = self.train_rows
             partition = Partition.build(cache.lat_deg[train], cache.lon_deg[train], config["n_cells"])
         self.head = runs.build_head(config, partition, cache.feature_dim, self.device)
+        self.val_rows = val_rows(cache, config, self.head.val_rows_cap)
         if resume:
             self.head.load_state_dict(saved["head_state"])
         # Retrieval: the gallery (its --train-fraction of the train split) is read from the cache
@@ -240,7 +255,8 @@ class HeadTrainer:
             outputs = calibrate_on_split(self.head, self.cache, "val", device=self.device, feature_dtype=self.x_dtype,
                                          batch_size=cfg["eval_batch_size"])
         metrics, _ = evaluate_split(self.head, self.cache, "val", predict=cfg["predict"], device=self.device,
-                                    feature_dtype=self.x_dtype, batch_size=cfg["eval_batch_size"], outputs=outputs)
+                                    feature_dtype=self.x_dtype, batch_size=cfg["eval_batch_size"], outputs=outputs,
+                                    rows=self.val_rows)
         if cfg["select_by"] not in metrics:
             raise ConfigError(f"--select-by {cfg['select_by']!r} is not a metric of this head; "
                               f"choose one of: {', '.join(k for k in metrics if k not in ('split', 'predict'))}")

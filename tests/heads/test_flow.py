@@ -171,3 +171,35 @@ def test_a_histogram_of_a_million_samples_matches_the_density(fitted):
         fraction = float(((samples @ c) >= math.cos(r)).double().mean())
         sigma = math.sqrt(mass * (1 - mass) / n)
         assert abs(fraction - mass) < 4 * sigma + 1e-3 * mass, (c, fraction, mass, sigma)
+
+
+def test_training_draws_pairs_per_row_and_times_skewed_to_one(monkeypatch):
+    # pairs = k is the loss of the rows repeated k times (one draw of (x0, t) for each copy), and
+    # time_power p draws t = 1 - u^p: P(t <= a) = 1 - (1 - a)^(1/p) (Kolmogorov-Smirnov against it).
+    from scipy.stats import kstest
+
+    import geo.heads.flow as flow
+
+    torch.manual_seed(0)
+    two = create_head("flow", feature_dim=5, width=16, depth=1, cond_dropout=0.0, pairs=2, time_power=3.0)
+    one = create_head("flow", feature_dim=5, width=16, depth=1, cond_dropout=0.0, pairs=1, time_power=3.0)
+    one.load_state_dict(two.state_dict())
+    x = torch.randn(7, 5)
+    y = torch.nn.functional.normalize(torch.randn(7, 3), dim=-1)
+    torch.manual_seed(1)
+    loss_two = two.loss(two(x), y)
+    torch.manual_seed(1)
+    loss_one = one.loss(one(x.repeat(2, 1)), y.repeat(2, 1))
+    assert torch.allclose(loss_two, loss_one, rtol=1e-6)
+    seen = []
+    real = flow.geodesic_path
+    monkeypatch.setattr(flow, "geodesic_path", lambda x0, x1, t: (seen.append(t), real(x0, x1, t))[1])
+    two.loss(two(torch.randn(20_000, 5)), torch.nn.functional.normalize(torch.randn(20_000, 3), dim=-1))
+    t = seen[0].double().numpy()
+    assert t.shape == (40_000,)
+    assert kstest(t, lambda a: 1 - (1 - np.clip(a, 0, 1)) ** (1 / 3)).pvalue > 1e-3
+    assert kstest(t, "uniform").pvalue < 1e-6  # and not uniform
+    with pytest.raises(Exception, match="time_power"):
+        create_head("flow", feature_dim=5, time_power=0.0)
+    with pytest.raises(Exception, match="pairs"):
+        create_head("flow", feature_dim=5, pairs=0)

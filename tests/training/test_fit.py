@@ -294,3 +294,33 @@ def test_calibrating_head_is_calibrated_on_val_before_selection(cache, tmp_path)
     s = np.mean(0.5 * np.sum((out - y) ** 2, axis=1))
     assert float(head.log_kappa) == pytest.approx(fit_log_kappa(s), abs=1e-5)
     assert float(head.log_kappa) != 0.0  # not the uncalibrated kappa = 1
+
+
+def test_a_head_capping_its_val_rows_is_scored_on_one_seeded_subset(cache, tmp_path, monkeypatch):
+    # Head.val_rows_cap: every val evaluation of a run scores the same seeded subset of that many
+    # rows (the flow head's rows each cost ODE solves); the final test scoring stays whole.
+    from geo.cache.store import FeatureCache
+    from geo.training.evaluate import evaluate_split
+    from geo.training.trainer import val_rows
+
+    monkeypatch.setattr(MvMFHead, "val_rows_cap", 50)
+    config = FitConfig(head="mvmf", select_by="nll_nats", **dict(FAST, epochs=2))
+    fit_head(cache, config, tmp_path / "run", progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "run" / runs.METRICS_LOG_FILE).read_text().splitlines()]
+    assert len(lines) == 2 and all(line["val_n"] == 50 for line in lines)
+    saved = json.loads((tmp_path / "run" / runs.CONFIG_FILE).read_text())
+    with FeatureCache(cache) as c:
+        subset = val_rows(c, saved, 50)
+        assert subset is not None and len(subset) == 50 and np.all(np.diff(subset) > 0)
+        assert set(subset) <= set(c.split_rows("val").tolist())
+        assert np.array_equal(subset, val_rows(c, saved, 50))  # a function of the seed alone
+        assert not np.array_equal(subset, val_rows(c, dict(saved, seed=saved["seed"] + 1), 50))
+        assert val_rows(c, saved, len(c.split_rows("val"))) is None  # a cap the split fits: the whole split
+        n_test = len(c.split_rows("test"))
+        # the selected (last) evaluation's NLL is the mean over exactly those 50 rows
+        head = load_head(tmp_path / "run").head
+        metrics, _ = evaluate_split(head, c, "val", predict="argmax", device=torch.device("cpu"),
+                                    feature_dtype=torch.float32, batch_size=16, rows=subset)
+    best = min(lines, key=lambda line: line["val_nll_nats"])
+    assert metrics["n"] == 50 and metrics["nll_nats"] == pytest.approx(best["val_nll_nats"], rel=1e-6)
+    assert json.loads((tmp_path / "run" / runs.METRICS_FILE).read_text())["n"] == n_test
