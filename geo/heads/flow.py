@@ -15,10 +15,11 @@ blocks to ``f(x) ∈ R³``; the field is its tangent part ``v = P_x f = f - (x·
 **Training** (Riemannian flow matching, Chen & Lipman 2024): ``x_0`` uniform on S², ``t``
 drawn as ``1 - u^p`` (u uniform, p = ``time_power``; 1 = uniform t, 2 puts more draws near
 t = 1, where a city-sharp density is made: −0.16 nat of the oracle gap in the CPU budget),
-``pairs`` draws of (x_0, t) per row (the row's modulations computed once), ``x_t`` on the great circle from ``x_0`` to the true point ``x_1``
-(``x_t = exp_{x_0}(t log_{x_0} x_1)``), target ``u_t = d x_t / dt`` (constant speed: the
-angle from x_0 to x_1); the loss is ``mean |v_θ(x_t, t) - u_t|²`` (rad² per unit time², not
-nats: the NLL this head reports comes from the ODE, below). With ``cond_dropout`` a fraction
+``pairs`` draws of (x_0, t) per row (the row's modulations computed once), ``x_t`` on the
+great circle from ``x_0`` to the true point ``x_1`` (``x_t = exp_{x_0}(t log_{x_0} x_1)``),
+target ``u_t = d x_t / dt`` (constant speed: the angle from x_0 to x_1); the loss is
+``mean |v_θ(x_t, t) - u_t|²`` (rad² per unit time², not nats: the NLL this head reports
+comes from the ODE, below). With ``cond_dropout`` a fraction
 of the training rows get a learned null condition instead of their features, so that
 sampling can use classifier-free guidance: ``v = v_null + w (v_cond - v_null)`` (``guidance`` w; 1 = none).
 

@@ -93,7 +93,7 @@ def evaluate_split(
     calibration: bool | None = None,
     calibration_samples: int = CALIBRATION_SAMPLES,
     outputs: list[torch.Tensor] | None = None,
-    rows: np.ndarray | None = None,
+    subset_rows: np.ndarray | None = None,
 ) -> tuple[dict, dict | None]:
     """Metrics of ``head`` on ``split`` of ``cache`` and, if ``topk``, per-row predictions.
 
@@ -113,16 +113,16 @@ def evaluate_split(
         calibration_samples: Monte Carlo samples per row where no closed form exists.
         outputs: the head's outputs per batch of ``iter_batches(split, batch_size, shuffle=False)``,
             already computed (``calibrate_on_split``'s); None = compute them here.
-        rows: sorted file rows of a subset of ``split`` to score instead of the whole split
+        subset_rows: sorted file rows of a subset of ``split`` to score instead of the whole split
             (``Head.val_rows_cap``); ``outputs`` must then be None.
     Returns:
         ``(metrics, predictions)``: ``metrics`` from ``geo.metrics.summarize``
         (+ ``"split"``, ``"predict"``); ``predictions`` a dict of numpy arrays with
         the columns of ``predictions.parquet`` (None when ``topk == 0``).
     """
-    if rows is not None and outputs is not None:
-        raise ValueError("evaluate_split: outputs are per batch of the whole split; give rows or outputs, not both")
-    rows_all = cache.split_rows(split) if rows is None else np.asarray(rows, dtype=np.int64)
+    if subset_rows is not None and outputs is not None:
+        raise ValueError("evaluate_split: outputs are per batch of the whole split; give subset_rows or outputs")
+    rows_all = cache.split_rows(split) if subset_rows is None else np.asarray(subset_rows, dtype=np.int64)
     n = len(rows_all)
     k = min(topk, head.max_k) if topk else 0
     pred_lat = np.empty(n)
@@ -143,7 +143,7 @@ def evaluate_split(
     topk_mode = "argmax" if predict == "mode" else predict
     done = 0
     with eval_mode(head):
-        batches = cache.iter_batches(split, batch_size, shuffle=False, rows=rows)
+        batches = cache.iter_batches(split, batch_size, shuffle=False, rows=subset_rows)
         for i, (rows, features) in enumerate(tqdm(batches, total=-(-n // batch_size), desc=f"eval {split}",
                                                   disable=not progress, leave=False, unit="batch")):
             b = len(rows)

@@ -49,8 +49,14 @@ def train_subset(train_rows: np.ndarray, fraction: float, seed: int) -> np.ndarr
     of the n rows, so subsets of one seed are nested.
     """
     train_rows = np.asarray(train_rows, dtype=np.int64)
-    size = subset_size(train_rows.size, fraction)
-    if size == train_rows.size:
-        return train_rows
-    order = np.random.default_rng([int(seed), _SUBSET_STREAM]).permutation(train_rows.size)
-    return np.sort(train_rows[order[:size]])
+    return seeded_subset(train_rows, subset_size(train_rows.size, fraction), seed, _SUBSET_STREAM)
+
+
+def seeded_subset(rows: np.ndarray, size: int, seed: int, stream: int) -> np.ndarray:
+    """The sorted first ``size`` entries of the permutation of ``rows`` [n] drawn from ``(seed, stream)``
+    (``rows`` itself when size >= n): subsets of one seed and stream are nested."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if size >= rows.size:
+        return rows
+    order = np.random.default_rng([int(seed), int(stream)]).permutation(rows.size)
+    return np.sort(rows[order[:size]])

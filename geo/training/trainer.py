@@ -29,7 +29,7 @@ from geo.training.gallery import attach_gallery
 from geo.training.knn_index import index_recall
 from geo.training.evaluate import (CountryFn, calibrate_on_split, evaluate_split, feature_dtype, features_to_tensor,
                                   score_and_write)
-from geo.training.subsets import train_subset
+from geo.training.subsets import seeded_subset, train_subset
 
 
 class TrainingError(GeoError):
@@ -115,6 +115,10 @@ def split_rows(cache) -> dict[str, np.ndarray]:
     return rows_by_split
 
 
+# Second word of the val subset's seed (as geo.training.subsets' stream: never an epoch's data order).
+_VAL_SUBSET_STREAM = 0x7A1
+
+
 def val_rows(cache, config: dict, cap: int | None) -> np.ndarray | None:
     """The sorted val rows scoring a run's val evaluations: None (the whole split) unless the head caps them
     (``Head.val_rows_cap``) below the split's size; then a subset drawn from the run's seed alone, so
@@ -122,16 +126,12 @@ def val_rows(cache, config: dict, cap: int | None) -> np.ndarray | None:
     rows = cache.split_rows("val")
     if cap is None or rows.size <= cap:
         return None
-    return np.sort(np.random.default_rng([config["seed"], _VAL_SUBSET_STREAM]).choice(rows, size=cap, replace=False))
+    return seeded_subset(rows, cap, config["seed"], _VAL_SUBSET_STREAM)
 
 
 def train_rows(cache, config: dict) -> np.ndarray:
     """The sorted cache rows a run trains on: its ``train_fraction`` subset of the train split (all by default)."""
     return train_subset(cache.split_rows("train"), config.get("train_fraction", 1.0), config["seed"])
-
-
-# Second word of the val subset's seed (as geo.training.subsets' stream: never an epoch's data order).
-_VAL_SUBSET_STREAM = 0x7A1
 
 
 class HeadTrainer:
@@ -256,7 +256,7 @@ class HeadTrainer:
                                          batch_size=cfg["eval_batch_size"])
         metrics, _ = evaluate_split(self.head, self.cache, "val", predict=cfg["predict"], device=self.device,
                                     feature_dtype=self.x_dtype, batch_size=cfg["eval_batch_size"], outputs=outputs,
-                                    rows=self.val_rows)
+                                    subset_rows=self.val_rows)
         if cfg["select_by"] not in metrics:
             raise ConfigError(f"--select-by {cfg['select_by']!r} is not a metric of this head; "
                               f"choose one of: {', '.join(k for k in metrics if k not in ('split', 'predict'))}")

@@ -320,7 +320,7 @@ def test_a_head_capping_its_val_rows_is_scored_on_one_seeded_subset(cache, tmp_p
         # the selected (last) evaluation's NLL is the mean over exactly those 50 rows
         head = load_head(tmp_path / "run").head
         metrics, _ = evaluate_split(head, c, "val", predict="argmax", device=torch.device("cpu"),
-                                    feature_dtype=torch.float32, batch_size=16, rows=subset)
+                                    feature_dtype=torch.float32, batch_size=16, subset_rows=subset)
     best = min(lines, key=lambda line: line["val_nll_nats"])
     assert metrics["n"] == 50 and metrics["nll_nats"] == pytest.approx(best["val_nll_nats"], rel=1e-6)
     assert json.loads((tmp_path / "run" / runs.METRICS_FILE).read_text())["n"] == n_test
