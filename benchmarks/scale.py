@@ -165,6 +165,9 @@ def main() -> None:
     parser.add_argument("--cells", type=int, default=8192, help="c of fit-head and sweep (2^13)")
     parser.add_argument("--nprobe", type=int, default=32, help="--knn-nprobe of the IVF run")
     parser.add_argument("--rerank", type=int, default=4, help="--knn-rerank of the IVF run (1: no re-ranking)")
+    parser.add_argument("--evaluate-runs", default="",
+                        help="comma list of run names under DIR/runs that the evaluate stage scores on the test "
+                             "cache (default: mvmf-c<cells> and knn-ivf, those present)")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma list of: {', '.join(STAGES)}")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/geo-scale"))
     parser.add_argument("--keep", action="store_true", help="keep the files")
@@ -250,13 +253,20 @@ def main() -> None:
                          f"recall@16 vs exact on val {m.get('knn_recall@16', float('nan')):.4f}")
             row(f"knn {kind}", f"gallery {n_train:,}", wall, rss, note)
         if "evaluate" in stages:
-            write_cache(test_cache, args.test_rows, args.dim, 0, args.test_rows, args.seed + 1)
-            run = next((p for p in (fits.get("mvmf"), runs / "knn-ivf", runs / "knn-exact")
-                        if p is not None and (p / "metrics.json").exists()), None)
-            if run is None:
-                row("evaluate", "no run to evaluate", 0.0, float("nan"), "needs fit-mvmf or knn-ivf")
-            else:
-                wall, rss, rc = measure([*geo, "evaluate", str(run), "--cache", str(test_cache)], logs / "evaluate.log")
+            test_with = {"rows": args.test_rows, "dim": args.dim, "seed": args.seed + 1}
+            test_stamp = root / "test210k.params.json"
+            if not (args.reuse and test_cache.exists() and test_stamp.exists()
+                    and json.loads(test_stamp.read_text()) == test_with):
+                test_stamp.unlink(missing_ok=True)
+                write_cache(test_cache, args.test_rows, args.dim, 0, args.test_rows, args.seed + 1)
+                test_stamp.write_text(json.dumps(test_with))
+            names = args.evaluate_runs.split(",") if args.evaluate_runs else [f"mvmf-c{args.cells}", "knn-ivf"]
+            evaluated = [runs / n for n in names if (runs / n / "metrics.json").exists()]
+            if not evaluated:
+                row("evaluate", "no run to evaluate", 0.0, float("nan"), f"none of {', '.join(names)} in {runs}")
+            for run in evaluated:
+                wall, rss, rc = measure([*geo, "evaluate", str(run), "--cache", str(test_cache)],
+                                        logs / f"evaluate-{run.name}.log")
                 row("evaluate", f"{run.name} on {args.test_rows:,} rows", wall, rss, f"exit {rc}")
         if "import" in stages:
             help_rc = subprocess.call([*geo, "cache", "import", "--help"], stdout=subprocess.DEVNULL,
@@ -268,14 +278,14 @@ def main() -> None:
                 parquet = root / "mp16.parquet"
                 write_parquet(cache, parquet)
                 wall, rss, rc = measure([*geo, "cache", "import", str(parquet), "--out", str(root / "imported.h5"),
-                                         "--backbone", f"synthetic-{args.dim}"], logs / "import.log")
+                                         "--backbone", f"synthetic-{args.dim}", "--overwrite"], logs / "import.log")
                 row("cache import", f"Parquet {parquet.stat().st_size / 1e9:.1f} GB", wall, rss, f"exit {rc}")
                 parquet.unlink(missing_ok=True)
         if "report" in stages:
             wall, rss, rc = measure([*geo, "report", str(runs), "--out", str(root / "report")], logs / "report.log")
             row("report", "geo report", wall, rss, f"exit {rc}")
 
-        print(f"\n| stage | what | wall s | peak RSS GB | notes |\n|---|---|---|---|---|")
+        print("\n| stage | what | wall s | peak RSS GB | notes |\n|---|---|---|---|---|")
         for stage, what, wall, rss, note in table:
             print(f"| {stage} | {what} | {wall:.1f} | {rss:.2f} | {note} |")
         exact = knn_metrics.get("exact")

@@ -66,7 +66,7 @@ def fit_head_cmd(cache, out, overwrite, quiet, **options):
 @click.option("--allow-other-provenance", is_flag=True,
               help="Accept a cache made by another backbone / weights / transform than the run's.")
 @click.option("--device", default=None, help="auto, cpu, cuda ... (default auto).")
-@click.option("--quiet", is_flag=True, help="One line per run instead of its metrics.")
+@click.option("--quiet", is_flag=True, help="One line per run instead of its metrics, and no progress bar.")
 def evaluate_cmd(runs, cache_path, split, name, predict, allow_other_provenance, device, quiet):
     """Score trained runs' selected models on a test set; write RUN/eval/NAME/ for each RUN.
 
@@ -92,7 +92,8 @@ def evaluate_cmd(runs, cache_path, split, name, predict, allow_other_provenance,
     country_fn = _country_fn()
     for run in runs:
         metrics = evaluate_run(run, cache_path=cache_path, split=split, name=name, predict=predict, device=device,
-                               allow_other_provenance=allow_other_provenance, country_fn=country_fn)
+                               allow_other_provenance=allow_other_provenance, country_fn=country_fn,
+                               progress=not quiet)
         if not quiet:
             click.echo(format_metrics(metrics))
         click.echo(f"wrote {metrics['eval_dir']}/metrics.json and predictions.parquet")

@@ -61,7 +61,7 @@ def reach_chord(log_kappa: np.ndarray) -> np.ndarray:
     return np.minimum(np.sqrt(2.0 * REACH_NATS * np.exp(-log_kappa)), 2.0)
 
 
-def _ranges(ptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def ranges(ptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Positions of the CSR entries of ``rows`` (concatenated) and the row of each entry."""
     start, length = ptr[rows], ptr[rows + 1] - ptr[rows]
     total = int(length.sum())
@@ -70,24 +70,37 @@ def _ranges(ptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.repeat(start, length) + offset, owner
 
 
-def reach_graph(mu_xyz: np.ndarray, log_kappa: np.ndarray, max_pairs: int) -> ReachGraph | None:
-    """The pair graph of components ``mu_xyz [c, 3]`` (float64 unit vectors), ``log_kappa [c]``, or None
-    when it has more than ``max_pairs`` pairs (wide, heavily overlapping components: the caller
-    keeps every component instead)."""
+def pairs_within(mu: np.ndarray, radius: np.ndarray, max_pairs: int):
+    """For each j, the i with |mu_i - mu_j| <= radius_j (chord), as CSR ``(ptr [c + 1], i [n] int32, tree)``.
+
+    ``mu [c, 3]`` float64 unit vectors, ``radius [c]``; found with a k-d tree over the means (returned
+    for further queries), never as a [c, c] matrix. None when there would be more than ``max_pairs``.
+    """
     from scipy.spatial import cKDTree
 
-    mu = np.ascontiguousarray(mu_xyz, dtype=np.float64)
-    log_kappa = np.asarray(log_kappa, dtype=np.float64)
     c = len(mu)
-    radius = 2.0 * reach_chord(log_kappa)
     tree = cKDTree(mu)
     if int(tree.query_ball_point(mu, radius, return_length=True).sum()) > max_pairs:
         return None
     lists = tree.query_ball_point(mu, radius, return_sorted=False)
     length = np.fromiter((len(x) for x in lists), np.int64, c)
-    by_j_ptr = np.concatenate([[0], np.cumsum(length)])
-    by_j_i = np.concatenate([np.asarray(x, np.int32) for x in lists]) if c else np.zeros(0, np.int32)
-    j_of = np.repeat(np.arange(c), length)
+    ptr = np.concatenate([[0], np.cumsum(length)])
+    found = np.concatenate([np.asarray(x, np.int32) for x in lists]) if c else np.zeros(0, np.int32)
+    return ptr, found, tree
+
+
+def reach_graph(mu_xyz: np.ndarray, log_kappa: np.ndarray, max_pairs: int) -> ReachGraph | None:
+    """The pair graph of components ``mu_xyz [c, 3]`` (float64 unit vectors), ``log_kappa [c]``, or None
+    when it has more than ``max_pairs`` pairs (wide, heavily overlapping components: the caller
+    keeps every component instead)."""
+    mu = np.ascontiguousarray(mu_xyz, dtype=np.float64)
+    log_kappa = np.asarray(log_kappa, dtype=np.float64)
+    c = len(mu)
+    pairs = pairs_within(mu, 2.0 * reach_chord(log_kappa), max_pairs)
+    if pairs is None:
+        return None
+    by_j_ptr, by_j_i, _ = pairs
+    j_of = np.repeat(np.arange(c), np.diff(by_j_ptr))
     kappa = np.exp(log_kappa)
     sq_chord = ((mu[by_j_i] - mu[j_of]) ** 2).sum(-1)
     by_j_h = np.exp(-kappa[j_of] * sq_chord / 8.0)
@@ -113,7 +126,7 @@ class ModeSupport:
 
 def _at_means(graph: ReachGraph, scaled: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """The density at the means ``rows`` over every component reaching them, float64 ``[len(rows)]``."""
-    pos, owner = _ranges(graph.by_i_ptr, rows)
+    pos, owner = ranges(graph.by_i_ptr, rows)
     j = graph.by_i_j[pos]
     sq_chord = ((graph.mu[rows[owner]] - graph.mu[j]) ** 2).sum(-1)
     return np.bincount(owner, weights=scaled[j] * np.exp(-0.5 * graph.kappa[j] * sq_chord), minlength=len(rows))
@@ -137,7 +150,7 @@ def mode_support(peak_log: np.ndarray, graph: ReachGraph | None, k: int,
     tail = math.exp(-REACH_NATS) * scaled.sum()
     delta = 0.25 / graph.g.max()                                             # lighter ones add <= 1/4 anywhere
     heavy = np.flatnonzero(scaled >= delta)
-    pos, owner = _ranges(graph.by_j_ptr, heavy)
+    pos, owner = ranges(graph.by_j_ptr, heavy)
     upper = np.bincount(graph.by_j_i[pos], weights=scaled[heavy[owner]] * graph.by_j_h[pos], minlength=c)
     upper += delta * graph.g
     at_heavy = _at_means(graph, scaled, heavy)
@@ -148,7 +161,7 @@ def mode_support(peak_log: np.ndarray, graph: ReachGraph | None, k: int,
     candidates = np.concatenate([at_heavy, scaled[light]])
     t = np.sort(candidates)[::-1][min(k, c) - 1]
     hot = np.flatnonzero(upper >= t * (1.0 - 1e-9))                         # rounding must not cool the best
-    pos, _ = _ranges(graph.by_i_ptr, hot)
+    pos, _ = ranges(graph.by_i_ptr, hot)
     kept = np.unique(graph.by_i_j[pos]).astype(np.int64)
     at_kept = _at_means(graph, scaled, kept)
     index = kept[np.argsort(-at_kept, kind="stable")]
@@ -158,7 +171,7 @@ def mode_support(peak_log: np.ndarray, graph: ReachGraph | None, k: int,
         cut[index[max_components:]] = True
         index = index[:max_components]
         # in a hot cell the cut components add at most sum_j P_j h_ij over the cut j reaching it
-        pos, owner = _ranges(graph.by_j_ptr, np.flatnonzero(cut))
+        pos, owner = ranges(graph.by_j_ptr, np.flatnonzero(cut))
         cut_j = np.flatnonzero(cut)[owner]
         extra = np.bincount(graph.by_j_i[pos], weights=scaled[cut_j] * graph.by_j_h[pos], minlength=c)[hot].max()
         gap = math.log1p((extra + tail) / t)

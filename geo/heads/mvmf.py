@@ -47,6 +47,7 @@ from geo.geometry import logsumexp, normalize, vmf_log_density_pairwise, vmf_log
 from geo.heads.base import CellHead, VmfMixture
 from geo.heads.low_precision import matmul_dtype_of
 from geo.heads.mixture_modes import mixture_modes
+from geo.heads.mixture_points import NeighbourLists, log_density_points, neighbour_lists
 from geo.heads.mixture_reach import ReachGraph, mode_support, reach_graph
 from geo.heads.mvmf_loss import mvmf_log_density_at
 from geo.heads.registry import register_head
@@ -129,26 +130,38 @@ class MvMFHead(CellHead):
         """The row's mixture: log Gamma [c] from the logits [c], float64 means [c, 3] and log kappa [c]."""
         with torch.no_grad():
             return VmfMixture(torch.log_softmax(torch.as_tensor(output_row).detach().double().cpu(), dim=-1),
-                              self.mu().detach().double().cpu(), self.log_kappa.detach().double().cpu())
+                              self.mu_float64(), self.log_kappa.detach().double().cpu())
+
+    def mu_float64(self) -> torch.Tensor:
+        """Unit means ``[c, 3]`` normalised in float64 on the CPU, as the loss's float64 terms use them.
+
+        (``mu()`` normalises in the head's dtype: from a float32 head, means ~1e-8 off unit
+        length, which at kappa = e^16 moves a density by ~1e-4 nats.)"""
+        return normalize(self.mu_raw.detach().to("cpu", torch.float64))
 
     def mixture_parts(self, logits: torch.Tensor):
         """``(log Gamma [B, c], mu [1, c, 3], log kappa [1, c])`` float64 on the CPU (shared components)."""
         with torch.no_grad():
             log_w = torch.log_softmax(torch.as_tensor(logits).detach().to("cpu", torch.float64), dim=-1)
-            return log_w, self.mu().detach().to("cpu", torch.float64)[None], \
+            return log_w, self.mu_float64()[None], \
                 self.log_kappa.detach().to("cpu", torch.float64)[None]
 
     def log_density_rows(self, logits: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
         """Each row's log MvMF (nats/sr) at its own points: ``logits [B, c], xyz [B, n, 3] -> [B, n]`` float64, CPU.
 
-        What the Monte Carlo HPD levels evaluate (n = 2,501 points per image). Per row, only the
-        components holding all but ``NEGLECT_WEIGHT`` of its mixing weight take part (the lightest
-        ones, summing to at most 1e-9, are dropped, as in the credible radii): a trained head puts
-        its weight on few of its c components, and the cost is n x (components kept). The vMF
-        terms are the float64 factored product of ``_log_vmf_operands``.
+        What the Monte Carlo HPD levels evaluate (n = 2,501 points per image). Where the
+        components are sharp enough for ``geo.heads.mixture_points``' neighbour lists, each point
+        sums only the components near its nearest mean, with a proof that the rest add less than
+        float64 resolves: the sum over all c, at a few terms a point. Otherwise (widely
+        overlapping components), per row only the components holding all but ``NEGLECT_WEIGHT``
+        of its mixing weight take part (the lightest ones, summing to at most 1e-9, are dropped,
+        as in the credible radii), the float64 factored product of ``_log_vmf_operands``.
         """
         log_w, mu, log_kappa = self.mixture_parts(logits)
         lhs_all = torch.as_tensor(xyz).detach().to("cpu", torch.float64)
+        lists = self._neighbour_lists()
+        if lists is not None:
+            return torch.from_numpy(log_density_points(lists, log_w.numpy(), lhs_all.numpy()))
         _, rhs_all = _log_vmf_operands(lhs_all[:1, 0], mu[0], log_kappa[0])               # [c, 4]
         out = torch.empty(lhs_all.shape[:2], dtype=torch.float64)
         for r in range(log_w.shape[0]):
@@ -278,18 +291,26 @@ class MvMFHead(CellHead):
             points = _density_modes(self, logits, k, max(n_starts, 2 * k), n_components, max_iter)
         return xyz_to_latlon(points.cpu())
 
-    def _reach_graph(self) -> ReachGraph | None:
-        """The components' pair graph (``geo.heads.mixture_reach``, on the CPU), kept until mu or
-        kappa change (it depends on them only, not on the row)."""
+    def _per_components(self, name: str, build):
+        """``build(mu [c, 3], log_kappa [c])`` (float64 numpy), kept under ``name`` until mu or kappa
+        change (what it builds depends on them only, not on the row)."""
         key = (self.mu_raw._version, self.log_kappa._version, self.mu_raw.data_ptr(), self.log_kappa.data_ptr())
-        cached = self.__dict__.get("_reach_cache")
+        cached = self.__dict__.get(name)
         if cached is None or cached[0] != key:
-            mu = normalize(self.mu_raw.detach().cpu().double()).numpy()
-            # an int32 index twice and a float64 value per pair
-            graph = reach_graph(mu, self.log_kappa.detach().cpu().double().numpy(), self.max_chunk_bytes // 16)
-            cached = (key, graph)
-            self.__dict__["_reach_cache"] = cached
+            cached = (key, build(self.mu_float64().numpy(), self.log_kappa.detach().cpu().double().numpy()))
+            self.__dict__[name] = cached
         return cached[1]
+
+    def _reach_graph(self) -> ReachGraph | None:
+        """The components' pair graph of the mode search (``geo.heads.mixture_reach``, on the CPU)."""
+        # an int32 index twice and a float64 value per pair
+        return self._per_components("_reach_cache", lambda mu, lk: reach_graph(mu, lk, self.max_chunk_bytes // 16))
+
+    def _neighbour_lists(self) -> NeighbourLists | None:
+        """The neighbour lists of ``log_density_rows`` (``geo.heads.mixture_points``, on the CPU)."""
+        # an int32 index per pair, and the temporaries of PAIRS_PER_CHUNK terms at a time
+        return self._per_components("_neighbour_cache",
+                                    lambda mu, lk: neighbour_lists(mu, lk, self.max_chunk_bytes // 4))
 
 
 # A row whose cut support (``n_components``) could hide a maximum this much higher is warned about.

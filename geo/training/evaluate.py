@@ -144,8 +144,8 @@ def evaluate_split(
     done = 0
     with eval_mode(head):
         batches = cache.iter_batches(split, batch_size, shuffle=False, rows=subset_rows)
-        for i, (rows, features) in enumerate(tqdm(batches, total=-(-n // batch_size), desc=f"eval {split}",
-                                                  disable=not progress, leave=False, unit="batch")):
+        bar = tqdm(total=n, desc=f"eval {split}", disable=not progress, leave=False, unit="row", unit_scale=True)
+        for i, (rows, features) in enumerate(batches):
             b = len(rows)
             sl = slice(done, done + b)
             row_order[sl] = rows
@@ -175,6 +175,8 @@ def evaluate_split(
                 topk_lat[sl] = tlat.double().cpu().numpy()
                 topk_lon[sl] = tlon.double().cpu().numpy()
             done += b
+            bar.update(b)
+        bar.close()
     if done != n or not np.array_equal(np.sort(row_order), rows_all):
         raise RuntimeError(f"evaluation of split {split!r} covered {done} of {n} rows")  # a cache bug, not user input
     lat_true, lon_true = cache.lat_deg[row_order], cache.lon_deg[row_order]
