@@ -163,6 +163,9 @@ def main() -> None:
     parser.add_argument("--test-rows-in-cache", type=int, default=2000)
     parser.add_argument("--test-rows", type=int, default=210_000, help="rows of the separate test cache")
     parser.add_argument("--cells", type=int, default=8192, help="c of fit-head and sweep (2^13)")
+    parser.add_argument("--train-fraction", type=float, default=1.0,
+                        help="--train-fraction of the fit stages (1: the whole train split; a smaller one gives the "
+                             "evaluate stage a run to score sooner)")
     parser.add_argument("--nprobe", type=int, default=32, help="--knn-nprobe of the IVF run")
     parser.add_argument("--rerank", type=int, default=4, help="--knn-rerank of the IVF run (1: no re-ranking)")
     parser.add_argument("--evaluate-runs", default="",
@@ -223,14 +226,16 @@ def main() -> None:
                     "p = Partition.build(lat, lon, 2**15); print(p.n_cells, time.perf_counter() - t0)")
             wall, rss, rc = measure([sys.executable, "-c", code, str(cache)], logs / "partition.log")
             row("partition", "2^15 cells", wall, rss, f"exit {rc}; {(logs / 'partition.log').read_text().strip()}")
-        fit_common = ["--epochs", "1", "--batch-size", "4096", "--n-cells", str(args.cells)]
+        fit_common = ["--epochs", "1", "--batch-size", "4096", "--n-cells", str(args.cells),
+                      "--train-fraction", str(args.train_fraction)]
         for head in ("mvmf", "softmax"):
             if f"fit-{head}" in stages:
                 out = runs / f"{head}-c{args.cells}"
                 wall, rss, rc = measure([*geo, "fit-head", str(cache), "--head", head, *fit_common, "--out", str(out),
                                          "--overwrite"], logs / f"fit-{head}.log")
                 fits[head] = out
-                row(f"fit {head}", f"c={args.cells}, 1 epoch", wall, rss, f"exit {rc}")
+                what = f"c={args.cells}, 1 epoch" + (f" of {args.train_fraction:g} of train" if args.train_fraction < 1 else "")
+                row(f"fit {head}", what, wall, rss, f"exit {rc}")
         if "sweep" in stages:
             wall, rss, rc = measure([*geo, "sweep", str(cache), "--head", "mvmf,softmax", "--n-cells", str(args.cells),
                                      "--kappa0", "16", "--epochs", "1", "--batch-size", "4096", "--out",
