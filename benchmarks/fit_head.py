@@ -15,6 +15,10 @@ Prints, in one run:
 
 The three timings of a head alternate round by round (floor, fp32 step, default step)
 and each figure is the median over rounds, so a noisy machine affects them alike.
+Importing geo puts tensors of 2 MiB and more on huge pages (see geo/__init__.py);
+``THP_MEM_ALLOC_ENABLE=0 python benchmarks/fit_head.py`` measures without. As fit-head on a
+CPU, the benchmark has glibc retain freed memory (``geo.devices.retain_freed_memory``;
+``--malloc-default`` measures without).
 
 Targets: issue 3: MvMF >= 50 % of the floor, softmax >= 60 %, MvMF step <= 1.3x softmax;
 issue 22: on a CPU with native bf16, the default >= 2x float32 samples/s for both heads at
@@ -29,13 +33,14 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import time
 
 import numpy as np
 import torch
 
-from geo.devices import cpu_supports_bf16, resolve_precision
+from geo.devices import cpu_supports_bf16, resolve_precision, retain_freed_memory
 from geo.geometry import latlon_to_xyz
 from geo.heads import create_head
 from geo.sphere.partition import Partition
@@ -124,15 +129,21 @@ def main() -> None:
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="the precision compared with float32 (default: auto, what fit-head uses)")
     parser.add_argument("--batch-size", type=int, default=FitConfig.batch_size)
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per head (default 3, --quick 2)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per head (default 5, --quick 2)")
+    parser.add_argument("--malloc-default", action="store_true",
+                        help="leave glibc's malloc as it is (fit-head has it retain freed memory on a CPU)")
     parser.add_argument("--log2c", type=int, nargs="+", default=None, help="class counts as powers of 2 (default 13 15 17)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    # as geo.training.trainer does for a CPU run (--malloc-default: glibc's default, big tensors mapped anew)
+    retained = False if args.malloc_default else retain_freed_memory()
     d, batch = 2048, args.batch_size
     precision = resolve_precision(args.precision, torch.device("cpu"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, native bf16 (AVX512-BF16/AMX): {cpu_supports_bf16()}")
+          f"{torch.backends.cpu.get_cpu_capability()}, native bf16 (AVX512-BF16/AMX): {cpu_supports_bf16()}, "
+          f"huge pages for tensors (THP_MEM_ALLOC_ENABLE, set by geo): {os.environ.get('THP_MEM_ALLOC_ENABLE')}, "
+          f"freed memory retained (geo.devices.retain_freed_memory): {retained}")
 
     c_rate = 2**11 if args.quick else 2**13
     rates = {p: matmul_gflops(batch, d, c_rate, dt, 3 if args.quick else 8)
@@ -142,7 +153,7 @@ def main() -> None:
     print(f"default precision (--precision {args.precision}): {precision}; batch {batch}, d {d}")
 
     sizes = [2**k for k in args.log2c] if args.log2c else [2**11] if args.quick else [2**13, 2**15, 2**17]
-    rounds = args.rounds or (2 if args.quick else 3)
+    rounds = args.rounds or (2 if args.quick else 5)
     print(f"\n{'c':>7} {'head':>8} {'fp32 /s':>8} {precision + ' /s':>8} {'ratio':>6} {'floor s':>8} "
           f"{'of floor':>9} {'fp32 s':>7} {precision + ' s':>7} {'loss s':>7} {'chunk':>6}")
     for c in sizes:

@@ -14,7 +14,8 @@ location are near-duplicates, as retrieval galleries hold them). Splits: ``--val
   sweep           geo sweep --head mvmf,softmax --n-cells 8192 (both in one pass)
   knn exact       geo fit-head --head knn (streamed exact search, --max-memory-mb default)
   knn ivf         geo fit-head --head knn --knn-index ivf (index build + search + recall@16 vs exact on val)
-  evaluate        geo evaluate RUN --cache test210k.h5 (a 210k-row test cache, OSV-5M test's size)
+  evaluate        geo evaluate RUN --cache test210k.h5 (a 210k-row test cache, OSV-5M test's size, its rows
+                  drawn from the main cache's feature model: its metrics match the in-cache test split's)
   cache import    geo cache import of a Parquet of the same rows (only where the command exists)
   report          geo report of every run
 
@@ -32,6 +33,7 @@ Usage:
     python benchmarks/scale.py --rows 200000 --dim 256 --test-rows 20000     # a smoke run
     python benchmarks/scale.py --stages info,knn-exact,knn-ivf,report       # a subset of stages
     python benchmarks/scale.py --keep --reuse --stages knn-ivf   # again on the kept cache (no rewrite)
+    python benchmarks/scale.py --keep --reuse --stages fit-mvmf,evaluate --train-fraction 0.02  # a quick run to score
 Files go under --dir (default /tmp/geo-scale), deleted at the end unless --keep.
 """
 
@@ -55,37 +57,65 @@ STAGES = ("info", "partition", "fit-mvmf", "fit-softmax", "sweep", "knn-exact", 
 N_REGIONS = 1024
 
 
-def locations(n: int, rng: np.random.Generator):
-    """(lat_deg, lon_deg, location id, source): n photo locations drawn from geoclip's MP-16 sample."""
-    try:
-        path = importlib.metadata.distribution("geoclip").locate_file(
-            "geoclip/model/gps_gallery/coordinates_100K.csv")
-        table = np.loadtxt(str(path), delimiter=",", skiprows=1)
-        source = f"geoclip's {len(table)} MP-16 photo locations, resampled with ~0.6 km jitter"
-    except (importlib.metadata.PackageNotFoundError, FileNotFoundError, OSError):
-        table = np.column_stack([np.degrees(np.arcsin(rng.uniform(-0.9, 0.9, 20000))), rng.uniform(-180, 180, 20000)])
-        source = "20000 random locations (geoclip not installed), resampled with ~0.6 km jitter"
+def locations(n: int, rng: np.random.Generator, table: np.ndarray | None = None):
+    """(lat_deg, lon_deg, location id, table, source): n photo locations drawn from ``table`` ([L, 2] degrees;
+    default geoclip's MP-16 sample) with ~0.6 km jitter."""
+    source = "the given locations"
+    if table is None:
+        try:
+            path = importlib.metadata.distribution("geoclip").locate_file(
+                "geoclip/model/gps_gallery/coordinates_100K.csv")
+            table = np.loadtxt(str(path), delimiter=",", skiprows=1)
+            source = f"geoclip's {len(table)} MP-16 photo locations"
+        except (importlib.metadata.PackageNotFoundError, FileNotFoundError, OSError):
+            table = np.column_stack([np.degrees(np.arcsin(rng.uniform(-0.9, 0.9, 20000))),
+                                     rng.uniform(-180, 180, 20000)])
+            source = "20000 random locations (geoclip not installed)"
     pick = rng.integers(0, len(table), n)
     lat = np.clip(table[pick, 0] + rng.normal(0, 0.005, n), -90, 90)
     lon = (table[pick, 1] + rng.normal(0, 0.005, n) + 180) % 360 - 180
-    return lat, lon, pick, len(table), source
+    return lat, lon, pick, table, source + ", resampled with ~0.6 km jitter"
 
 
-def write_cache(path: Path, n: int, d: int, n_val: int, n_test: int, seed: int, block: int = 65536) -> str:
-    """Write the synthetic MP-16-sized cache (float16) block by block; returns the locations' source."""
-    from geo.cache.store import CacheWriter
+def feature_model(rng: np.random.Generator, n: int, d: int):
+    """A cache's n row locations, then its place -> feature model, drawn from ``rng`` in this order.
+
+    Returns ``(lat_deg [n], lon_deg [n], pick [n], source)`` and the model ``(table [L, 2], region [L],
+    prototype [R, d], signature [L, d])``: a location's feature is ``prototype[region] + 0.5 * signature``
+    plus noise. Replaying it with a cache's seed and row count gives that cache's model, so that a test
+    cache written later draws its rows from the same distribution (``write_cache(model_of=...)``).
+    """
     from geo.geometry import latlon_to_xyz
 
-    rng = np.random.default_rng(seed)
-    lat, lon, pick, n_locations, source = locations(n, rng)
-    # every location belongs to the region of its nearest of N_REGIONS random centres
-    loc_lat, loc_lon = np.zeros(n_locations), np.zeros(n_locations)
+    lat, lon, pick, table, source = locations(n, rng)
+    # every location belongs to the region of its nearest of N_REGIONS random centres; a location no
+    # row picked keeps its own coordinates (a test cache sharing the model may pick it)
+    loc_lat, loc_lon = table[:, 0].copy(), table[:, 1].copy()
     loc_lat[pick], loc_lon[pick] = lat, lon
     centres = rng.normal(size=(N_REGIONS, 3))
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     region = np.argmax(latlon_to_xyz(loc_lat, loc_lon) @ centres.T, axis=1)
     prototype = rng.standard_normal((N_REGIONS, d), dtype=np.float32)
-    signature = rng.standard_normal((n_locations, d), dtype=np.float32)
+    signature = rng.standard_normal((len(table), d), dtype=np.float32)
+    return (lat, lon, pick, source), (table, region, prototype, signature)
+
+
+def write_cache(path: Path, n: int, d: int, n_val: int, n_test: int, seed: int,
+                model_of: tuple[int, int] | None = None, block: int = 65536) -> str:
+    """Write the synthetic MP-16-sized cache (float16) block by block; returns the locations' source.
+
+    ``model_of = (seed, rows)``: the rows' features follow the model of the cache written with that
+    seed and row count (a test cache of the train cache's distribution); default: the cache's own.
+    """
+    from geo.cache.store import CacheWriter
+
+    rng = np.random.default_rng(seed)
+    if model_of is None:
+        (lat, lon, pick, source), (_, region, prototype, signature) = feature_model(rng, n, d)
+    else:
+        _, (table, region, prototype, signature) = feature_model(np.random.default_rng(model_of[0]), model_of[1], d)
+        lat, lon, pick, _, source = locations(n, rng, table)
+        source += f" (the feature model of the cache written with seed {model_of[0]}, {model_of[1]:,} rows)"
     split = np.zeros(n, np.uint8)
     held_out = rng.choice(n, n_val + n_test, replace=False)
     split[held_out[:n_val]], split[held_out[n_val:]] = 1, 2
@@ -258,12 +288,15 @@ def main() -> None:
                          f"recall@16 vs exact on val {m.get('knn_recall@16', float('nan')):.4f}")
             row(f"knn {kind}", f"gallery {n_train:,}", wall, rss, note)
         if "evaluate" in stages:
-            test_with = {"rows": args.test_rows, "dim": args.dim, "seed": args.seed + 1}
+            # the test rows follow the train cache's feature model: a head's test metrics mean something
+            test_with = {"rows": args.test_rows, "dim": args.dim, "seed": args.seed + 1,
+                         "model_of": [args.seed, args.rows]}
             test_stamp = root / "test210k.params.json"
             if not (args.reuse and test_cache.exists() and test_stamp.exists()
                     and json.loads(test_stamp.read_text()) == test_with):
                 test_stamp.unlink(missing_ok=True)
-                write_cache(test_cache, args.test_rows, args.dim, 0, args.test_rows, args.seed + 1)
+                write_cache(test_cache, args.test_rows, args.dim, 0, args.test_rows, args.seed + 1,
+                            model_of=(args.seed, args.rows))
                 test_stamp.write_text(json.dumps(test_with))
             names = args.evaluate_runs.split(",") if args.evaluate_runs else [f"mvmf-c{args.cells}", "knn-ivf"]
             evaluated = [runs / n for n in names if (runs / n / "metrics.json").exists()]

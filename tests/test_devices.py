@@ -44,3 +44,38 @@ def test_this_machine_agrees_with_its_cpuinfo():
     if flags and not flags & {"avx512_bf16", "amx_bf16"}:
         assert devices.resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert devices.resolve_precision("auto", torch.device("cpu")) == ("bf16" if devices.cpu_supports_bf16() else "fp32")
+
+
+# Free bytes glibc's heap holds after a 64 MiB tensor is freed (mallinfo2's fordblks), in a fresh process.
+FREED_PROBE = """
+import ctypes, sys
+import torch
+from geo.devices import retain_freed_memory
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = MallInfo2
+applied = retain_freed_memory() if sys.argv[1] == "retain" else None
+t = torch.ones(16 * 2**20)
+del t
+print(applied, mallinfo2().fordblks)
+"""
+
+
+def freed_bytes_kept(mode: str) -> tuple[str, int]:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FREED_PROBE, mode], capture_output=True, text=True, check=True)
+    applied, kept = out.stdout.split()
+    return applied, int(kept)
+
+
+@pytest.mark.skipif(not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"), reason="the C library is not glibc >= 2.33")
+def test_retained_memory_stays_in_the_heap_for_the_next_step():
+    applied, kept = freed_bytes_kept("retain")
+    assert applied == "True"
+    assert kept >= 64 * 2**20                 # the freed tensor is there for the next allocation
+    _, kept_by_default = freed_bytes_kept("default")
+    assert kept_by_default < 16 * 2**20       # glibc unmapped it: the next step faults fresh pages in

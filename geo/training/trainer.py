@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from geo.devices import resolve_device
+from geo.devices import resolve_device, retain_freed_memory
 from geo.errors import CacheError, ConfigError, GeoError
 from geo.geometry import latlon_to_xyz
 from geo.heads import Head, head_class
@@ -176,6 +176,9 @@ class HeadTrainer:
         self.partition = partition if self.head.uses_partition else None
         self.partition_state = partition.state_dict() if self.partition is not None else None
         self.optimizer = make_optimizer(self.head, config) if self.head.trainable else None
+        if self.optimizer is not None and self.device.type == "cpu":
+            # every step frees and allocates [B, c] and [c, d] tensors: reuse the memory, not fault it in anew
+            retain_freed_memory()
         self.state = dict(step=0, epoch=0, batch_in_epoch=0, elapsed_s=0.0, loss_sum=0.0, loss_count=0,
                           best={"step": None, "score": None, "metrics": None, "head_state": None})
         self.rng = _rng_state()
