@@ -112,11 +112,12 @@ def retain_freed_memory() -> bool:
     on 4 KiB pages it is worse). With mmap off (``M_MMAP_MAX = 0``) large blocks come from
     the heap, and the trim threshold keeps up to 2 GiB of freed memory at its top for the
     next step. Measured there on a 2-core Zen 4, one thread (the other core busy), bf16
-    softmax: 2.1 s a step without, 1.6 s with; resident set 2.1 GiB without, 3.0 GiB with. (PyTorch's CPU tuning
-    guide recommends a caching allocator, jemalloc or tcmalloc preloaded, for the same
-    reason; this needs nothing installed.) Process-wide and for the rest of the process:
-    the resident set no longer falls after a peak. False where the C library has no
-    glibc ``mallopt`` (macOS, Windows; musl's does nothing and says so).
+    softmax: 2.1 s a step without, 1.6 s with; resident set 2.1 GiB without, 3.0 GiB
+    with. (PyTorch's CPU tuning guide recommends a caching allocator, jemalloc or
+    tcmalloc preloaded, for the same reason; this needs nothing installed.) Process-wide
+    and for the rest of the process: the resident set no longer falls after a peak.
+    False where the C library has no glibc ``mallopt`` (macOS, Windows; musl's does
+    nothing and says so).
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library already loaded into this process

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -52,8 +56,8 @@ import ctypes, sys
 import torch
 from geo.devices import retain_freed_memory
 class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                     "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 mallinfo2 = ctypes.CDLL(None).mallinfo2
 mallinfo2.restype = MallInfo2
 applied = retain_freed_memory() if sys.argv[1] == "retain" else None
@@ -64,15 +68,12 @@ print(applied, mallinfo2().fordblks)
 
 
 def freed_bytes_kept(mode: str) -> tuple[str, int]:
-    import subprocess
-    import sys
-
     out = subprocess.run([sys.executable, "-c", FREED_PROBE, mode], capture_output=True, text=True, check=True)
     applied, kept = out.stdout.split()
     return applied, int(kept)
 
 
-@pytest.mark.skipif(not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"), reason="the C library is not glibc >= 2.33")
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="the C library is not glibc >= 2.33")
 def test_retained_memory_stays_in_the_heap_for_the_next_step():
     applied, kept = freed_bytes_kept("retain")
     assert applied == "True"
